@@ -1,0 +1,26 @@
+"""x86_64 tracer; x86_64 and i386 (compat) tracees.
+
+A 64-bit tracer sees a 32-bit tracee's registers in the 64-bit ``user_regs_struct``; the code
+segment selector tells them apart (0x23: 32-bit user code, 0x33: 64-bit).
+"""
+
+from __future__ import annotations
+
+from ..ptracelib import peekuser, pokeuser
+
+# Offsets in struct user_regs_struct (arch/x86/include/asm/user_64.h).
+CS_OFFSET = 17 * 8
+RSP_OFFSET = 19 * 8
+USER32_CS = 0x23
+
+
+def word_size(cs: int) -> int:
+    return 4 if cs == USER32_CS else 8
+
+
+def read_sp(tid: int) -> tuple[int, int]:
+    return peekuser(tid, RSP_OFFSET), word_size(peekuser(tid, CS_OFFSET))
+
+
+def write_sp(tid: int, sp: int) -> None:
+    pokeuser(tid, RSP_OFFSET, sp)

@@ -1,0 +1,112 @@
+"""Put the preload back into a program at its exec event.
+
+At PTRACE_EVENT_EXEC the new image is loaded and its initial stack built, but no user
+instruction has run. We read that stack, decide, and, if the environment must change, write a
+rebuilt block just below and move the stack pointer to it (see stack.py for the layout).
+Memory goes through a /proc/PID/mem descriptor opened for this exec: one opened before the exec
+would read the old address space, and process_vm_writev cannot reach below the stack VMA.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from . import arch, stack
+from .ptracelib import PtraceError
+from .policy import Decision, Plan, Policy, plan
+
+# Enough for the arrays and strings of an ordinary process in one read; the read stops short
+# at the top of the stack mapping, and a larger environment is read again in full.
+_FIRST_READ = 32 * 1024
+_MAX_READ = 8 * 1024 * 1024
+ARGV_LOGGED = 16
+
+
+@dataclass
+class Outcome:
+    pid: int
+    decision: Decision
+    exe: str
+    argv: list[str]
+    preload_before: str | None
+    preload_after: str | None
+    static: bool
+    word: int
+    env_set: list[str]
+    elapsed_us: int
+    reason: str | None = None
+    note: str | None = None
+
+
+def _read_stack(fd: int, sp: int, word: int) -> tuple[bytes, stack.InitialStack]:
+    size = _FIRST_READ
+    while True:
+        buf = os.pread(fd, size, sp)
+        try:
+            return buf, stack.parse(buf, sp, word)
+        except stack.StackError:
+            if len(buf) < size or size >= _MAX_READ:
+                raise
+            size *= 4
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode(errors="replace")
+
+
+def inject(pid: int, policy: Policy) -> Outcome:
+    """Decide and, where needed, rewrite the environment of ``pid``, stopped at its exec event.
+
+    Never raises for a tracee-side problem: the outcome is FAILED with the reason.
+    """
+    t0 = time.perf_counter_ns()
+    exe = ""
+    argv: list[str] = []
+    word = 8
+    result: Plan | None = None
+    static = False
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        sp, word = arch.read_sp(pid)
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            buf, st = _read_stack(fd, sp, word)
+            argv = [
+                a.decode(errors="replace") for a in stack.strings(buf, sp, st.argv[:ARGV_LOGGED])
+            ]
+            static = not st.aux(stack.AT_BASE)
+            env = stack.strings(buf, sp, st.envp)
+            result = plan(policy, env, exe=exe, secure=bool(st.aux(stack.AT_SECURE)))
+            if result.changes:
+                new_env: list[int | bytes] = []
+                for i, ptr in enumerate(st.envp):
+                    if i in result.replace:
+                        replacement = result.replace[i]
+                        if replacement is not None:
+                            new_env.append(replacement)
+                    else:
+                        new_env.append(ptr)
+                new_env += result.append
+                new_sp, blob = stack.rebuild(st, new_env)
+                os.pwrite(fd, blob, new_sp)
+                arch.write_sp(pid, new_sp)
+        finally:
+            os.close(fd)
+    except (OSError, PtraceError, stack.StackError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        return Outcome(pid, Decision.FAILED, exe, argv, None, None, static, word, [],
+                       (time.perf_counter_ns() - t0) // 1000, reason)
+    return Outcome(
+        pid,
+        result.decision,
+        exe,
+        argv,
+        _text(result.preload_before),
+        _text(result.preload_after),
+        static,
+        word,
+        result.env_set,
+        (time.perf_counter_ns() - t0) // 1000,
+    )

@@ -1,0 +1,160 @@
+"""The event loop: follow every thread and process of CMD's tree, re-inject at every exec.
+
+One blocking ``waitpid(-1, __WALL)``; no polling, no per-syscall stops. Runs in its own thread
+(the ptrace tracer is a thread): if this thread ever dies, the kernel detaches every tracee and
+lets it run on (or kills the tree, with PTRACE_O_EXITKILL in strict mode), so no bug here can
+leave a process stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import ptracelib as pt
+from .injector import Outcome, inject
+from .policy import Decision, Policy
+
+WALL = 0x40000000
+_GROUP_STOP_SIGNALS = frozenset(
+    {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+)
+_CREATION = {
+    pt.PTRACE_EVENT_FORK: "fork",
+    pt.PTRACE_EVENT_VFORK: "vfork",
+    pt.PTRACE_EVENT_CLONE: "clone",
+}
+
+
+_GIVEN = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
+
+
+class FaultInjected(RuntimeError):
+    """Raised by the test hook VGPU_LAUNCH_TEST_FAULT."""
+
+
+@dataclass
+class Stats:
+    counts: dict[str, int] = field(default_factory=lambda: {d.value: 0 for d in Decision})
+    spawned: int = 0
+    stops: int = 0
+    tracees_max: int = 0
+
+
+class Tracer:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        strict: bool,
+        unusable: dict[int, tuple[str, ...]] | None = None,
+        on_exec: Callable[[Outcome, int | None], None],
+        on_event: Callable[..., None] | None = None,
+        on_cmd_stopped: Callable[[int], None] | None = None,
+        fault_at_exec: int = 0,
+    ) -> None:
+        self.policy = policy
+        self.unusable = unusable or {}  # word size -> preload libraries it cannot load
+        self.strict = strict
+        self.options = pt.FOLLOW | (pt.PTRACE_O_EXITKILL if strict else 0)
+        self.on_exec = on_exec
+        self.on_event = on_event
+        self.on_cmd_stopped = on_cmd_stopped
+        self.fault_at_exec = fault_at_exec
+        self.tracees: set[int] = set()
+        self.stats = Stats()
+
+    def seize(self, pid: int) -> None:
+        pt.seize(pid, self.options)
+        self.tracees.add(pid)
+
+    def run(self, cmd_pid: int) -> int:
+        """Serve events until CMD (``cmd_pid``) has exited; return its wait status."""
+        waitpid = os.waitpid
+        cont = pt.cont
+        listen = pt.listen
+        tracees = self.tracees
+        stats = self.stats
+        execs = 0
+        while True:
+            try:
+                tid, status = waitpid(-1, WALL)
+            except ChildProcessError:
+                raise RuntimeError("no tracee left before CMD's exit was seen") from None
+            stats.stops += 1
+            if status & 0xFF != 0x7F:  # exited or killed
+                tracees.discard(tid)
+                if self.on_event is not None:
+                    self.on_event("exit", pid=tid, status=status)
+                if tid == cmd_pid:
+                    return status
+                continue
+            sig = (status >> 8) & 0xFF
+            event = status >> 16
+            try:
+                if event == 0:
+                    # Signal-delivery-stop: re-inject the signal, untouched. The hot path.
+                    cont(tid, sig)
+                elif event == pt.PTRACE_EVENT_STOP:
+                    if sig in _GROUP_STOP_SIGNALS:
+                        # Group-stop (job control): stay stopped until SIGCONT.
+                        listen(tid)
+                        if tid == cmd_pid and self.on_cmd_stopped is not None:
+                            self.on_cmd_stopped(sig)
+                    else:
+                        # A new tracee's first stop, or the wake-up after SIGCONT.
+                        if tid not in tracees:
+                            tracees.add(tid)
+                            if len(tracees) > stats.tracees_max:
+                                stats.tracees_max = len(tracees)
+                        cont(tid, 0)
+                elif event == pt.PTRACE_EVENT_EXEC:
+                    execs += 1
+                    if execs == self.fault_at_exec:
+                        raise FaultInjected(f"test fault at exec #{execs} (pid {tid})")
+                    self._exec(tid)
+                elif event in _CREATION:
+                    child = pt.geteventmsg(tid)
+                    stats.spawned += 1
+                    if child not in tracees:
+                        tracees.add(child)
+                        if len(tracees) > stats.tracees_max:
+                            stats.tracees_max = len(tracees)
+                    if self.on_event is not None:
+                        self.on_event(_CREATION[event], pid=child, parent=tid)
+                    cont(tid, 0)
+                else:
+                    cont(tid, 0)
+            except pt.PtraceError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+                # The thread died (SIGKILL, or its group exec'd) after reporting this stop.
+
+    def _exec(self, pid: int) -> None:
+        former = pt.geteventmsg(pid)
+        if former != pid:
+            # A non-leader thread exec'd: it now has the leader's id; its old id never
+            # reports again.
+            self.tracees.discard(former)
+        outcome = inject(pid, self.policy)
+        libs = self.unusable.get(outcome.word)
+        if libs and outcome.decision in _GIVEN:
+            outcome.note = (
+                f"{outcome.word * 8}-bit program: ld.so will refuse {', '.join(libs)} "
+                "(no build for this word size)"
+            )
+            if self.strict:
+                outcome.decision = Decision.FAILED
+                outcome.reason = outcome.note
+        self.stats.counts[outcome.decision.value] += 1
+        if outcome.decision is Decision.FAILED and self.strict:
+            # Strict: it must not run a single instruction without the shim. SIGKILL ends
+            # the exec stop; its exit is reported like any other.
+            os.kill(pid, signal.SIGKILL)
+            self.on_exec(outcome, former if former != pid else None)
+            return
+        pt.cont(pid, 0)
+        self.on_exec(outcome, former if former != pid else None)
