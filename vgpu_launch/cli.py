@@ -50,38 +50,64 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--preload", action="append", metavar="PATH",
+        "--preload",
+        action="append",
+        metavar="PATH",
         help="library guaranteed in LD_PRELOAD (repeatable, order kept; $LIB, $PLATFORM and "
         "$ORIGIN are left for ld.so to expand)",
     )
     p.add_argument(
-        "--env", action="append", metavar="NAME=VALUE",
+        "--env",
+        action="append",
+        metavar="NAME=VALUE",
         help="variable set wherever a program's environment lacks it (repeatable)",
     )
     p.add_argument(
-        "--force-env", action="append", metavar="NAME=VALUE",
+        "--force-env",
+        action="append",
+        metavar="NAME=VALUE",
         help="variable set everywhere, overriding a different value (repeatable)",
     )
     p.add_argument(
-        "--exclude", action="append", metavar="PATTERN",
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
         help="programs left exactly as they are: a glob on the absolute path if it starts "
         "with '/', else on the basename (repeatable)",
     )
-    p.add_argument("--strict", action="store_true", default=None,
-                   help="fail closed: kill any process that would run without the preload, "
-                   "and the whole tree if vgpu-launch dies")
-    p.add_argument("--no-follow", action="store_true", default=None,
-                   help="only set the variables for CMD and exec it, without tracing (for "
-                   "hosts where ptrace is forbidden)")
-    p.add_argument("--log-format", choices=LOG_FORMATS,
-                   help="default: console when stderr is a terminal, JSON lines otherwise")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        default=None,
+        help="fail closed: kill any process that would run without the preload, "
+        "and the whole tree if vgpu-launch dies",
+    )
+    p.add_argument(
+        "--no-follow",
+        action="store_true",
+        default=None,
+        help="only set the variables for CMD and exec it, without tracing (for "
+        "hosts where ptrace is forbidden)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="default: console when stderr is a terminal, JSON lines otherwise",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     p.add_argument("--log-file", metavar="PATH", help="also append JSON lines to PATH")
-    p.add_argument("--config", metavar="PATH",
-                   help=f"configuration file (default: {DEFAULT_CONFIG} if it exists)")
-    p.add_argument("--allow-insecure", action="store_true", default=None,
-                   help="accept preload libraries and configuration files that users other "
-                   "than root or the file's owner can write")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default: {DEFAULT_CONFIG} if it exists)",
+    )
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        default=None,
+        help="accept preload libraries and configuration files that users other "
+        "than root or the file's owner can write",
+    )
     p.add_argument("--version", action="version", version=f"vgpu-launch {__version__}")
     return p
 
@@ -94,8 +120,16 @@ class _Parser(argparse.ArgumentParser):
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Options before CMD, and CMD with its arguments: CMD starts after ``--`` or at the
     first argument that is neither an option nor an option's value."""
-    takes_value = {"--preload", "--env", "--force-env", "--exclude", "--log-format",
-                   "--log-level", "--log-file", "--config"}
+    takes_value = {
+        "--preload",
+        "--env",
+        "--force-env",
+        "--exclude",
+        "--log-format",
+        "--log-level",
+        "--log-file",
+        "--config",
+    }
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -111,8 +145,16 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, Any]:
     from .config import merge_cli_lists
 
     values: dict[str, Any] = {}
-    for key in ("preload", "exclude", "log_format", "log_level", "log_file", "strict",
-                "no_follow", "allow_insecure"):
+    for key in (
+        "preload",
+        "exclude",
+        "log_format",
+        "log_level",
+        "log_file",
+        "strict",
+        "no_follow",
+        "allow_insecure",
+    ):
         v = getattr(ns, key)
         if v is not None:
             values[key] = v

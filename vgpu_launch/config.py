@@ -40,6 +40,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "strict": ("bool", "VGPU_LAUNCH_STRICT"),
     "allow_insecure": ("bool", "VGPU_LAUNCH_ALLOW_INSECURE"),
 }
+# Read elsewhere: the file's path, the test hook, bin/vgpu-launch's choice of interpreter.
+NON_OPTION_VARS = ("VGPU_LAUNCH_CONFIG", "VGPU_LAUNCH_TEST_FAULT", "VGPU_LAUNCH_PYTHON")
 CHOICES = {"log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
 
 
@@ -127,10 +129,10 @@ def _check(key: str, value: Any, where: str) -> Any:
         return list(value)
     if kind == "assignments":
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a table of NAME = \"value\"")
+            raise ConfigError(f'{where}: {key} must be a table of NAME = "value"')
         for name, v in value.items():
             if not _NAME.match(name) or not isinstance(v, str):
-                raise ConfigError(f"{where}: {key}.{name} must be NAME = \"string\"")
+                raise ConfigError(f'{where}: {key}.{name} must be NAME = "string"')
             if name == "LD_PRELOAD":
                 raise ConfigError(f"{where}: set LD_PRELOAD with preload, not {key}")
         return dict(value)
@@ -150,18 +152,18 @@ def _check(key: str, value: Any, where: str) -> Any:
 def read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            loaded = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path}: not found") from None
     except OSError as exc:
         raise ConfigError(f"configuration file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path}: {exc}") from None
+    data: dict[str, Any] = dict(loaded)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise ConfigError(
-            f"configuration file {path}: unknown key {unknown[0]!r} "
-            f"(known: {', '.join(KEYS)})"
+            f"configuration file {path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})"
         )
     return data
 
@@ -193,10 +195,11 @@ def load(
         if var in environ:
             from_env[key] = _from_text(key, environ[var], var)
     unknown = sorted(
-        v for v in environ
+        v
+        for v in environ
         if v.startswith("VGPU_LAUNCH_")
         and v not in {var for _, var in KEYS.values()}
-        and v not in ("VGPU_LAUNCH_CONFIG", "VGPU_LAUNCH_TEST_FAULT")
+        and v not in NON_OPTION_VARS
     )
     if unknown:
         raise ConfigError(f"unknown environment variable {unknown[0]} (see vgpu-launch --help)")

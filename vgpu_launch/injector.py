@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 from . import arch, stack
-from .ptracelib import PtraceError
 from .policy import Decision, Plan, Policy, plan
+from .ptracelib import PtraceError
 
 # Enough for the arrays and strings of an ordinary process in one read; the read stops short
 # at the top of the stack mapping, and a larger environment is read again in full.
@@ -96,8 +96,19 @@ def inject(pid: int, policy: Policy) -> Outcome:
             os.close(fd)
     except (OSError, PtraceError, stack.StackError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        return Outcome(pid, Decision.FAILED, exe, argv, None, None, static, word, [],
-                       (time.perf_counter_ns() - t0) // 1000, reason)
+        return Outcome(
+            pid,
+            Decision.FAILED,
+            exe,
+            argv,
+            None,
+            None,
+            static,
+            word,
+            [],
+            (time.perf_counter_ns() - t0) // 1000,
+            reason,
+        )
     return Outcome(
         pid,
         result.decision,

@@ -9,6 +9,7 @@ import platform
 import re
 import subprocess
 from dataclasses import dataclass
+from typing import Literal
 
 from . import preload
 from .errors import ConfigError
@@ -43,7 +44,7 @@ def elf_info(path: str) -> ElfInfo | None:
         head = f.read(20)
     if len(head) < 20 or head[:4] != b"\x7fELF" or head[4] not in (1, 2):
         return None
-    order = "little" if head[5] == 1 else "big"
+    order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
     return ElfInfo(
         4 if head[4] == 1 else 8,
         int.from_bytes(head[18:20], order),
@@ -51,7 +52,7 @@ def elf_info(path: str) -> ElfInfo | None:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def token_values(word: int) -> tuple[str, str] | None:
     """($LIB, $PLATFORM) as this host's ld.so expands them for ``word``-byte programs, or None
     where no loader of that word size is installed."""
@@ -77,7 +78,7 @@ class PreloadCheck:
     unusable: dict[int, str]  # word size -> why programs of that size cannot load it
 
 
-def check(path: str) -> PreloadCheck:
+def check(path: str, source: str = "") -> PreloadCheck:
     """Raise ConfigError for a library no native program could load; report the rest."""
     machine = platform.machine()
     if not path:
@@ -100,33 +101,34 @@ def check(path: str) -> PreloadCheck:
             continue
         problem = _problem(expanded, word, machine)
         if problem:
-            unusable[word] = problem
+            unusable[word] = problem if expanded == path else f"{expanded} {problem}"
         else:
             files[word] = expanded
     if 8 in unusable:
-        raise ConfigError(f"preload library {path}: {unusable[8]}")
+        where = f" (from {source})" if source else ""
+        raise ConfigError(f"preload library {path}: {unusable[8]}{where}")
     return PreloadCheck(path, files, unusable)
 
 
 def _problem(path: str, word: int, machine: str) -> str | None:
     try:
         if os.path.isdir(path):
-            return f"{path} is a directory, not a shared library"
+            return "is a directory, not a shared library"
         info = elf_info(path)
     except FileNotFoundError:
-        return f"{path} not found"
+        return "not found"
     except PermissionError:
-        return f"{path} is not readable"
+        return "is not readable"
     except OSError as exc:
-        return f"{path}: {exc.strerror}"
+        return str(exc.strerror)
     if info is None:
-        return f"{path} is not an ELF file"
+        return "is not an ELF file"
     if info.type != ET_DYN:
-        return f"{path} is not a shared object (ELF type {info.type})"
+        return f"is not a shared object (ELF type {info.type})"
     want = _NATIVE_MACHINE.get(machine) if word == 8 else _COMPAT_MACHINE.get(machine)
     if info.word != word or info.machine != want:
         return (
-            f"{path} is a {info.word * 8}-bit {info.machine_name} library; "
+            f"is a {info.word * 8}-bit {info.machine_name} library; "
             f"{word * 8}-bit programs on this {machine} host cannot load it"
         )
     return None

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import MutableMapping
 from typing import IO, Any
 
 import structlog
@@ -18,7 +19,7 @@ import structlog
 LEVELS = ("debug", "info", "warning", "error")
 
 
-def _json(event_dict: dict[str, Any]) -> str:
+def _json(event_dict: MutableMapping[str, Any]) -> str:
     return json.dumps(event_dict, default=str, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -56,14 +57,18 @@ class _Render:
                 colors=False, pad_event=12, sort_keys=False
             )
 
-    def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def __call__(
+        self, logger: Any, name: str, event_dict: MutableMapping[str, Any]
+    ) -> dict[str, Any]:
         as_json = _json(event_dict) if (self._to_file or self._console is None) else None
         if self._console is not None:
             return {"stderr": self._console(logger, name, dict(event_dict)), "file": as_json}
         return {"stderr": as_json, "file": as_json}
 
 
-def _add_level(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_level(
+    logger: Any, name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     event_dict["level"] = "warning" if name == "warn" else name
     return event_dict
 

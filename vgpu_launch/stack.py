@@ -43,7 +43,7 @@ class InitialStack:
 
     def aux(self, key: int) -> int | None:
         it = iter(self.auxv)
-        for k, v in zip(it, it):
+        for k, v in zip(it, it, strict=False):
             if k == key:
                 return v
         return None

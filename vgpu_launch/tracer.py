@@ -19,9 +19,7 @@ from .injector import Outcome, inject
 from .policy import Decision, Policy
 
 WALL = 0x40000000
-_GROUP_STOP_SIGNALS = frozenset(
-    {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-)
+_GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _CREATION = {
     pt.PTRACE_EVENT_FORK: "fork",
     pt.PTRACE_EVENT_VFORK: "vfork",

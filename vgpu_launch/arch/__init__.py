@@ -13,12 +13,14 @@ from types import ModuleType
 
 def _select(machine: str) -> ModuleType:
     if machine in ("x86_64", "amd64"):
-        from . import x86_64 as mod
-    elif machine in ("aarch64", "arm64"):
-        from . import aarch64 as mod
-    else:
-        raise OSError(f"unsupported machine type {machine!r} (x86_64 and aarch64 are supported)")
-    return mod
+        from . import x86_64
+
+        return x86_64
+    if machine in ("aarch64", "arm64"):
+        from . import aarch64
+
+        return aarch64
+    raise OSError(f"unsupported machine type {machine!r} (x86_64 and aarch64 are supported)")
 
 
 _mod = _select(platform.machine())

@@ -1,0 +1,11 @@
+#!/bin/sh
+# Set up (scripts/setup.sh) and run every test: lint and types, the whole suite on Debian's
+# library versions, and the core suite again on current PyPI versions.
+set -eu
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check vgpu_launch tests bench packaging
+.venv/bin/mypy vgpu_launch
+VGPU_LAUNCH_PYTHON=$PWD/.venv-pypi/bin/python .venv-pypi/bin/python -m pytest -q -p no:cacheprovider \
+  tests/unit tests/test_shapes.py
+VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
