@@ -30,6 +30,7 @@ from .ptracelib import PtraceError
 from .sigstate import SignalState
 from .tracer import Tracer
 
+_VERIFIABLE = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
 FAULT_VAR = "VGPU_LAUNCH_TEST_FAULT"  # "exec:N": raise inside the tracer at the Nth exec
 
 
@@ -81,6 +82,7 @@ class Launcher:
         self.seize_error: PtraceError | None = None
         self.main_thread = threading.main_thread().ident or 0
         self.started = time.monotonic()
+        self.verifier: Any = None  # verify.Verifier: proof that the library really got mapped
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -91,7 +93,7 @@ class Launcher:
                 "nothing to guarantee: give --preload PATH (or VGPU_LAUNCH_PRELOAD, or preload "
                 "in the configuration file)"
             )
-        checks = [libcheck.check(p) for p in cfg.preload]
+        checks = [libcheck.check(p, cfg.sources.get("preload", "")) for p in cfg.preload]
         env = cmd_environment(cfg, dict(os.environb))
         path = resolve(self.argv[0], os.fsdecode(_env_dict(env).get(b"PATH", b"")) or None)
         unusable = {w: [c.path for c in checks if w in c.unusable] for w in (4, 8)}
@@ -247,6 +249,11 @@ class Launcher:
     # -- logging ----------------------------------------------------------------------------
 
     def _log_exec(self, o: Outcome, former: int | None) -> None:
+        if self.cfg.log_level in ("warning", "error") and o.decision is not Decision.FAILED:
+            # Nothing to log: skip the /proc read and the event's construction.
+            if self.verifier is not None and o.decision in _VERIFIABLE:
+                self.verifier.schedule(o)
+            return
         fields: dict[str, Any] = {
             "pid": o.pid,
             "ppid": procfs.ppid(o.pid),
@@ -267,6 +274,8 @@ class Launcher:
             fields["note"] = o.note
         if o.reason:
             fields["reason"] = o.reason
+        if self.verifier is not None and o.decision in _VERIFIABLE:
+            self.verifier.schedule(o)
         if o.decision is Decision.FAILED:
             fields["action"] = "killed (strict)" if self.cfg.strict else "runs without the preload"
             self.log.warning("exec", **fields)
@@ -290,6 +299,8 @@ class Launcher:
             fields["cmd_signal"] = signal.Signals(os.WTERMSIG(status)).name
         else:
             fields["cmd_exit"] = os.WEXITSTATUS(status)
+        if self.verifier is not None:
+            fields["verification"] = self.verifier.finish()
         self.log.info("end", **fields)
         exit_like(status)
 
