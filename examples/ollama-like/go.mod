@@ -1,0 +1,3 @@
+module ollama-like
+
+go 1.19
