@@ -30,6 +30,12 @@ _CREATION = {
 _GIVEN = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
 
 
+def _claim_later(unclaimed: set[int], tid: int) -> None:
+    if len(unclaimed) > 4096:  # events that never came (parent killed first): forget them
+        unclaimed.clear()
+    unclaimed.add(tid)
+
+
 class FaultInjected(RuntimeError):
     """Raised by the test hook VGPU_LAUNCH_TEST_FAULT."""
 
@@ -76,6 +82,9 @@ class Tracer:
         listen = pt.listen
         tracees = self.tracees
         stats = self.stats
+        # A new tracee's first stop or exit can be reported before its parent's fork/clone
+        # event; such tids wait here for that event, which must not add them again.
+        unclaimed: set[int] = set()
         execs = 0
         while True:
             try:
@@ -84,7 +93,10 @@ class Tracer:
                 raise RuntimeError("no tracee left before CMD's exit was seen") from None
             stats.stops += 1
             if status & 0xFF != 0x7F:  # exited or killed
-                tracees.discard(tid)
+                if tid in tracees:
+                    tracees.remove(tid)
+                else:
+                    _claim_later(unclaimed, tid)
                 if self.on_event is not None:
                     self.on_event("exit", pid=tid, status=status)
                 if tid == cmd_pid:
@@ -106,6 +118,7 @@ class Tracer:
                         # A new tracee's first stop, or the wake-up after SIGCONT.
                         if tid not in tracees:
                             tracees.add(tid)
+                            _claim_later(unclaimed, tid)
                             if len(tracees) > stats.tracees_max:
                                 stats.tracees_max = len(tracees)
                         cont(tid, 0)
@@ -117,7 +130,9 @@ class Tracer:
                 elif event in _CREATION:
                     child = pt.geteventmsg(tid)
                     stats.spawned += 1
-                    if child not in tracees:
+                    if child in unclaimed:
+                        unclaimed.remove(child)  # already seen: the table is right as it is
+                    else:
                         tracees.add(child)
                         if len(tracees) > stats.tracees_max:
                             stats.tracees_max = len(tracees)
