@@ -17,9 +17,9 @@ from . import arch, stack
 from .policy import Decision, Plan, Policy, plan
 from .ptracelib import PtraceError
 
-# Enough for the arrays and strings of an ordinary process in one read; the read stops short
-# at the top of the stack mapping, and a larger environment is read again in full.
-_FIRST_READ = 32 * 1024
+# Enough for the arrays and strings of an ordinary process in one read (the read stops short
+# at the top of the stack mapping); a larger block is read again, four times larger each time.
+_FIRST_READ = 8 * 1024
 _MAX_READ = 8 * 1024 * 1024
 ARGV_LOGGED = 16
 
@@ -40,13 +40,18 @@ class Outcome:
     note: str | None = None
 
 
-def _read_stack(fd: int, sp: int, word: int) -> tuple[bytes, stack.InitialStack]:
+def _read_stack(fd: int, sp: int, word: int) -> tuple[stack.InitialStack, list[bytes], list[bytes]]:
+    """The initial stack, the environment strings and the first argv strings."""
     size = _FIRST_READ
     while True:
         buf = os.pread(fd, size, sp)
         try:
-            return buf, stack.parse(buf, sp, word)
+            st = stack.parse(buf, sp, word)
+            env = stack.strings(buf, sp, st.envp)
+            argv = stack.strings(buf, sp, st.argv[:ARGV_LOGGED])
+            return st, env, argv
         except stack.StackError:
+            # A short read reached the top of the stack mapping: the data is all there.
             if len(buf) < size or size >= _MAX_READ:
                 raise
             size *= 4
@@ -72,12 +77,9 @@ def inject(pid: int, policy: Policy) -> Outcome:
         sp, word = arch.read_sp(pid)
         fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
-            buf, st = _read_stack(fd, sp, word)
-            argv = [
-                a.decode(errors="replace") for a in stack.strings(buf, sp, st.argv[:ARGV_LOGGED])
-            ]
+            st, env, raw_argv = _read_stack(fd, sp, word)
+            argv = [a.decode(errors="replace") for a in raw_argv]
             static = not st.aux(stack.AT_BASE)
-            env = stack.strings(buf, sp, st.envp)
             result = plan(policy, env, exe=exe, secure=bool(st.aux(stack.AT_SECURE)))
             if result.changes:
                 new_env: list[int | bytes] = []

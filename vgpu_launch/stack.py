@@ -25,6 +25,7 @@ AT_SECURE = 23
 AT_EXECFN = 31
 
 STACK_ALIGN = 16
+_AUXV_WORDS = 2 * 128  # far more pairs than any kernel writes (AT_VECTOR_SIZE_BASE is 22)
 _FORMAT = {4: "<I", 8: "<Q"}
 
 
@@ -84,15 +85,17 @@ def parse(buf: bytes, sp: int, word: int) -> InitialStack:
     env_off = word * (argc + 2)
     envp = _null_terminated(buf, word, env_off)
     aux_off = env_off + word * (len(envp) + 1)
-    auxv: list[int] = []
-    pos = aux_off
-    while True:
-        key, value = _words(buf, word, pos, 2)
-        auxv += (key, value)
-        pos += 2 * word
-        if key == AT_NULL:
+    # The auxv has a few dozen pairs: unpack a generous slice at once, then find AT_NULL.
+    available = (len(buf) - aux_off) // word
+    words = _words(buf, word, aux_off, min(available, _AUXV_WORDS))
+    for i in range(0, len(words) - 1, 2):
+        if words[i] == AT_NULL:
+            auxv = words[: i + 2]
             break
-    return InitialStack(sp, word, argv, envp, tuple(auxv), sp + pos)
+    else:
+        raise StackError("auxv not terminated")
+    pos = aux_off + len(auxv) * word
+    return InitialStack(sp, word, argv, envp, auxv, sp + pos)
 
 
 def read_string(buf: bytes, sp: int, addr: int) -> bytes:
