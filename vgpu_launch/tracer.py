@@ -30,12 +30,6 @@ _CREATION = {
 _GIVEN = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
 
 
-def _claim_later(unclaimed: set[int], tid: int) -> None:
-    if len(unclaimed) > 4096:  # events that never came (parent killed first): forget them
-        unclaimed.clear()
-    unclaimed.add(tid)
-
-
 class FaultInjected(RuntimeError):
     """Raised by the test hook VGPU_LAUNCH_TEST_FAULT."""
 
@@ -82,9 +76,6 @@ class Tracer:
         listen = pt.listen
         tracees = self.tracees
         stats = self.stats
-        # A new tracee's first stop or exit can be reported before its parent's fork/clone
-        # event; such tids wait here for that event, which must not add them again.
-        unclaimed: set[int] = set()
         execs = 0
         while True:
             try:
@@ -93,10 +84,7 @@ class Tracer:
                 raise RuntimeError("no tracee left before CMD's exit was seen") from None
             stats.stops += 1
             if status & 0xFF != 0x7F:  # exited or killed
-                if tid in tracees:
-                    tracees.remove(tid)
-                else:
-                    _claim_later(unclaimed, tid)
+                tracees.discard(tid)
                 if self.on_event is not None:
                     self.on_event("exit", pid=tid, status=status)
                 if tid == cmd_pid:
@@ -115,10 +103,11 @@ class Tracer:
                         if tid == cmd_pid and self.on_cmd_stopped is not None:
                             self.on_cmd_stopped(sig)
                     else:
-                        # A new tracee's first stop, or the wake-up after SIGCONT.
+                        # A new tracee's first stop (it may come before its parent's event),
+                        # or the wake-up after SIGCONT.
                         if tid not in tracees:
                             tracees.add(tid)
-                            _claim_later(unclaimed, tid)
+                            stats.spawned += 1
                             if len(tracees) > stats.tracees_max:
                                 stats.tracees_max = len(tracees)
                         cont(tid, 0)
@@ -128,16 +117,10 @@ class Tracer:
                         raise FaultInjected(f"test fault at exec #{execs} (pid {tid})")
                     self._exec(tid)
                 elif event in _CREATION:
-                    child = pt.geteventmsg(tid)
-                    stats.spawned += 1
-                    if child in unclaimed:
-                        unclaimed.remove(child)  # already seen: the table is right as it is
-                    else:
-                        tracees.add(child)
-                        if len(tracees) > stats.tracees_max:
-                            stats.tracees_max = len(tracees)
+                    # The child is counted at its own first stop; its id is needed only for
+                    # the debug log.
                     if self.on_event is not None:
-                        self.on_event(_CREATION[event], pid=child, parent=tid)
+                        self.on_event(_CREATION[event], pid=pt.geteventmsg(tid), parent=tid)
                     cont(tid, 0)
                 else:
                     cont(tid, 0)
