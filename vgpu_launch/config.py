@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import security
 from .errors import ConfigError
 from .policy import Policy
 
@@ -149,9 +150,13 @@ def _check(key: str, value: Any, where: str) -> Any:
     return value or None
 
 
-def read_file(path: str) -> dict[str, Any]:
+def read_file(path: str, *, allow_insecure: bool = False) -> dict[str, Any]:
+    """``allow_insecure``: from the command line or the environment only; the file's own
+    ``allow_insecure`` cannot vouch for the file (docs/security.md)."""
     try:
         with open(path, "rb") as f:
+            security.check_open(path, f.fileno(), "configuration file",
+                                allow_insecure=allow_insecure)
             loaded = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path}: not found") from None
@@ -159,6 +164,9 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file {path}: not UTF-8 ({exc.reason} at byte "
+                          f"{exc.start})") from None
     data: dict[str, Any] = dict(loaded)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
@@ -188,7 +196,10 @@ def load(
     if path or os.path.exists(DEFAULT_CONFIG):
         path = path or DEFAULT_CONFIG
         cfg.config_file = path
-        layers.append((f"file {path}", read_file(path)))
+        override = bool(cli.get("allow_insecure")) or _bool(
+            environ.get("VGPU_LAUNCH_ALLOW_INSECURE", ""), "VGPU_LAUNCH_ALLOW_INSECURE"
+        )
+        layers.append((f"file {path}", read_file(path, allow_insecure=override)))
 
     from_env: dict[str, Any] = {}
     for key, (_, var) in KEYS.items():
@@ -214,6 +225,12 @@ def load(
                 value = {**getattr(cfg, key), **value}  # per name: a higher source wins
             setattr(cfg, key, value)
             cfg.sources[key] = where
+    if cfg.strict and cfg.exclude:
+        raise ConfigError(
+            f"strict mode (from {cfg.sources['strict']}) cannot be combined with exclude "
+            f"(from {cfg.sources['exclude']}): an excluded program runs without the preload, "
+            "which strict mode exists to prevent; drop one of the two"
+        )
     return cfg
 
 

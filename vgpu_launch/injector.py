@@ -9,7 +9,9 @@ would read the old address space, and process_vm_writev cannot reach below the s
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -40,8 +42,11 @@ class Outcome:
     note: str | None = None
 
 
-def _read_stack(fd: int, sp: int, word: int) -> tuple[stack.InitialStack, list[bytes], list[bytes]]:
-    """The initial stack, the environment strings and the first argv strings."""
+def _read_stack(
+    fd: int, sp: int, word: int
+) -> tuple[stack.InitialStack, list[bytes], list[bytes], int]:
+    """The initial stack, the environment strings, the first argv strings, and the lowest
+    possible address of the stack's top (exact when the read stopped short there)."""
     size = _FIRST_READ
     while True:
         buf = os.pread(fd, size, sp)
@@ -49,7 +54,7 @@ def _read_stack(fd: int, sp: int, word: int) -> tuple[stack.InitialStack, list[b
             st = stack.parse(buf, sp, word)
             env = stack.strings(buf, sp, st.envp)
             argv = stack.strings(buf, sp, st.argv[:ARGV_LOGGED])
-            return st, env, argv
+            return st, env, argv, sp + len(buf)
         except stack.StackError:
             # A short read reached the top of the stack mapping: the data is all there.
             if len(buf) < size or size >= _MAX_READ:
@@ -77,7 +82,7 @@ def inject(pid: int, policy: Policy) -> Outcome:
         sp, word = arch.read_sp(pid)
         fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
-            st, env, raw_argv = _read_stack(fd, sp, word)
+            st, env, raw_argv, top = _read_stack(fd, sp, word)
             argv = [a.decode(errors="replace") for a in raw_argv]
             static = not st.aux(stack.AT_BASE)
             result = plan(policy, env, exe=exe, secure=bool(st.aux(stack.AT_SECURE)))
@@ -92,7 +97,18 @@ def inject(pid: int, policy: Policy) -> Outcome:
                         new_env.append(ptr)
                 new_env += result.append
                 new_sp, blob = stack.rebuild(st, new_env)
-                os.pwrite(fd, blob, new_sp)
+                # Writes through /proc/PID/mem grow the stack within *our* RLIMIT_STACK;
+                # the program would die on its own, smaller limit.
+                limit = resource.prlimit(pid, resource.RLIMIT_STACK)[0]
+                if limit != resource.RLIM_INFINITY and top - new_sp > limit:
+                    raise OSError(
+                        errno.E2BIG,
+                        f"the new environment needs {top - new_sp} bytes of stack, over the "
+                        f"program's RLIMIT_STACK of {limit}",
+                    )
+                written = os.pwrite(fd, blob, new_sp)
+                if written != len(blob):
+                    raise OSError(errno.EIO, f"short write to the stack ({written} bytes)")
                 arch.write_sp(pid, new_sp)
         finally:
             os.close(fd)

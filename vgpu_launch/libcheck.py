@@ -7,11 +7,12 @@ import functools
 import os
 import platform
 import re
+import struct
 import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from . import preload
+from . import preload, security
 from .errors import ConfigError
 
 ET_DYN = 3
@@ -36,6 +37,58 @@ class ElfInfo:
     @property
     def machine_name(self) -> str:
         return _MACHINES.get(self.machine, f"machine {self.machine}")
+
+
+PT_DYNAMIC = 2
+DT_NULL = 0
+DT_FLAGS_1 = 0x6FFFFFFB
+DF_1_PIE = 0x08000000
+
+
+def is_pie_executable(path: str) -> bool:
+    """Whether ``path`` is a position-independent executable (DT_FLAGS_1 has DF_1_PIE): an
+    ET_DYN file like a library, which ld.so refuses to preload."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        return False
+    is64 = data[4] == 2
+    end = "<" if data[5] == 1 else ">"
+    if is64:
+        phoff, phentsize, phnum = (
+            struct.unpack_from(end + "Q", data, 32)[0],
+            *struct.unpack_from(end + "HH", data, 54),
+        )
+    else:
+        phoff, phentsize, phnum = (
+            struct.unpack_from(end + "I", data, 28)[0],
+            *struct.unpack_from(end + "HH", data, 42),
+        )
+    for i in range(phnum):
+        ph = phoff + i * phentsize
+        if ph + phentsize > len(data):
+            return False
+        if struct.unpack_from(end + "I", data, ph)[0] != PT_DYNAMIC:
+            continue
+        if is64:
+            offset, size = (
+                struct.unpack_from(end + "Q", data, ph + 8)[0],
+                struct.unpack_from(end + "Q", data, ph + 32)[0],
+            )
+            fmt, step = end + "qQ", 16
+        else:
+            offset, size = (
+                struct.unpack_from(end + "I", data, ph + 4)[0],
+                struct.unpack_from(end + "I", data, ph + 16)[0],
+            )
+            fmt, step = end + "iI", 8
+        for pos in range(offset, min(offset + size, len(data) - step + 1), step):
+            tag, value = struct.unpack_from(fmt, data, pos)
+            if tag == DT_NULL:
+                break
+            if tag == DT_FLAGS_1:
+                return bool(value & DF_1_PIE)
+    return False
 
 
 def elf_info(path: str) -> ElfInfo | None:
@@ -78,8 +131,10 @@ class PreloadCheck:
     unusable: dict[int, str]  # word size -> why programs of that size cannot load it
 
 
-def check(path: str, source: str = "") -> PreloadCheck:
-    """Raise ConfigError for a library no native program could load; report the rest."""
+def check(path: str, source: str = "", *, allow_insecure: bool = False) -> PreloadCheck:
+    """Raise ConfigError for a library no native program could load, or one that someone
+    other than root or this user could change (security.py; ``allow_insecure`` accepts it);
+    report the rest."""
     machine = platform.machine()
     if not path:
         raise ConfigError("an empty preload path was given")
@@ -107,6 +162,17 @@ def check(path: str, source: str = "") -> PreloadCheck:
     if 8 in unusable:
         where = f" (from {source})" if source else ""
         raise ConfigError(f"preload library {path}: {unusable[8]}{where}")
+    for file in dict.fromkeys(files.values()):
+        if file == path and preload.expand(path, lib="", platform="") is None:
+            if not allow_insecure:
+                where = f" (from {source})" if source else ""
+                raise ConfigError(
+                    f"refusing preload library {path}{where}: $ORIGIN makes it a different "
+                    "file for every program, which cannot be checked for who can change it; "
+                    f"give an absolute path, or accept the risk with {security.OVERRIDE}"
+                )
+            continue
+        security.check(file, "preload library", allow_insecure=allow_insecure, source=source)
     return PreloadCheck(path, files, unusable)
 
 
@@ -125,6 +191,8 @@ def _problem(path: str, word: int, machine: str) -> str | None:
         return "is not an ELF file"
     if info.type != ET_DYN:
         return f"is not a shared object (ELF type {info.type})"
+    if is_pie_executable(path):
+        return "is a program (position-independent executable), not a shared library"
     want = _NATIVE_MACHINE.get(machine) if word == 8 else _COMPAT_MACHINE.get(machine)
     if info.word != word or info.machine != want:
         return (

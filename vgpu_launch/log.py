@@ -6,6 +6,7 @@ to a file as well. Nothing is ever written to stdout: it belongs to CMD.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ from collections.abc import MutableMapping
 from typing import IO, Any
 
 import structlog
+
+from .errors import ConfigError
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -78,7 +81,13 @@ def configure(fmt: str | None, level: str, file: str | None) -> None:
     console = (fmt == "console") if fmt else sys.stderr.isatty()
     fh: IO[str] | None = None
     if file:
-        fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # O_NOFOLLOW: a root-run launcher must not be redirected by a planted symlink.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(file, flags, 0o640)
+        except OSError as exc:
+            why = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise ConfigError(f"log file {file}: {why}") from None
         fh = os.fdopen(fd, "a", encoding="utf-8")
     structlog.configure(
         processors=[

@@ -94,8 +94,9 @@ def plan(policy: Policy, env: Sequence[bytes], *, exe: str = "", secure: bool = 
     else:
         result.preload_after = values[0]
 
+    forced = {n for n, _ in policy.force_env}
     for name, value, force in [
-        *((n, v, False) for n, v in policy.env),
+        *((n, v, False) for n, v in policy.env if n not in forced),  # --force-env wins
         *((n, v, True) for n, v in policy.force_env),
     ]:
         where = positions.get(name, [])
@@ -114,7 +115,7 @@ def plan(policy: Policy, env: Sequence[bytes], *, exe: str = "", secure: bool = 
 
 def apply(env: Sequence[bytes], p: Plan) -> list[bytes]:
     """The environment after ``p``: what the program will see."""
-    out = [p.replace.get(i, entry) if i in p.replace else entry for i, entry in enumerate(env)]
+    out = [p.replace.get(i, entry) for i, entry in enumerate(env)]
     return [e for e in out if e is not None] + p.append
 
 

@@ -11,7 +11,6 @@ from vgpu_launch.errors import ConfigError
 
 FILE = """
 preload = ["/file/a.so"]
-exclude = ["nvidia-smi"]
 strict = true
 log_level = "warning"
 [env]
@@ -46,6 +45,11 @@ def test_environment_over_file_and_command_line_over_both(conf: str) -> None:
     cfg = load({"preload": ["/cli.so"], "env": {"LIMIT": "2g"}}, environ, config_path=conf)
     assert cfg.preload == ["/cli.so"] and cfg.env["LIMIT"] == "2g"
     assert cfg.sources["preload"] == "command line"
+
+
+def test_strict_with_exclude_is_refused(conf: str) -> None:
+    with pytest.raises(ConfigError, match="strict mode .* cannot be combined with exclude"):
+        load({"exclude": ["nvidia-smi"]}, {}, config_path=conf)
 
 
 def test_config_path_from_environment(conf: str) -> None:

@@ -1,0 +1,189 @@
+"""Bad configuration: one line on stderr, exit status 2, and nothing started.
+
+"Nothing started" is checked with CMD = ``rprobe --touch FILE``: FILE must not exist afterwards
+(robustlib.launch also checks that no process of the run is left).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import robustlib as rl
+
+FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
+
+
+@pytest.fixture(scope="session")
+def built() -> rl.Built:
+    return rl.build()
+
+
+def refused(built: rl.Built, tmp_path: Path, args: list[str], *,
+            env: dict[str, str | None] | None = None, expect: str = "") -> str:
+    ran = tmp_path / "ran"
+    run = rl.launch(built, [*args, "--", built.rprobe, "--touch", str(ran)],
+                    env={**FAST, **(env or {})}, timeout=30, log_format="")
+    lines = run.stderr.splitlines()
+    assert run.returncode == 2, run.describe()
+    assert len(lines) == 1 and lines[0].startswith("vgpu-launch: "), run.describe()
+    assert expect in lines[0], lines[0]
+    assert not ran.exists(), "CMD ran"
+    assert run.stdout == b""
+    return lines[0]
+
+
+def write_config(tmp_path: Path, text: str | bytes) -> str:
+    path = tmp_path / "vgpu-launch.conf"
+    if isinstance(text, str):
+        text = text.encode()
+    path.write_bytes(text)
+    return str(path)
+
+
+# ---- the configuration file -----------------------------------------------------------------
+
+FILE_CASES = {
+    "unknown key": ('preload = ["{lib}"]\nstrict_mode = true\n', "unknown key 'strict_mode'"),
+    "unknown table": ('preload = ["{lib}"]\n[extra]\na = 1\n', "unknown key 'extra'"),
+    "syntax": ('preload = ["{lib}"\n', "configuration file"),
+    "preload not a list of paths": ("preload = 5\n", "preload must be a list of paths"),
+    "preload list of numbers": ("preload = [1]\n", "preload must be a list of paths"),
+    "empty preload path": ('preload = [""]\n', "empty path"),
+    "strict not a boolean": ('preload = ["{lib}"]\nstrict = "yes"\n', "strict must be true"),
+    "env not a table": ('preload = ["{lib}"]\nenv = "A=B"\n', "env must be a table"),
+    "env value not a string": ('preload = ["{lib}"]\n[env]\nA = 1\n', "env.A must be"),
+    "env bad name": ('preload = ["{lib}"]\n[env]\n"A-B" = "1"\n', "env.A-B must be"),
+    "LD_PRELOAD through env": ('preload = ["{lib}"]\n[env]\nLD_PRELOAD = "/x.so"\n',
+                               "set LD_PRELOAD with preload"),
+    "log_level": ('preload = ["{lib}"]\nlog_level = "loud"\n', "log_level must be one of"),
+    "log_format": ('preload = ["{lib}"]\nlog_format = "xml"\n', "log_format must be one of"),
+    "exclude not paths": ('preload = ["{lib}"]\nexclude = [1]\n', "exclude must be a list"),
+    "allow_insecure not a boolean": ('preload = ["{lib}"]\nallow_insecure = 1\n',
+                                     "allow_insecure must be true or false"),
+    "preload path with a colon": ('preload = ["/a:b.so"]\n', "contains ':' or whitespace"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILE_CASES))
+def test_bad_configuration_file(built: rl.Built, tmp_path: Path, case: str) -> None:
+    text, expect = FILE_CASES[case]
+    path = write_config(tmp_path, text.replace("{lib}", built.lib))
+    line = refused(built, tmp_path, ["--config", path], expect=expect)
+    if case != "preload path with a colon":
+        assert path in line or case.startswith(("preload", "empty")), line
+
+
+def test_configuration_file_not_utf8(built: rl.Built, tmp_path: Path) -> None:
+    path = write_config(tmp_path, b'preload = ["/lib\xff.so"]\n')
+    refused(built, tmp_path, ["--config", path], expect="not UTF-8")
+
+
+def test_configuration_file_is_a_directory(built: rl.Built, tmp_path: Path) -> None:
+    d = tmp_path / "conf.d"
+    d.mkdir()
+    refused(built, tmp_path, ["--config", str(d)], expect="Is a directory")
+
+
+def test_configuration_file_missing(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--config", str(tmp_path / "nope.conf")], expect="not found")
+    refused(built, tmp_path, [], env={"VGPU_LAUNCH_CONFIG": str(tmp_path / "nope.conf")},
+            expect="not found")
+
+
+# ---- environment variables ----------------------------------------------------------------------
+
+ENV_CASES = {
+    "unknown variable": ({"VGPU_LAUNCH_STRICTNESS": "1"}, "unknown environment variable"),
+    "strict not a boolean": ({"VGPU_LAUNCH_STRICT": "maybe"}, "VGPU_LAUNCH_STRICT"),
+    "allow_insecure not a boolean": ({"VGPU_LAUNCH_ALLOW_INSECURE": "perhaps"},
+                                     "VGPU_LAUNCH_ALLOW_INSECURE"),
+    "no_follow not a boolean": ({"VGPU_LAUNCH_NO_FOLLOW": "2"}, "VGPU_LAUNCH_NO_FOLLOW"),
+    "env not assignments": ({"VGPU_LAUNCH_ENV": "JUSTANAME"}, "not NAME=VALUE"),
+    "force_env bad name": ({"VGPU_LAUNCH_FORCE_ENV": "1X=2"}, "not NAME=VALUE"),
+    "log level": ({"VGPU_LAUNCH_LOG_LEVEL": "loud"}, "log_level must be one of"),
+    "log format": ({"VGPU_LAUNCH_LOG_FORMAT": "xml"}, "log_format must be one of"),
+    "empty preload": ({"VGPU_LAUNCH_PRELOAD": ""}, "nothing to guarantee"),
+    "relative preload": ({"VGPU_LAUNCH_PRELOAD": "lib/librobustmark.so"}, "absolute path"),
+    "missing preload": ({"VGPU_LAUNCH_PRELOAD": "/nonexistent/libx.so"}, "not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENV_CASES))
+def test_bad_environment_variable(built: rl.Built, tmp_path: Path, case: str) -> None:
+    env, expect = ENV_CASES[case]
+    args = [] if "VGPU_LAUNCH_PRELOAD" in env else ["--preload", built.lib]
+    refused(built, tmp_path, args, env=dict(env), expect=expect)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_empty_preload(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--preload", ""], expect="empty path")
+
+
+def test_preload_is_a_directory(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--preload", built.dir], expect="is a directory")
+
+
+def test_preload_not_an_elf_file(built: rl.Built, tmp_path: Path) -> None:
+    text = tmp_path / "lib.so"
+    text.write_text("not a library\n")
+    refused(built, tmp_path, ["--preload", str(text)], expect="not an ELF file")
+
+
+def test_preload_is_a_program_not_a_library(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--preload", built.rprobe], expect="not a shared library")
+
+
+def test_preload_32bit_only(built: rl.Built, tmp_path: Path) -> None:
+    if "rprobe32" not in built:
+        pytest.skip("gcc -m32 unavailable")
+    lib32 = tmp_path / "lib32.so"
+    src = rl.SRC / "librobustmark.c"
+    subprocess.run(["gcc", "-m32", "-shared", "-fPIC", "-o", str(lib32), str(src)], check=True)
+    refused(built, tmp_path, ["--preload", str(lib32)], expect="32-bit")
+
+
+def test_bad_env_option(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--preload", built.lib, "--env", "NOVALUE"],
+            expect="not NAME=VALUE")
+
+
+def test_unknown_option(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--preload", built.lib, "--frobnicate"], expect="--frobnicate")
+
+
+def test_bad_log_level_option(built: rl.Built, tmp_path: Path) -> None:
+    refused(built, tmp_path, ["--preload", built.lib, "--log-level", "loud"], expect="loud")
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+def test_unusable_log_file(built: rl.Built, tmp_path: Path, where: str) -> None:
+    path = tmp_path / "no" / "x.log" if where == "missing directory" else tmp_path
+    refused(built, tmp_path, ["--preload", built.lib, "--log-file", str(path)],
+            expect=str(path))
+
+
+def test_nothing_started_even_with_a_valid_command(built: rl.Built, tmp_path: Path) -> None:
+    """The refusal comes before any fork: not even vgpu-launch's own child exists."""
+    path = write_config(tmp_path, "bogus = 1\n")
+    marker = tmp_path / "ran"
+    run = rl.launch(built, ["--config", path, "--", "sh", "-c", f"touch {marker}"], env=FAST)
+    assert run.returncode == 2
+    assert not marker.exists()
+    assert not run.events  # not even the start event
+
+
+def test_valid_configuration_still_runs(built: rl.Built, tmp_path: Path) -> None:
+    """The checks above do not refuse a good file (a control for the refusals)."""
+    path = write_config(tmp_path, f'preload = ["{built.lib}"]\nlog_level = "info"\n')
+    marker = tmp_path / "ran"
+    run = rl.launch(built, ["--config", path, "--", built.rprobe, "--touch", str(marker)],
+                    env=FAST)
+    assert run.returncode == 0, run.describe()
+    assert marker.exists()
+    assert "marker=1" in run.out
