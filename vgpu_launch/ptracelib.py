@@ -8,13 +8,31 @@ died between ``waitpid`` and the request) and is the caller's to ignore.
 from __future__ import annotations
 
 import ctypes
+import re
 
 from ptrace.binding import func as _func
 from ptrace.error import PtraceError
 
 __all__ = ["PtraceError", "ptrace"]
 
-ptrace = _func.ptrace
+_ERRNO_IN_MESSAGE = re.compile(r"error #(\d+)")
+
+
+def ptrace(request: int, pid: int, arg1: int = 0, arg2: int = 0, check_errno: bool = False) -> int:
+    """python-ptrace's ``ptrace()``, with ``PtraceError.errno`` always set.
+
+    Where python-ptrace uses its C extension (Debian's package does), the error's ``errno`` is
+    read from ctypes' private copy, which that extension never sets: it is 0, and the real
+    value is only in the message ("... error #3: No such process").
+    """
+    try:
+        return int(_func.ptrace(request, pid, arg1, arg2, check_errno))
+    except PtraceError as exc:
+        if not exc.errno:
+            found = _ERRNO_IN_MESSAGE.search(str(exc))
+            exc.errno = int(found.group(1)) if found else 0
+        raise
+
 
 PTRACE_CONT = 7
 PTRACE_KILL = 8
@@ -65,7 +83,7 @@ def geteventmsg(tid: int) -> int:
 
 
 def peekuser(tid: int, offset: int) -> int:
-    return int(ptrace(PTRACE_PEEKUSER, tid, offset, 0, check_errno=True))
+    return ptrace(PTRACE_PEEKUSER, tid, offset, 0, check_errno=True)
 
 
 def pokeuser(tid: int, offset: int, value: int) -> None:
