@@ -9,5 +9,5 @@ scripts/setup.sh
 VGPU_LAUNCH_PYTHON=$PWD/.venv-pypi/bin/python .venv-pypi/bin/python -m pytest -q -p no:cacheprovider \
   tests/unit tests/test_shapes.py
 # Missing root or tools must fail the system tests here, not skip them.
-export VGPU_LAUNCH_REQUIRE_SYSTEM_TESTS=1
+export VGPU_TEST_REQUIRE_SYSTEM=1
 VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -9,7 +9,7 @@
     ``with boot_system() as system:`` a fresh system booted on a throwaway overlay of that root.
 
 A test marked ``systemd`` is skipped where such a system cannot be had (not root, a tool
-missing, no overlayfs or cgroup v2); with VGPU_LAUNCH_REQUIRE_SYSTEM_TESTS=1 (CI) it fails
+missing, no overlayfs or cgroup v2); with VGPU_TEST_REQUIRE_SYSTEM=1 (CI) it fails
 instead, so the system tests cannot silently stop running.
 """
 
@@ -34,7 +34,7 @@ def _require_system() -> None:
     why = harness.missing_requirements()
     if why:
         message = "a booted systemd is not available here: " + ", ".join(why)
-        if os.environ.get("VGPU_LAUNCH_REQUIRE_SYSTEM_TESTS") == "1":
+        if os.environ.get("VGPU_TEST_REQUIRE_SYSTEM") == "1":
             pytest.fail(message)
         pytest.skip(message)
 
@@ -57,7 +57,7 @@ def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if missing:
         message = ("cannot build the .deb here, missing: " + ", ".join(missing)
                    + " (apt-get install dpkg-dev debhelper dh-python pybuild-plugin-pyproject)")
-        if os.environ.get("VGPU_LAUNCH_REQUIRE_SYSTEM_TESTS") == "1":
+        if os.environ.get("VGPU_TEST_REQUIRE_SYSTEM") == "1":
             pytest.fail(message)
         pytest.skip(message)
     t0 = time.monotonic()

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def need(tool: str) -> None:
     if shutil.which(tool) is None:
         message = f"{tool} not installed"
-        if os.environ.get("VGPU_LAUNCH_REQUIRE_SYSTEM_TESTS") == "1":
+        if os.environ.get("VGPU_TEST_REQUIRE_SYSTEM") == "1":
             pytest.fail(message)
         pytest.skip(message)
 
