@@ -1,11 +1,16 @@
-"""Finding CMD the way execvp(3) and the shell do, with their exit codes for failures."""
+"""Finding and starting CMD the way execvp(3) and the shell do, with their exit codes for
+failures."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 
 from .errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, LaunchError
+
+_SHELL = "/bin/sh"
 
 
 def resolve(name: str, path_var: str | None) -> str:
@@ -34,3 +39,17 @@ def resolve(name: str, path_var: str | None) -> str:
         raise LaunchError(f"cannot run {denied}", EXIT_NOT_EXECUTABLE)
     where = "" if "/" in name else " in PATH"
     raise LaunchError(f"cannot run {name}: command not found{where}", EXIT_NOT_FOUND)
+
+
+def execve(path: str, argv: list[str], env: dict[bytes, bytes]) -> None:
+    """``execve`` as execvp(3) does it: a file the kernel will not run (ENOEXEC: no ``#!``
+    line, not a known binary format) is run by /bin/sh as a script. Returns only by raising
+    OSError (the error of the first ``execve``)."""
+    try:
+        os.execve(path, argv, env)
+    except OSError as exc:
+        if exc.errno != errno.ENOEXEC:
+            raise
+        with contextlib.suppress(OSError):
+            os.execve(_SHELL, [_SHELL, path, *argv[1:]], env)
+        raise

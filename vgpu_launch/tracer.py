@@ -52,6 +52,8 @@ class Tracer:
         on_exec: Callable[[Outcome, int | None], None],
         on_event: Callable[..., None] | None = None,
         on_cmd_stopped: Callable[[int], None] | None = None,
+        on_signal: Callable[[int, int], None] | None = None,
+        watch_signals: frozenset[int] = frozenset(),
         fault_at_exec: int = 0,
     ) -> None:
         self.policy = policy
@@ -61,6 +63,10 @@ class Tracer:
         self.on_exec = on_exec
         self.on_event = on_event
         self.on_cmd_stopped = on_cmd_stopped
+        # on_signal(tid, sig): a tracee is about to take one of watch_signals (called before
+        # it is re-injected; the launcher tells signals CMD got itself from forwarded ones).
+        self.on_signal = on_signal
+        self.watch_signals = watch_signals if on_signal is not None else frozenset()
         self.fault_at_exec = fault_at_exec
         self.tracees: set[int] = set()
         self.stats = Stats()
@@ -76,6 +82,8 @@ class Tracer:
         listen = pt.listen
         tracees = self.tracees
         stats = self.stats
+        on_signal = self.on_signal
+        watched = self.watch_signals
         execs = 0
         while True:
             try:
@@ -95,6 +103,8 @@ class Tracer:
             try:
                 if event == 0:
                     # Signal-delivery-stop: re-inject the signal, untouched. The hot path.
+                    if sig in watched:
+                        on_signal(tid, sig)  # type: ignore[misc]
                     cont(tid, sig)
                 elif event == pt.PTRACE_EVENT_STOP:
                     if sig in _GROUP_STOP_SIGNALS:
@@ -152,5 +162,7 @@ class Tracer:
             os.kill(pid, signal.SIGKILL)
             self.on_exec(outcome, former if former != pid else None)
             return
-        pt.cont(pid, 0)
-        self.on_exec(outcome, former if former != pid else None)
+        try:
+            pt.cont(pid, 0)
+        finally:  # logged even if it was killed meanwhile (ESRCH)
+            self.on_exec(outcome, former if former != pid else None)

@@ -48,7 +48,7 @@ def test_environment_over_file_and_command_line_over_both(conf: str) -> None:
 
 
 def test_strict_with_exclude_is_refused(conf: str) -> None:
-    with pytest.raises(ConfigError, match="strict mode .* cannot be combined with exclude"):
+    with pytest.raises(ConfigError, match=r"strict mode .* cannot be combined with exclude"):
         load({"exclude": ["nvidia-smi"]}, {}, config_path=conf)
 
 
