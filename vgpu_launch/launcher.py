@@ -550,7 +550,8 @@ class Launcher:
         fields: dict[str, Any] = {
             "counts": tracer.stats.counts,
             "spawned": tracer.stats.spawned,
-            "tracees_left": len(tracer.tracees),
+            # After a tracer failure the kernel detached every tracee: none is left.
+            "tracees_left": 0 if self.tracer_error is not None else len(tracer.tracees),
             "seconds": round(time.monotonic() - self.started, 3),
             "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -561,6 +562,8 @@ class Launcher:
             fields["cmd_exit"] = os.WEXITSTATUS(status)
         if self.verifier is not None:
             fields["verification"] = self.verifier.finish()
+        if self.tracer_error is not None:
+            fields["tracer_failed"] = True
         self.log.info("end", **fields)
         exit_like(status)
 
