@@ -179,6 +179,9 @@ class Launcher:
             self._child(ready_r, ready_w, path, env)
         os.close(ready_r)
         self.started = time.monotonic()
+        # The tracer must get the interpreter back quickly whenever a stop arrives, even while
+        # the verifier thread is busy: shorten the wait before a forced switch (default 5 ms).
+        sys.setswitchinterval(0.0005)
         thread = threading.Thread(
             target=self._trace, args=(tracer, ready_w), name="tracer", daemon=True
         )

@@ -19,7 +19,10 @@ def word_size(cs: int) -> int:
 
 
 def read_sp(tid: int) -> tuple[int, int]:
-    return peekuser(tid, RSP_OFFSET), word_size(peekuser(tid, CS_OFFSET))
+    sp = peekuser(tid, RSP_OFFSET)
+    if sp >= 1 << 32:  # no 32-bit process has an address above 4 GiB: skip the second request
+        return sp, 8
+    return sp, word_size(peekuser(tid, CS_OFFSET))
 
 
 def write_sp(tid: int, sp: int) -> None:
