@@ -12,8 +12,10 @@ test_config_errors, test_stack_properties); independent of conftest.py.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -249,12 +251,28 @@ def _decode_status(raw: int) -> int:
     return 1000 + raw
 
 
+@functools.cache
+def public_launcher() -> Path:
+    """A copy of bin/ and vgpu_launch/ that ``nobody`` can run: the checkout itself may sit
+    in a directory only root can enter."""
+    root = public_dir("vgpu-robust-launcher-")
+    atexit.register(shutil.rmtree, root, True)
+    shutil.copytree(REPO / "bin", root / "bin")
+    shutil.copytree(
+        REPO / "vgpu_launch", root / "vgpu_launch", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() or path.parent.name == "bin" else 0o644)
+    return root / "bin" / "vgpu-launch"
+
+
 def launcher_argv(
     built: Built, args: Sequence[str], *, user: str | None = None, log_format: str = "json"
 ) -> list[str]:
     prefix = NOBODY if user == "nobody" else []
+    launcher = public_launcher() if user == "nobody" else LAUNCHER
     fmt = ["--log-format", log_format] if log_format else []
-    return [*prefix, str(LAUNCHER), *fmt, *args]
+    return [*prefix, str(launcher), *fmt, *args]
 
 
 def launch(
