@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from vgpu_launch import preload, stack
 from vgpu_launch.config import Config
-from vgpu_launch.policy import LD_PRELOAD, Decision, Plan, Policy, apply, plan
+from vgpu_launch.policy import LD_PRELOAD, Decision, Plan, Policy, apply, apply_to_entries, plan
 
 AT_PAGESZ, AT_PHDR, AT_BASE, AT_PLATFORM, AT_HWCAP = 6, 3, 7, 15, 16
 AT_SECURE, AT_RANDOM, AT_EXECFN, AT_SYSINFO_EHDR = 23, 25, 31, 33
@@ -95,15 +95,7 @@ def build_image(word: int, argv: Sequence[bytes], env: Sequence[bytes],
 def injector_env(st_: stack.InitialStack, p: Plan) -> list[int | bytes]:
     """The new environment as injector.inject builds it from a plan: kept entries by address,
     replacements and additions as new strings."""
-    new_env: list[int | bytes] = []
-    for i, ptr in enumerate(st_.envp):
-        if i in p.replace:
-            replacement = p.replace[i]
-            if replacement is not None:
-                new_env.append(replacement)
-        else:
-            new_env.append(ptr)
-    return new_env + p.append
+    return apply_to_entries(st_.envp, p)
 
 
 # ---- strategies ---------------------------------------------------------------------------------

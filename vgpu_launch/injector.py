@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from . import arch, stack
-from .policy import Decision, Plan, Policy, plan
+from .policy import Decision, Plan, Policy, apply_to_entries, plan
 from .ptracelib import PtraceError
 
 # Enough for the arrays and strings of an ordinary process in one read (the read stops short
@@ -87,16 +87,7 @@ def inject(pid: int, policy: Policy) -> Outcome:
             static = not st.aux(stack.AT_BASE)
             result = plan(policy, env, exe=exe, secure=bool(st.aux(stack.AT_SECURE)))
             if result.changes:
-                new_env: list[int | bytes] = []
-                for i, ptr in enumerate(st.envp):
-                    if i in result.replace:
-                        replacement = result.replace[i]
-                        if replacement is not None:
-                            new_env.append(replacement)
-                    else:
-                        new_env.append(ptr)
-                new_env += result.append
-                new_sp, blob = stack.rebuild(st, new_env)
+                new_sp, blob = stack.rebuild(st, apply_to_entries(st.envp, result))
                 # Writes through /proc/PID/mem grow the stack within *our* RLIMIT_STACK;
                 # the program would die on its own, smaller limit.
                 limit = resource.prlimit(pid, resource.RLIMIT_STACK)[0]

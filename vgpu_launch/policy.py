@@ -11,10 +11,12 @@ import fnmatch
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from . import preload
 
 LD_PRELOAD = b"LD_PRELOAD"
+_Entry = TypeVar("_Entry", bytes, int)
 
 
 class Decision(str, enum.Enum):
@@ -115,7 +117,13 @@ def plan(policy: Policy, env: Sequence[bytes], *, exe: str = "", secure: bool = 
 
 def apply(env: Sequence[bytes], p: Plan) -> list[bytes]:
     """The environment after ``p``: what the program will see."""
-    out = [p.replace.get(i, entry) for i, entry in enumerate(env)]
+    return apply_to_entries(env, p)
+
+
+def apply_to_entries(entries: Sequence[_Entry], p: Plan) -> list[_Entry | bytes]:
+    """``p`` applied to anything indexed like the environment, e.g. the addresses of its strings
+    on the initial stack: kept entries stay as they are, replacements and additions are bytes."""
+    out = [p.replace.get(i, entry) for i, entry in enumerate(entries)]
     return [e for e in out if e is not None] + p.append
 
 
