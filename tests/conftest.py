@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import robustlib
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAMS_SRC = REPO / "tests" / "programs"
@@ -249,6 +250,20 @@ def build_ollama_like() -> Artefacts:
         libcuda=out / "libcuda.so.1",
         shim=out / "libvgpu-test-shim.so",
     )
+
+
+@pytest.fixture(scope="session")
+def built() -> robustlib.Built:
+    """The robustness tests' programs (tests/robust_programs), built where nobody can run them."""
+    return robustlib.build()
+
+
+@pytest.fixture
+def pub(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh root-owned 0755 directory under /tmp (nobody can enter it; tmp_path cannot be)."""
+    d = robustlib.public_dir(f"vgpu-{request.module.__name__.removeprefix('test_')}-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,29 @@ def build() -> Built:
             if (out / name).exists():
                 built[name.replace(".", "_")] = str(out / name)
         return built
+
+
+# Run vgpu-launch with the interpreter running the tests (it has the packages; saves a lookup).
+FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
+
+
+def reap_status(out: str) -> int:
+    """The status ``rtool reap`` printed for its child (negative: killed by that signal)."""
+    m = re.search(r"^reap status=(-?\d+)$", out, re.M)
+    assert m, out
+    return int(m.group(1))
+
+
+def all_threads_traced(pid: int) -> bool:
+    """Whether every thread of ``pid`` has a tracer (strace -p attaches them one by one)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return bool(tasks) and all(
+            "TracerPid:\t0\n" not in Path(f"/proc/{pid}/task/{t}/status").read_text()
+            for t in tasks
+        )
+    except OSError:
+        return False
 
 
 def public_dir(prefix: str) -> Path:

@@ -7,18 +7,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import robustlib as rl
 
-FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
+FAST = rl.FAST
 
-
-@pytest.fixture(scope="session")
-def built() -> rl.Built:
-    return rl.build()
 
 
 def refused(built: rl.Built, tmp_path: Path, args: list[str], *,

@@ -14,8 +14,6 @@ import os
 import pwd
 import shutil
 import struct
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,24 +22,13 @@ import robustlib as rl
 from vgpu_launch import security
 from vgpu_launch.errors import ConfigError
 
-FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
+FAST = rl.FAST
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = pwd.getpwnam("nobody").pw_gid  # nobody's own group: nobody is in it
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setpriv)")
 
 
-@pytest.fixture(scope="session")
-def built() -> rl.Built:
-    return rl.build()
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    """A root-owned 0755 directory under /tmp (sticky, root-owned: a safe place)."""
-    d = rl.public_dir("vgpu-security-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def lib_in(built: rl.Built, directory: Path, name: str = "librobustmark.so", mode: int = 0o644,

@@ -28,17 +28,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import robustlib as rl
 
-FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
+FAST = rl.FAST
 SECONDS = float(os.environ.get("VGPU_TEST_SOAK_SECONDS", "10"))
 RSS_TOLERANCE_KB = 2048  # RSS after the run minus RSS after the warm-up
 RSS_TREND_KB = 512  # growth over the second half of the run: no trend, a plateau
@@ -51,16 +49,6 @@ STOP_LIMIT = 2.0
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def built() -> rl.Built:
-    return rl.build()
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    d = rl.public_dir("vgpu-soak-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _status(pid: int | str) -> dict[str, str]:
