@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import fake_systemctl
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -342,31 +343,6 @@ def test_nothing_configured() -> None:
 # --unit, against a fake systemctl
 
 
-def fake_systemctl(bindir: Path, units: dict[str, dict[str, Any]], fail: str = "") -> None:
-    bindir.mkdir(parents=True, exist_ok=True)
-    data = bindir / "units.json"
-    data.write_text(json.dumps(units))
-    script = bindir / "systemctl"
-    script.write_text(f"""#!{sys.executable}
-import json, sys
-if {fail!r}:
-    sys.stderr.write({fail!r} + "\\n")
-    sys.exit(1)
-units = json.load(open({str(data)!r}))
-args = sys.argv[1:]
-if not args or args[0] != "show":
-    sys.exit("fake systemctl: only 'show'")
-name = args[-1]
-props = units.get(name) or units.get(name + ".service")
-if props is None:
-    print("Id=" + name)
-    print("LoadState=not-found")
-    sys.exit(0)
-for key, value in props.items():
-    for v in (value if isinstance(value, list) else [value]):
-        print(f"{{key}}={{v}}")
-""")
-    script.chmod(0o755)
 
 
 def _exec(argv: str) -> str:
@@ -380,7 +356,7 @@ SYSTEM_SERVICE = ("_llseek accept accept4 access brk capget clone clone3 close e
 
 
 def _unit_env(tmp_path: Path, units: dict[str, dict[str, Any]], fail: str = "") -> dict[str, str]:
-    fake_systemctl(tmp_path / "bin", units, fail)
+    fake_systemctl.install(tmp_path / "bin", units, fail)
     return _env({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
 
 

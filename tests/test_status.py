@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fake_systemctl
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,29 +253,6 @@ def _cgroup2_root() -> str | None:
     return None
 
 
-def fake_systemctl(bindir: Path, units: dict[str, dict[str, str]]) -> None:
-    """A systemctl on PATH that answers `show` for ``units`` (property name -> value)."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    data = bindir / "units.json"
-    data.write_text(json.dumps(units))
-    script = bindir / "systemctl"
-    script.write_text(f"""#!{sys.executable}
-import json, sys
-units = json.load(open({str(data)!r}))
-args = sys.argv[1:]
-if not args or args[0] != "show":
-    sys.exit("fake systemctl: only 'show'")
-name = args[-1]
-props = units.get(name) or units.get(name + ".service")
-if props is None:
-    print("Id=" + name)
-    print("LoadState=not-found")
-    sys.exit(0)
-for key, value in props.items():
-    for v in (value if isinstance(value, list) else [value]):
-        print(f"{{key}}={{v}}")
-""")
-    script.chmod(0o755)
 
 
 def test_unit_cgroup_finds_escaped_process(built: dict[str, str], tmp_path: Path) -> None:
@@ -291,7 +269,7 @@ def test_unit_cgroup_finds_escaped_process(built: dict[str, str], tmp_path: Path
         with open(f"{root}{cg}/cgroup.procs", "w") as f:
             f.write("0")
 
-    fake_systemctl(tmp_path / "bin", {"demo.service": {
+    fake_systemctl.install(tmp_path / "bin", {"demo.service": {
         "Id": "demo.service", "LoadState": "loaded", "ActiveState": "active",
         "ControlGroup": cg, "ExecStart": f"{{ path={LAUNCHER} ; argv[]={LAUNCHER} --preload "
         f"{built['lib']} -- sh -c x ; ignore_errors=no ; start_time=[n/a] }}",
