@@ -70,7 +70,7 @@ CONFIG_TEXT: dict[str, str] = {
 TABLE_KEYS = ("env", "force_env")
 
 # Subcommands that are dispatched before the main parser runs.  Where the
-# program provides their parsers (vgpu_launch.diagnostics.build_parser(NAME)),
+# program provides their parsers (vgpu_launch.diagnostics.commands.build_parser(NAME)),
 # their options are rendered from them; otherwise this summary is shown.
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("[\\fB\\-\\-preload\\fR \\fIPATH\\fR] [\\fB\\-\\-unit\\fR \\fINAME\\fR] "
@@ -112,7 +112,7 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
     """The parsers of the subcommands, where vgpu_launch.diagnostics provides them:
     ``build_parser(NAME)``, or else ``_NAME_parser()``."""
     try:
-        from vgpu_launch import diagnostics
+        from vgpu_launch.diagnostics import commands as diagnostics
     except ImportError:
         return {}
     parsers = {}

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "bin" / "vgpu-launch"
 sys.path.insert(0, str(REPO))
 
-from vgpu_launch import libcheck  # noqa: E402
+from vgpu_launch.diagnostics import libcheck  # noqa: E402
 
 SHIM = "int vgpu_test_shim_marker(void) { return 1; }\n"
 ABORTS = "#include <stdlib.h>\n__attribute__((constructor)) static void boom(void) { abort(); }\n"

@@ -180,7 +180,7 @@ def test_acl_granting_write_to_another_user(built: rl.Built, pub: Path) -> None:
 
 
 def test_lib_token_checks_the_expanded_file(built: rl.Built, pub: Path) -> None:
-    from vgpu_launch import libcheck
+    from vgpu_launch.diagnostics import libcheck
 
     values = libcheck.token_values(8)
     if values is None:

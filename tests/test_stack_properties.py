@@ -1,5 +1,5 @@
-"""Property tests of the initial-stack rebuilder (vgpu_launch/stack.py) and of the environment
-merge (vgpu_launch/policy.py), with hypothesis.
+"""Property tests of the initial-stack rebuilder (vgpu_launch/trace/stack.py) and of the environment
+merge (vgpu_launch/trace/policy.py), with hypothesis.
 
 1. Synthetic stacks, laid out as the kernel's create_elf_tables does (strings at the top, then
    the execfn string and a NULL word; below the strings the platform string and AT_RANDOM bytes;
@@ -29,9 +29,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vgpu_launch import preload, stack
 from vgpu_launch.config import Config
-from vgpu_launch.policy import LD_PRELOAD, Decision, Plan, Policy, apply, apply_to_entries, plan
+from vgpu_launch.trace import preload, stack
+from vgpu_launch.trace.policy import (
+    LD_PRELOAD,
+    Decision,
+    Plan,
+    Policy,
+    apply,
+    apply_to_entries,
+    plan,
+)
 
 AT_PAGESZ, AT_PHDR, AT_BASE, AT_PLATFORM, AT_HWCAP = 6, 3, 7, 15, 16
 AT_SECURE, AT_RANDOM, AT_EXECFN, AT_SYSINFO_EHDR = 23, 25, 31, 33

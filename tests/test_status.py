@@ -313,7 +313,7 @@ def test_unit_without_systemctl(tmp_path: Path) -> None:
 
 def test_launcher_recognised() -> None:
     sys.path.insert(0, str(REPO))
-    from vgpu_launch.status import launcher_args
+    from vgpu_launch.diagnostics.status import launcher_args
 
     code = "import sys\ndel sys.argv[1]\nfrom vgpu_launch.cli import main\nmain()\n"
     cases = {

@@ -16,9 +16,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vgpu_launch import libcheck, verify  # noqa: E402
-from vgpu_launch.injector import Outcome  # noqa: E402
-from vgpu_launch.policy import Decision  # noqa: E402
+from vgpu_launch.diagnostics import libcheck, verify  # noqa: E402
+from vgpu_launch.trace.injector import Outcome  # noqa: E402
+from vgpu_launch.trace.policy import Decision  # noqa: E402
 
 SLEEPER = r"""
 #include <stdlib.h>

@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in ("doctor", "status"):
-            from . import diagnostics
+            from .diagnostics import commands as diagnostics
 
             sys.exit(diagnostics.main(args[0], args[1:]))
         options, command = split_command(args)

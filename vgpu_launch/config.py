@@ -14,7 +14,7 @@ from typing import Any
 
 from . import security
 from .errors import ConfigError
-from .policy import Policy
+from .trace.policy import Policy
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -26,15 +26,16 @@ from typing import Any, NoReturn
 
 import prctl
 
-from . import __version__, forwarding, libcheck, log, procfs
+from . import __version__, forwarding, log, procfs
 from .command import execve, resolve
 from .config import Config
+from .diagnostics import libcheck
 from .errors import EXIT_CANNOT_TRACE, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, LaunchError
-from .injector import Outcome
-from .policy import Decision, apply, plan
-from .ptracelib import PtraceError, ptrace
 from .sigstate import SignalState
-from .tracer import Tracer
+from .trace.injector import Outcome
+from .trace.policy import Decision, apply, plan
+from .trace.ptracelib import PtraceError, ptrace
+from .trace.tracer import Tracer
 
 _VERIFIABLE = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
 FAULT_VAR = "VGPU_LAUNCH_TEST_FAULT"  # "exec:N": raise inside the tracer at the Nth exec
@@ -115,7 +116,7 @@ class Launcher:
         self._cmd_stopped = 0  # the signal CMD's leader is group-stopped for, 0: running
         self._job_stop_at: float | None = None
         # verify.Verifier: proof that the library really got mapped (its own daemon thread)
-        from .verify import Verifier
+        from .diagnostics.verify import Verifier
 
         self.verifier: Any = Verifier(cfg.preload, self.log) if cfg.preload else None
 

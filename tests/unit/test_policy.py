@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vgpu_launch.policy import Decision, Policy, apply, plan
+from vgpu_launch.trace.policy import Decision, Policy, apply, plan
 
 SHIM = b"/usr/lib/libvgpu.so"
 POLICY = Policy(

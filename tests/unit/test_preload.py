@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vgpu_launch import preload
+from vgpu_launch.trace import preload
 
 lib = st.text(alphabet="abcxyz/._-$", min_size=1, max_size=12).map(str.encode)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from ..ptracelib import getregset, setregset
+from ..trace.ptracelib import getregset, setregset
 
 PRSTATUS64_SIZE = 34 * 8
 PRSTATUS32_SIZE = 18 * 4

@@ -6,7 +6,7 @@ segment selector tells them apart (0x23: 32-bit user code, 0x33: 64-bit).
 
 from __future__ import annotations
 
-from ..ptracelib import peekuser, pokeuser
+from ..trace.ptracelib import peekuser, pokeuser
 
 # Offsets in struct user_regs_struct (arch/x86/include/asm/user_64.h).
 CS_OFFSET = 17 * 8

@@ -12,8 +12,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from . import preload, security
-from .errors import ConfigError
+from .. import security
+from ..errors import ConfigError
+from ..trace import preload
 
 ET_DYN = 3
 _MACHINES = {3: "i386", 62: "x86_64", 40: "arm", 183: "aarch64"}

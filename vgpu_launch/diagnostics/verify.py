@@ -31,7 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import libcheck, preload
+from ..trace import preload
+from . import libcheck
 
 # Checks at these times (seconds) after the exec stop. Most programs are through ld.so within a
 # millisecond; a check stops early once glibc's libc is mapped (ld.so maps LD_PRELOAD objects

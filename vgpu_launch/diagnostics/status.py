@@ -27,7 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from . import preload, verify
+from ..trace import preload
+from . import verify
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
 _COMMAND_WIDTH = 72
@@ -179,9 +180,9 @@ def cgroup_members(cgroup: str) -> set[int]:
 def preload_of_launcher(pid: int, args: Sequence[str]) -> tuple[list[str], str] | None:
     """What a vgpu-launch process guarantees: its --preload options, else VGPU_LAUNCH_PRELOAD
     or LD_PRELOAD from its environment."""
-    from .cli import split_command
-    from .diagnostics import cli_values
-    from .errors import LaunchError
+    from ..cli import split_command
+    from ..errors import LaunchError
+    from .commands import cli_values
 
     try:
         values, _config = cli_values(split_command(list(args))[0])
@@ -311,7 +312,7 @@ def _readlink(path: str) -> str:
 
 
 def _ids_differ(pid: int) -> bool | None:
-    from . import procfs
+    from .. import procfs
 
     uid = procfs.status_field(pid, "Uid")
     gid = procfs.status_field(pid, "Gid")

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from .config import Config, load
-from .errors import LaunchError
+from ..config import Config, load
+from ..errors import LaunchError
 
 EXIT_USAGE = 2
 
@@ -146,7 +146,7 @@ def launcher_argv(argv: Sequence[str]) -> list[str] | None:
 
 def cli_values(options: Sequence[str]) -> tuple[dict[str, Any], str | None]:
     """vgpu-launch's command-line options as config.load's ``cli`` mapping, and --config."""
-    from . import cli
+    from .. import cli
 
     parser = cli.build_parser()
     parser.__class__ = cli._Parser
@@ -181,7 +181,7 @@ def effective_config(preload: list[str] | None, config_path: str | None,
         for argv in unit.exec_start:
             args = launcher_argv(argv)
             if args is not None:
-                from .cli import split_command
+                from ..cli import split_command
 
                 options, _ = split_command(args)
                 try:

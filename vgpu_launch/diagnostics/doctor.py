@@ -25,11 +25,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from . import libcheck, preload, procfs, security, verify
-from . import ptracelib as pt
-from .config import DEFAULT_CONFIG, KEYS, Config
-from .diagnostics import Effective, Unit, UnitError, effective_config, launcher_argv, load_unit
-from .errors import ConfigError
+from .. import procfs, security
+from ..config import DEFAULT_CONFIG, KEYS, Config
+from ..errors import ConfigError
+from ..trace import preload
+from ..trace import ptracelib as pt
+from . import libcheck, verify
+from .commands import Effective, Unit, UnitError, effective_config, launcher_argv, load_unit
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CAP_SYS_PTRACE = 19
@@ -129,7 +131,7 @@ def trace_child() -> tuple[bool, str, dict[str, Any]]:
             return False, f"the traced child stopped unexpectedly (wait status {status:#x})", facts
         steps = ["PTRACE_SEIZE", "exec stop"]
         try:
-            from . import arch
+            from .. import arch
 
             arch.read_sp(pid)
             steps.append("registers")

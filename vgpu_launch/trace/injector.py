@@ -15,7 +15,8 @@ import resource
 import time
 from dataclasses import dataclass
 
-from . import arch, stack
+from .. import arch
+from . import stack
 from .policy import Decision, Plan, Policy, apply_to_entries, plan
 from .ptracelib import PtraceError
 
