@@ -12,12 +12,11 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from ..config import Config, load
-from ..errors import LaunchError
-
-EXIT_USAGE = 2
+from ..errors import EXIT_USAGE, LaunchError
+from ..options import parse_launcher_known, split_command, subcommand_parser
 
 UNIT_PROPERTIES = (
     "Id", "LoadState", "ActiveState", "FragmentPath", "DropInPaths", "Type", "ExecStart",
@@ -144,16 +143,6 @@ def launcher_argv(argv: Sequence[str]) -> list[str] | None:
     return None
 
 
-def cli_values(options: Sequence[str]) -> tuple[dict[str, Any], str | None]:
-    """vgpu-launch's command-line options as config.load's ``cli`` mapping, and --config."""
-    from .. import cli
-
-    parser = cli.build_parser()
-    parser.__class__ = cli._Parser
-    ns, _unknown = parser.parse_known_args(list(options))
-    return cli._cli_values(ns), ns.config
-
-
 @dataclass
 class Effective:
     """The configuration vgpu-launch would run with, and where each value came from."""
@@ -181,11 +170,9 @@ def effective_config(preload: list[str] | None, config_path: str | None,
         for argv in unit.exec_start:
             args = launcher_argv(argv)
             if args is not None:
-                from ..cli import split_command
-
                 options, _ = split_command(args)
                 try:
-                    cli, unit_config = cli_values(options)
+                    cli, unit_config = parse_launcher_known(options)
                 except LaunchError as exc:
                     return Effective(None, f"ExecStart of {unit.name}: {exc}", where)
                 config_path = config_path or unit_config
@@ -210,61 +197,15 @@ def effective_config(preload: list[str] | None, config_path: str | None,
 # the command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise LaunchError(f"{self.prog}: {message} (see {self.prog} --help)", EXIT_USAGE)
-
-
-def _doctor_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="vgpu-launch doctor",
-        description="Check everything that would make vgpu-launch or the preload library fail "
-        "here: ptrace, each preload library, the configuration in effect, a systemd unit. "
-        "One line per check: ok/warn/fail, what, why, how to fix. Exit status 0 only when "
-        "nothing fails.",
-    )
-    p.add_argument("--preload", action="append", metavar="PATH",
-                   help="library to check (repeatable; default: the configuration in effect)")
-    p.add_argument("--unit", metavar="NAME",
-                   help="also check this systemd unit (its ExecStart, KillMode, NotifyAccess, "
-                   "drop-ins, hardening, User=, Environment=)")
-    p.add_argument("--config", metavar="PATH", help="configuration file to read")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    return p
-
-
-def _status_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="vgpu-launch status",
-        description="Which processes really have the preload libraries mapped: one line per "
-        "process of the tree under PID (default: every vgpu-launch process's tree; --unit: the "
-        "unit's cgroup). Exit status 0 when every process has every library, 1 when one does "
-        "not, 2 when there is nothing to look at.",
-    )
-    p.add_argument("pid", nargs="?", type=int, metavar="PID")
-    p.add_argument("--unit", metavar="NAME", help="the processes of this systemd unit")
-    p.add_argument("--preload", action="append", metavar="PATH",
-                   help="library to look for (repeatable; default: the configuration, else "
-                   "what the vgpu-launch process found was given)")
-    p.add_argument("--config", metavar="PATH", help="configuration file to read")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    return p
-
-
-def build_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of subcommand ``name`` ("doctor" or "status"; KeyError otherwise)."""
-    return {"doctor": _doctor_parser, "status": _status_parser}[name]()
-
-
 def main(name: str, args: Sequence[str]) -> int:
     try:
         if name == "doctor":
-            ns = _doctor_parser().parse_args(list(args))
+            ns = subcommand_parser(name).parse_args(list(args))
             from . import doctor
 
             return doctor.run(ns.preload, ns.unit, ns.config, ns.format)
         if name == "status":
-            ns = _status_parser().parse_args(list(args))
+            ns = subcommand_parser(name).parse_args(list(args))
             if ns.pid is not None and ns.unit:
                 raise LaunchError("vgpu-launch status: give PID or --unit, not both", EXIT_USAGE)
             return _status(ns)

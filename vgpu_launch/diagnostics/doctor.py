@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 from .. import procfs, security
-from ..config import DEFAULT_CONFIG, KEYS, Config
+from ..config import Config
 from ..errors import ConfigError
+from ..options import DEFAULT_CONFIG, SETTINGS
 from ..trace import preload
 from ..trace import ptracelib as pt
 from . import libcheck, verify
@@ -278,11 +279,11 @@ def check_config(checks: Checks, eff: Effective, preload_given: bool) -> Config 
     else:
         checks.add(OK, "config: file", f"none ({DEFAULT_CONFIG} does not exist): command line "
                    "and environment only")
-    for key in KEYS:
+    for key in SETTINGS:
         if key in cfg.sources:
             value = getattr(cfg, key)
             checks.add(OK, f"config: {key}", f"{_show(value)} (from {cfg.sources[key]})")
-    defaults = [k for k in KEYS if k not in cfg.sources]
+    defaults = [k for k in SETTINGS if k not in cfg.sources]
     if defaults:
         checks.add(OK, "config: defaults", ", ".join(defaults))
     if not cfg.preload:

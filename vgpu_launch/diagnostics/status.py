@@ -180,12 +180,11 @@ def cgroup_members(cgroup: str) -> set[int]:
 def preload_of_launcher(pid: int, args: Sequence[str]) -> tuple[list[str], str] | None:
     """What a vgpu-launch process guarantees: its --preload options, else VGPU_LAUNCH_PRELOAD
     or LD_PRELOAD from its environment."""
-    from ..cli import split_command
     from ..errors import LaunchError
-    from .commands import cli_values
+    from ..options import parse_launcher_known, split_command
 
     try:
-        values, _config = cli_values(split_command(list(args))[0])
+        values, _config = parse_launcher_known(split_command(list(args))[0])
     except (LaunchError, SystemExit):
         values = {}
     libs = list(values.get("preload") or [])
