@@ -175,6 +175,7 @@ def load(
     """
     cfg = Config()
     layers: list[tuple[str, dict[str, Any]]] = []
+    source_file = ""  # the file's label in sources ("file PATH"), if one is read
 
     path = config_path or environ.get(CONFIG_OPTION.env) or None
     if path or os.path.exists(DEFAULT_CONFIG):
@@ -182,7 +183,8 @@ def load(
         cfg.config_file = path
         insecure = SETTINGS["allow_insecure"].env
         override = bool(cli.get("allow_insecure")) or _bool(environ.get(insecure, ""), insecure)
-        layers.append((f"file {path}", read_file(path, allow_insecure=override)))
+        source_file = f"file {path}"
+        layers.append((source_file, read_file(path, allow_insecure=override)))
 
     from_env: dict[str, Any] = {}
     for key, opt in SETTINGS.items():
@@ -197,7 +199,8 @@ def load(
     for source, values in layers:
         for key, value in values.items():
             where = source if source != "environment" else SETTINGS[key].env
-            value = _check(key, value, where)
+            # an error names the file the way read_file's own errors do
+            value = _check(key, value, f"configuration {where}" if where == source_file else where)
             if SETTINGS[key].kind is Kind.ASSIGNMENTS:
                 value = {**getattr(cfg, key), **value}  # per name: a higher source wins
             setattr(cfg, key, value)
