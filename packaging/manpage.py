@@ -120,7 +120,8 @@ EXIT_STATUS: Sequence[tuple[str, str]] = (
                   "seen for CMD; as PID 1 of a PID namespace it exits with 128 + the signal "
                   "number instead."),
     ("2", "Usage or configuration error, or an unusable preload library."),
-    ("125", "vgpu-launch cannot run CMD here (for example, ptrace is refused)."),
+    ("125", "vgpu-launch cannot run CMD here (for example, ptrace is refused, or a Python "
+            "module it needs is missing: \\fB\\-\\-version\\fR names it)."),
     ("126", "CMD was found but is not executable."),
     ("127", "CMD was not found."),
 )

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import sigstate
+from . import deps, sigstate
 from .config import load
 from .errors import EXIT_CANNOT_TRACE, LaunchError
 from .options import SUBCOMMANDS, parse_launcher, split_command
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         cfg = load(values, os.environ, config_path=config_path)
         if not command:
             raise LaunchError("no command given: vgpu-launch [OPTIONS] -- CMD [ARG...]")
+        deps.require()
         # structlog, prctl and ptrace are imported only for a run, not for doctor or status
         from . import log
 
@@ -50,5 +51,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
             EXIT_CANNOT_TRACE,
         )
+    except ModuleNotFoundError as exc:
+        dep = deps.by_module(exc.name)
+        if dep is None:
+            raise
+        _die(deps.missing_message([dep]), EXIT_CANNOT_TRACE)
     except KeyboardInterrupt:  # pragma: no cover - signals are blocked once CMD runs
         _die("interrupted", 130)

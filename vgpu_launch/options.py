@@ -7,7 +7,7 @@ one name. The parser, ``split_command``, the command-line values handed to ``con
 the configuration keys (``SETTINGS``) and the manual page are all derived from this table:
 adding an option means adding one entry here (and describing it in the docs).
 
-A leaf module: it imports nothing of vgpu_launch but ``errors``.
+A leaf module: it imports nothing of vgpu_launch but ``errors`` and ``deps`` (for --version).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import enum
 import re
+import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import __version__
-from .errors import EXIT_USAGE, ConfigError, LaunchError
+from . import deps
+from .errors import EXIT_CANNOT_TRACE, EXIT_USAGE, ConfigError, LaunchError
 
 PROG = "vgpu-launch"
 DEFAULT_CONFIG = "/etc/vgpu-launch/vgpu-launch.conf"
@@ -128,7 +129,12 @@ OPTIONS: tuple[Option, ...] = (
         help="accept preload libraries and configuration files that users other "
         "than root or the file's owner can write",
     ),
-    Option("version", Kind.VERSION, help="show program's version number and exit"),
+    Option(
+        "version",
+        Kind.VERSION,
+        help="show the versions of vgpu-launch, Python, python-ptrace, python-prctl and "
+        "structlog, and where vgpu-launch is installed; exit status 125 if one is missing",
+    ),
 )
 
 # The settings by configuration key.
@@ -179,64 +185,92 @@ environment, `env -i`, Go's os/exec) gets them back before its first instruction
 with the --env variables. Every exec is logged as a structured decision on stderr.
 """
 
-_SPELLING = {
-    Kind.PATHS: "paths separated by ':' or spaces",
-    Kind.ASSIGNMENTS: "NAME=VALUE separated by spaces",
-    Kind.BOOL: "1/0",
-}
+
+def _file_key(opt: Option) -> str:
+    """How the configuration file sets ``opt``, as an example."""
+    value = opt.metavar or (opt.choices[0] if opt.choices else "")
+    if opt.kind is Kind.PATHS:
+        return f'{opt.name} = ["{value}", ...]'
+    if opt.kind is Kind.ASSIGNMENTS:
+        return f'[{opt.name}] NAME = "VALUE"'
+    if opt.kind is Kind.BOOL:
+        return f"{opt.name} = true"
+    return f'{opt.name} = "{value}"'
 
 
-def _environment_text() -> str:
-    """The variables, grouped by how their values are written."""
-    items: list[str] = []
-    group: list[str] = []
-    for i, opt in enumerate(OPTIONS):
-        if opt.kind is Kind.VERSION:
-            continue
-        group.append(opt.env)
-        nxt = OPTIONS[i + 1] if i + 1 < len(OPTIONS) else None
-        if nxt is not None and nxt.kind is opt.kind and opt.kind in _SPELLING:
-            continue
-        names = " and ".join(group) if len(group) < 3 else ", ".join(group)
-        if opt.kind is Kind.CONFIG:
-            names += f" (the configuration file; default {DEFAULT_CONFIG})"
-        elif opt.kind in _SPELLING:
-            names += f" ({_SPELLING[opt.kind]})"
-        items.append(names)
-        group = []
-    return textwrap.fill(
-        ", ".join(items),
-        width=94,
-        initial_indent="  ",
-        subsequent_indent="  ",
-        break_on_hyphens=False,
-    )
+def _settings_text() -> str:
+    """Each setting's three spellings, one line each: --help lists the file's keys too."""
+    rows = [("option", "environment variable", "configuration file")]
+    rows += [(o.flag, o.env, _file_key(o)) for o in SETTINGS.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
+
+
+def _subcommands_text() -> str:
+    out = []
+    for build in SUBCOMMANDS.values():
+        sub = build()
+        usage = " ".join(sub.format_usage().split()).removeprefix("usage: ")
+        usage = usage.replace(" [-h]", "")
+        summary = (sub.description or "").split(": ", 1)[0].split(". ", 1)[0]
+        for text, first in ((usage, "  "), (summary, "      ")):
+            out.append(
+                textwrap.fill(
+                    text,
+                    width=94,
+                    initial_indent=first,
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
+            )
+    return "\n".join(out)
 
 
 def _epilog() -> str:
     return f"""\
 subcommands:
-  vgpu-launch doctor [--preload PATH] [--unit NAME] [--format json]
-                        check this host: ptrace, preload libraries, configuration, a unit
-  vgpu-launch status [PID | --unit NAME] [--format json]
-                        which processes of a tree really have the preload mapped
+{_subcommands_text()}
 
-environment variables (below the command line, above the configuration file):
-{_environment_text()}
+settings: each is an option, an environment variable and a key of the configuration file
+(TOML; {CONFIG_OPTION.flag} PATH or {CONFIG_OPTION.env}, default {DEFAULT_CONFIG}). The
+command line wins over the variable, the variable over the file. In a variable, paths are
+separated by ':' or spaces, NAME=VALUE pairs by spaces, and booleans are 1/0 (or true/false).
+{_settings_text()}
 
 exit status:
   CMD's own exit status; if CMD is killed by a signal, vgpu-launch dies of the same signal
   (128+N when it is PID 1). 2: bad command line, configuration or preload library;
-  125: vgpu-launch cannot run CMD here (e.g. ptrace refused); 126: CMD is not executable;
-  127: CMD not found.
+  125: vgpu-launch cannot run CMD here (ptrace refused, or a Python module it needs is
+  missing: see --version); 126: CMD is not executable; 127: CMD not found.
 """
+
+
+class _Version(argparse.Action):
+    """--version: the versions this copy runs with (deps.version_report), like pip's."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        text, works = deps.version_report()
+        if works:
+            sys.stdout.write(text + "\n")
+            parser.exit(0)
+        parser.exit(EXIT_CANNOT_TRACE, text + "\n")
 
 
 def _add(parser: argparse.ArgumentParser, opt: Option) -> None:
     if opt.kind is Kind.VERSION:
-        parser.add_argument(
-            opt.flag, action="version", version=f"{PROG} {__version__}", help=opt.help
-        )
+        parser.add_argument(opt.flag, action=_Version, help=opt.help)
     elif opt.kind is Kind.BOOL:
         # default None: "not given", so that a lower source's value stands
         parser.add_argument(opt.flag, action="store_true", default=None, help=opt.help)

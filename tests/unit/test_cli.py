@@ -107,3 +107,13 @@ def test_subcommand_errors_name_the_subcommand(name: str) -> None:
     assert str(err.value).startswith(f"vgpu-launch {name}: unrecognized arguments: --frobnicate")
     assert f"(see vgpu-launch {name} --help)" in str(err.value)
     assert err.value.code == 2
+
+
+def test_help_lists_every_setting_with_its_variable_and_file_key() -> None:
+    """--help shows, for each setting, its option, environment variable and configuration
+    file key on one line: what doctor's hint for a bad configuration points at."""
+    text = build_parser().format_help()
+    for opt in SETTINGS.values():
+        key = f"[{opt.name}] " if opt.kind is Kind.ASSIGNMENTS else f"{opt.name} = "
+        lines = [ln for ln in text.splitlines() if ln.split()[:2] == [opt.flag, opt.env]]
+        assert len(lines) == 1 and key in lines[0], (opt.name, text)

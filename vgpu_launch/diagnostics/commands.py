@@ -7,7 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import EXIT_USAGE, LaunchError
+from .. import deps
+from ..errors import EXIT_CANNOT_TRACE, EXIT_USAGE, LaunchError
 from ..options import subcommand_parser
 from .effective import effective_config
 from .systemd import Unit, UnitError, load_unit
@@ -17,6 +18,7 @@ def main(name: str, args: Sequence[str]) -> int:
     try:
         if name == "doctor":
             ns = subcommand_parser(name).parse_args(list(args))
+            deps.require(f"vgpu-launch {name}")  # the ptrace probe imports python-ptrace
             from . import doctor
 
             return doctor.run(ns.preload, ns.unit, ns.config, ns.format)
@@ -30,6 +32,12 @@ def main(name: str, args: Sequence[str]) -> int:
         return exc.code
     except BrokenPipeError:
         return 0
+    except ModuleNotFoundError as exc:  # one the up-front check could not foresee
+        dep = deps.by_module(exc.name)
+        if dep is None:
+            raise
+        sys.stderr.write(f"vgpu-launch {name}: {deps.missing_message([dep])}\n")
+        return EXIT_CANNOT_TRACE
     sys.stderr.write(f"vgpu-launch: unknown subcommand {name}\n")
     return EXIT_USAGE
 
