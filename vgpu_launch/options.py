@@ -301,7 +301,7 @@ def _doctor_parser() -> SubcommandParser:
         prog=f"{PROG} doctor",
         description="Check everything that would make vgpu-launch or the preload library fail "
         "here: ptrace, each preload library, the configuration in effect, a systemd unit. "
-        "One line per check: ok/warn/fail, what, why, how to fix. Exit status 0 only when "
+        "One line per check: ok/note/warn/fail, what, why, how to fix. Exit status 0 only when "
         "nothing fails.",
     )
     p.add_argument(
@@ -317,6 +317,20 @@ def _doctor_parser() -> SubcommandParser:
         "drop-ins, hardening, User=, Environment=)",
     )
     p.add_argument("--config", metavar="PATH", help="configuration file to read")
+    p.add_argument(
+        "--check",
+        action="append",
+        metavar="PROGRAM",
+        help="a program the service runs (a path, or a name looked up on PATH): its word size "
+        "and linking; a library without a build for its word size is a warning, not a note "
+        "(repeatable; the CMD of --unit's ExecStart is checked too)",
+    )
+    p.add_argument(
+        "--show-values",
+        action="store_true",
+        help="show the values of --env, --force-env and [env] variables (default: names only, "
+        "as they may be secrets)",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
     return p
 

@@ -21,7 +21,15 @@ def main(name: str, args: Sequence[str]) -> int:
             deps.require(f"vgpu-launch {name}")  # the ptrace probe imports python-ptrace
             from . import doctor
 
-            return doctor.run(ns.preload, ns.unit, ns.config, ns.format)
+            request = doctor.Request(
+                preload=ns.preload,
+                unit=ns.unit,
+                config=ns.config,
+                check=ns.check or [],
+                show_values=ns.show_values,
+                format=ns.format,
+            )
+            return doctor.run(request)
         if name == "status":
             ns = subcommand_parser(name).parse_args(list(args))
             if ns.pid is not None and ns.unit:

@@ -34,6 +34,7 @@ UNIT_PROPERTIES = (
     "SystemCallArchitectures",
     "NoNewPrivileges",
     "CapabilityBoundingSet",
+    "AmbientCapabilities",
     "ProtectKernelTunables",
     "PrivateDevices",
     "ProtectProc",

@@ -12,7 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ... import security
@@ -21,7 +21,8 @@ from ...errors import ConfigError
 from ...trace import preload
 from .. import libcheck, verify
 from ..systemd import Unit
-from .result import FAIL, OK, WARN, Checks
+from .programs import Program
+from .result import FAIL, NOTE, OK, WARN, Checks
 
 _LOAD_TIMEOUT = 10.0
 
@@ -122,7 +123,15 @@ def _loader32() -> str | None:
     return entry[0] if entry and os.path.exists(entry[0]) else None
 
 
-def check_library(checks: Checks, lib: str, source: str, user: ServiceUser, cfg: Config) -> None:
+def check_library(
+    checks: Checks,
+    lib: str,
+    source: str,
+    user: ServiceUser,
+    cfg: Config,
+    programs: Sequence[Program] = (),
+) -> None:
+    """``programs``: those found to run under vgpu-launch (programs.check_programs)."""
     what = f"library {lib}"
     try:
         # who may change the file is its own check below
@@ -162,12 +171,25 @@ def check_library(checks: Checks, lib: str, source: str, user: ServiceUser, cfg:
             )
             if not why.startswith("/"):
                 why = f"{lib} {why}"
-            checks.add(
-                WARN,
-                f"{what}: {word * 8}-bit",
-                f"{word * 8}-bit programs will run without it: {why}",
-                hint,
-            )
+            # Most hosts run only 64-bit programs: a missing 32-bit build matters only where a
+            # program of that size was found.
+            users = [p for p in programs if p.word == word and not p.static]
+            if users:
+                checks.add(
+                    WARN,
+                    f"{what}: {word * 8}-bit",
+                    f"{word * 8}-bit programs will run without it: {why}; "
+                    f"found {word * 8}-bit: {', '.join(p.describe() for p in users)}",
+                    hint,
+                )
+            else:
+                checks.add(
+                    NOTE,
+                    f"{what}: {word * 8}-bit",
+                    f"{word * 8}-bit programs would run without it: {why}; no {word * 8}-bit "
+                    "program was found (the unit's ExecStart, --check PROGRAM)",
+                    hint,
+                )
 
     trusted = {0, user.uid} if user.known else {0}
     problems: list[str] = []

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import pwd
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 from ... import procfs
 from ...trace import ptracelib as pt
 from ..systemd import Unit
-from .result import FAIL, OK, WARN, Checks
+from .result import FAIL, NOTE, OK, WARN, Checks
 
 CAP_SYS_PTRACE = 19
 WALL = 0x40000000
@@ -214,6 +215,53 @@ def check_ptrace(checks: Checks, unit: Unit | None) -> None:
         + ": not needed to trace one's own children; needed only with "
         "kernel.yama.ptrace_scope = 2, or to reach children that switch to another user",
     )
+    check_setuid(checks, unit, has_cap)
+
+
+def _unit_has_ptrace_cap(unit: Unit) -> tuple[str, bool]:
+    """(the unit's user, whether vgpu-launch gets CAP_SYS_PTRACE there): root keeps it unless
+    CapabilityBoundingSet= drops it; another user has it only through AmbientCapabilities=."""
+    user = unit.get("User") or "root"
+    bounding = unit.get("CapabilityBoundingSet").lower().split()
+    ambient = unit.get("AmbientCapabilities").lower().split()
+    if user in ("root", "0"):
+        return user, not bounding or "cap_sys_ptrace" in bounding
+    return user, "cap_sys_ptrace" in ambient
+
+
+def check_setuid(checks: Checks, unit: Unit | None, has_cap: bool) -> None:
+    """What happens to setuid and file-capability programs under the tracer: the kernel
+    grants their privileges at exec only if the tracer has CAP_SYS_PTRACE."""
+    if unit is None:
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = str(os.geteuid())
+        who = f"vgpu-launch, run as {user} here,"
+    else:
+        user, has_cap = _unit_has_ptrace_cap(unit)
+        who = f"vgpu-launch, run as {user} by unit {unit.name},"
+    if has_cap:
+        checks.add(
+            OK,
+            "ptrace: setuid programs",
+            f"{who} has CAP_SYS_PTRACE: setuid and file-capability programs of the tree keep "
+            "their privileges (and run without the preload: ld.so ignores LD_PRELOAD for them)",
+        )
+    else:
+        checks.add(
+            NOTE,
+            "ptrace: setuid programs",
+            f"{who} lacks CAP_SYS_PTRACE"
+            + (
+                " (root has it, unless a bounding set drops it)"
+                if user not in ("root", "0")
+                else ""
+            )
+            + ": setuid and file-capability programs of the tree (sudo, ping, ...) run without "
+            "their privileges, as the kernel grants none at exec under a tracer without it",
+            "run vgpu-launch as root if the service needs such programs to work",
+        )
 
 
 def _ptrace_diagnosis(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from typing import IO
 
 from ...errors import EXIT_PROBLEM_FOUND
@@ -12,34 +13,46 @@ from ..effective import effective_config
 from ..systemd import Unit, UnitError, load_unit
 from .configuration import check_config
 from .library import check_library, service_user
+from .programs import check_programs
 from .ptrace_probe import check_ptrace
-from .result import FAIL, WARN, Checks
+from .result import FAIL, NOTE, WARN, Checks
 from .unit import check_unit
 
 
-def collect(
-    preload_given: list[str] | None, unit_name: str | None, config_path: str | None
-) -> Checks:
+@dataclass(frozen=True)
+class Request:
+    """What ``vgpu-launch doctor`` was asked (its options)."""
+
+    preload: list[str] | None = None  # --preload: check these instead of the configuration's
+    unit: str | None = None
+    config: str | None = None
+    check: list[str] = field(default_factory=list)  # --check PROGRAM
+    show_values: bool = False
+    format: str = "text"
+
+
+def collect(request: Request) -> Checks:
     checks = Checks()
     unit: Unit | None = None
-    if unit_name:
+    if request.unit:
         try:
-            unit = load_unit(unit_name)
+            unit = load_unit(request.unit)
         except UnitError as exc:
             checks.add(
                 FAIL,
-                f"unit {unit_name}",
+                f"unit {request.unit}",
                 str(exc),
                 "run doctor where systemd runs the unit (as root, or with permission to query it)",
             )
     check_ptrace(checks, unit)
-    eff = effective_config(preload_given, config_path, unit)
-    cfg = check_config(checks, eff, bool(preload_given))
+    eff = effective_config(request.preload, request.config, unit)
+    cfg = check_config(checks, eff, bool(request.preload), request.show_values)
+    programs = check_programs(checks, request.check, unit)
     if cfg is not None:
         user = service_user(unit)
         for lib in cfg.preload:
             try:
-                check_library(checks, lib, cfg.sources.get("preload", ""), user, cfg)
+                check_library(checks, lib, cfg.sources.get("preload", ""), user, cfg, programs)
             except Exception as exc:  # one broken check must not hide the others
                 checks.add(FAIL, f"library {lib}", f"the check itself failed: {exc}")
     if unit is not None:
@@ -48,7 +61,7 @@ def collect(
             file = verify.expand(lib, 8)
             if file:
                 libs[lib] = file
-        check_unit(checks, unit, libs)
+        check_unit(checks, unit, libs, request.show_values)
     return checks
 
 
@@ -61,19 +74,15 @@ def render_text(checks: Checks, out: IO[str]) -> None:
         out.write(line + "\n")
     fails = sum(c.status is FAIL for c in checks)
     warns = sum(c.status is WARN for c in checks)
-    out.write(f"{fails} failed, {warns} warnings, {len(checks) - fails - warns} ok\n")
+    notes = sum(c.status is NOTE for c in checks)
+    oks = len(checks) - fails - warns - notes
+    out.write(f"{fails} failed, {warns} warnings, {notes} notes, {oks} ok\n")
 
 
-def run(
-    preload_given: list[str] | None,
-    unit_name: str | None,
-    config_path: str | None,
-    fmt: str,
-    out: IO[str] | None = None,
-) -> int:
+def run(request: Request, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    checks = collect(preload_given, unit_name, config_path)
-    if fmt == "json":
+    checks = collect(request)
+    if request.format == "json":
         json.dump({"checks": [c.to_json() for c in checks], "ok": not checks.failed}, out, indent=2)
         out.write("\n")
     else:

@@ -8,11 +8,15 @@ import shutil
 
 from ..effective import launcher_argv
 from ..systemd import Unit
+from .configuration import hide_values
 from .result import FAIL, OK, WARN, Checks
 
 
-def check_unit(checks: Checks, unit: Unit, libs: dict[str, str] | None = None) -> None:
-    """``libs``: preload library -> a file it expands to, for the sandbox settings."""
+def check_unit(
+    checks: Checks, unit: Unit, libs: dict[str, str] | None = None, show_values: bool = False
+) -> None:
+    """``libs``: preload library -> a file it expands to, for the sandbox settings;
+    ``show_values``: show --env/--force-env values in ExecStart (else only their names)."""
     u = f"unit {unit.name}"
     frag = unit.get("FragmentPath") or "(no unit file)"
     checks.add(OK, u, f"{unit.get('LoadState', '?')}, {unit.get('ActiveState', '?')}, from {frag}")
@@ -28,7 +32,9 @@ def check_unit(checks: Checks, unit: Unit, libs: dict[str, str] | None = None) -
         exe = argv[0]
         usable = os.access(exe, os.X_OK) if exe.startswith("/") else shutil.which(exe)
         if usable:
-            checks.add(OK, f"{u}: ExecStart", " ".join(argv))
+            args = launcher_argv(argv) or []
+            shown = argv if show_values else [*argv[: len(argv) - len(args)], *hide_values(args)]
+            checks.add(OK, f"{u}: ExecStart", " ".join(shown))
         else:
             checks.add(
                 FAIL,
