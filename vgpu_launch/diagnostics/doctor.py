@@ -443,6 +443,7 @@ def check_library(checks: Checks, lib: str, source: str, user: ServiceUser,
 
     trusted = {0, user.uid} if user.known else {0}
     problems: list[str] = []
+    outside = False  # a path of a user outside this user namespace: chown cannot help there
     for file in dict.fromkeys(result.files.values()):
         try:
             found = security.find_problem(file, trusted)
@@ -450,6 +451,7 @@ def check_library(checks: Checks, lib: str, source: str, user: ServiceUser,
             continue
         if found is not None:
             problems.append(found.describe())
+            outside = outside or found.outside
     if problems:
         accepted = cfg.allow_insecure
         checks.add(WARN if accepted else FAIL, f"{what}: permissions",
@@ -457,6 +459,9 @@ def check_library(checks: Checks, lib: str, source: str, user: ServiceUser,
                    f"every process of the service (as {user.name})"
                    + (f"; accepted with allow_insecure (from {cfg.sources.get('allow_insecure')})"
                       if accepted else "; vgpu-launch refuses it"),
+                   "make it not writable by others where it comes from (chmod go-w PATH on the "
+                   "host, or in the image): nobody in this user namespace can change it"
+                   if outside else
                    f"make it and every directory above it owned by root (or {user.name}) and "
                    "not writable by others (chown root: PATH; chmod go-w PATH)")
     else:
