@@ -28,7 +28,8 @@ if [ ! -x .venv/bin/python ]; then
   $PY -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  "pytest>=7.2" "hypothesis>=6.36" "pexpect>=4.8" mypy ruff "tomli; python_version<'3.11'"
+  "pytest>=7.2" "hypothesis>=6.36" "pexpect>=4.8" mypy ruff "tomli; python_version<'3.11'" \
+  kubernetes-validate
 if [ ! -x .venv-pypi/bin/python ]; then
   $PY -m venv .venv-pypi
 fi
