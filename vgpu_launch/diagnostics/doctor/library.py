@@ -193,6 +193,7 @@ def check_library(
 
     trusted = {0, user.uid} if user.known else {0}
     problems: list[str] = []
+    outside = False  # a path of a user outside this user namespace: chown cannot help there
     for file in dict.fromkeys(result.files.values()):
         try:
             found = security.find_problem(file, trusted)
@@ -200,6 +201,7 @@ def check_library(
             continue
         if found is not None:
             problems.append(found.describe())
+            outside = outside or found.outside
     if problems:
         accepted = cfg.allow_insecure
         checks.add(
@@ -212,7 +214,10 @@ def check_library(
                 if accepted
                 else "; vgpu-launch refuses it"
             ),
-            f"make it and every directory above it owned by root (or {user.name}) and "
+            "make it not writable by others where it comes from (chmod go-w PATH on the "
+            "host, or in the image): nobody in this user namespace can change it"
+            if outside
+            else f"make it and every directory above it owned by root (or {user.name}) and "
             "not writable by others (chown root: PATH; chmod go-w PATH)",
         )
     else:
