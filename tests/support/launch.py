@@ -1,25 +1,29 @@
-"""Plumbing shared by the robustness tests (test_faults, test_strict, test_security, test_soak,
-test_config_errors, test_stack_properties); independent of conftest.py.
+"""Running vgpu-launch as users do, through ``bin/vgpu-launch``, and reading what it logged.
 
-- ``build()``: compiles tests/robust_programs into a world-readable directory under /tmp (tests
-  run some processes as ``nobody``), once per source hash.
-- ``launch()``: runs ``bin/vgpu-launch --log-format json ...`` inside ``rtool reap`` (a child
-  subreaper, so that nothing is ever left to a PID 1 that does not reap) in a session of its
-  own, with a time limit; afterwards it checks that no process of that session is left, and
-  kills (by pid) and reports any that is.
-- ``Tree``: the same for tests that act on the tree while it runs (freeze the tracer, kill it).
+- ``run(args)``: runs ``vgpu-launch --log-format json ARGS`` to the end inside ``rtool reap`` (a
+  child subreaper, so that nothing is ever left to a PID 1 that does not reap) in a session of
+  its own, with a time limit; afterwards it checks that no process of that session is left
+  (killing, by pid, and reporting any that is).  Returns a ``LaunchResult``.
+- ``Tree(args)``: the same in the background, for tests that act on the tree while it runs
+  (freeze the tracer, kill it); ``tree.wait()`` gives the ``LaunchResult``.
+- ``started(argv, tmp_path)``: any command line (``launch_argv(...)``, or a shell around it) as a
+  direct child of the test, in a session or process group of its own, so that the test sees
+  its wait status as a shell or systemd would (stops included).
+- ``clean_env(updates)``: the environment every one of them starts from.
+
+``user="nobody"`` runs vgpu-launch as nobody, from a copy of bin/ and vgpu_launch/ that nobody
+can read, with Debian's /usr/bin/python3.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import functools
-import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -29,98 +33,35 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
-REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "tests" / "robust_programs"
+import pytest
+
+from support import REPO, build, procs
+
 LAUNCHER = REPO / "bin" / "vgpu-launch"
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike an interpreter under /root
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
 
-# name -> (compiler argv prefix, source, extra flags)
-_PROGRAMS: dict[str, tuple[list[str], str, list[str]]] = {
-    "rprobe": (["gcc"], "rprobe.c", []),
-    "rprobe32": (["gcc", "-m32"], "rprobe.c", []),
-    "rtool": (["gcc"], "rtool.c", ["-pthread"]),
-    "soak": (["gcc"], "soak.c", ["-pthread"]),
-    "librobustmark.so": (["gcc"], "librobustmark.c", ["-shared", "-fPIC"]),
-}
+Arg = str | os.PathLike[str]
+S = TypeVar("S", bound="Started")
 
 
-class Built(dict[str, str]):
-    def __getattr__(self, name: str) -> str:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+def clean_env(updates: Mapping[str, str | None] | None = None, /, **more: str | None
+              ) -> dict[str, str]:
+    """This environment without LD_PRELOAD, VGPU_TEST_*, PYTEST_* and vgpu-launch's settings
+    (VGPU_LAUNCH_*, which it would refuse or obey), updated (a value of None removes).
 
-
-def build() -> Built:
-    sources = sorted(SRC.glob("*.c"))
-    digest = hashlib.sha256()
-    for src in sources:
-        digest.update(src.name.encode() + b"\0" + src.read_bytes())
-    digest.update(repr(_PROGRAMS).encode())
-    out = Path(tempfile.gettempdir()) / f"vgpu-robust-{os.getuid()}-{digest.hexdigest()[:12]}"
-    lock = out.with_suffix(".lock")
-    with open(lock, "w") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
-        built = Built(dir=str(out), lib=str(out / "librobustmark.so"))
-        if not (out / ".done").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-            for name, (cc, source, flags) in _PROGRAMS.items():
-                cmd = [*cc, "-O2", "-Wall", "-o", str(tmp / name), str(SRC / source), *flags]
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                if proc.returncode != 0 and name != "rprobe32":
-                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-            (tmp / ".done").touch()
-            os.chmod(tmp, 0o755)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        for name in _PROGRAMS:
-            if (out / name).exists():
-                built[name.replace(".", "_")] = str(out / name)
-        return built
-
-
-# Run vgpu-launch with the interpreter running the tests (it has the packages; saves a lookup).
-FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
-
-
-def reap_status(out: str) -> int:
-    """The status ``rtool reap`` printed for its child (negative: killed by that signal)."""
-    m = re.search(r"^reap status=(-?\d+)$", out, re.M)
-    assert m, out
-    return int(m.group(1))
-
-
-def all_threads_traced(pid: int) -> bool:
-    """Whether every thread of ``pid`` has a tracer (strace -p attaches them one by one)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        return bool(tasks) and all(
-            "TracerPid:\t0\n" not in Path(f"/proc/{pid}/task/{t}/status").read_text()
-            for t in tasks
-        )
-    except OSError:
-        return False
-
-
-def public_dir(prefix: str) -> Path:
-    """A fresh directory that ``nobody`` can read and enter (pytest's tmp_path cannot)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    os.chmod(d, 0o755)
-    return d
-
-
-def clean_env(updates: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    VGPU_LAUNCH_PYTHON, the interpreter bin/vgpu-launch runs, is kept, or set to the one running
+    the tests (it has the packages). PYTHONPATH names the checkout, for ``python -m
+    vgpu_launch`` (bin/vgpu-launch itself runs Python with -E)."""
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "LD_PRELOAD" and not k.startswith("VGPU_LAUNCH_") and not k.startswith("PYTEST")
+        k: v for k, v in os.environ.items()
+        if k != "LD_PRELOAD" and not k.startswith(("VGPU_TEST_", "PYTEST_", "VGPU_LAUNCH_"))
     }
-    for k, v in (updates or {}).items():
+    env["VGPU_LAUNCH_PYTHON"] = os.environ.get("VGPU_LAUNCH_PYTHON", sys.executable)
+    env["PYTHONPATH"] = str(REPO)
+    for k, v in [*(updates or {}).items(), *more.items()]:
         if v is None:
             env.pop(k, None)
         else:
@@ -128,158 +69,11 @@ def clean_env(updates: Mapping[str, str | None] | None = None) -> dict[str, str]
     return env
 
 
-# ---- /proc ----------------------------------------------------------------------------------
-
-
-def stat_fields(pid: int | str) -> list[str] | None:
-    """Fields of /proc/PID/stat from the state on (index 0 = state), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].decode().split()
-
-
-def state(pid: int | str) -> str | None:
-    fields = stat_fields(pid)
-    return fields[0] if fields else None
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        fields = stat_fields(name)
-        if fields and int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(name))
-    return out
-
-
-def session_tids(sid: int, exclude: Sequence[int] = ()) -> set[int]:
-    """Every thread of every live process of session ``sid`` (processes in ``exclude`` left
-    out)."""
-    tids: set[int] = set()
-    for pid in session_pids(sid):
-        if pid in exclude:
-            continue
-        with contextlib.suppress(OSError):
-            tids.update(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    return tids
-
-
-def stopped(pids: Sequence[int]) -> dict[int, str]:
-    """The processes (any of their threads) in a stopped state, t or T."""
-    out = {}
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            st = state(f"{pid}/task/{tid}")
-            if st in ("t", "T"):
-                out[int(tid)] = st
-    return out
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.005) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def kill_session(sid: int) -> list[int]:
-    """SIGKILL every process left in session ``sid`` (one by one, by pid); return them."""
-    left: list[int] = []
-    for _ in range(50):
-        pids = session_pids(sid)
-        if not pids:
-            break
-        for pid in pids:
-            if pid not in left:
-                left.append(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
-    return left
-
-
-# ---- running vgpu-launch ----------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    returncode: int  # vgpu-launch's: exit code, or -N for death by signal N
-    stdout: bytes
-    stderr: str
-    argv: list[str]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)  # stderr lines that are not JSON events
-
-    def __post_init__(self) -> None:
-        for line in self.stderr.splitlines():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = None
-            if isinstance(ev, dict) and "event" in ev:
-                self.events.append(ev)
-            elif line:
-                self.lines.append(line)
-
-    def of(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == name]
-
-    @property
-    def end(self) -> dict[str, Any]:
-        ends = self.of("end")
-        assert len(ends) == 1, self.describe()
-        return ends[0]
-
-    def execs(self, exe_suffix: str = "") -> list[dict[str, Any]]:
-        return [e for e in self.of("exec") if str(e.get("exe", "")).endswith(exe_suffix)]
-
-    @property
-    def out(self) -> str:
-        return self.stdout.decode(errors="replace")
-
-    def describe(self, tail: int = 40) -> str:
-        err = self.stderr.splitlines()
-        return (
-            f"argv: {self.argv}\nreturncode: {self.returncode}\nstdout: {self.out[-3000:]}\n"
-            f"stderr (last {tail} lines):\n" + "\n".join(line[:1500] for line in err[-tail:])
-        )
-
-
-def _decode_status(raw: int) -> int:
-    if os.WIFEXITED(raw):
-        return os.WEXITSTATUS(raw)
-    if os.WIFSIGNALED(raw):
-        return -os.WTERMSIG(raw)
-    return 1000 + raw
-
-
 @functools.cache
 def public_launcher() -> Path:
     """A copy of bin/ and vgpu_launch/ that ``nobody`` can run: the checkout itself may sit
     in a directory only root can enter."""
-    root = public_dir("vgpu-robust-launcher-")
+    root = build.public_dir("vgpu-launch-tests-launcher-")
     atexit.register(shutil.rmtree, root, True)
     shutil.copytree(REPO / "bin", root / "bin")
     shutil.copytree(
@@ -290,148 +84,249 @@ def public_launcher() -> Path:
     return root / "bin" / "vgpu-launch"
 
 
-def launcher_argv(
-    built: Built, args: Sequence[str], *, user: str | None = None, log_format: str = "json"
-) -> list[str]:
-    prefix = NOBODY if user == "nobody" else []
-    launcher = public_launcher() if user == "nobody" else LAUNCHER
-    fmt = ["--log-format", log_format] if log_format else []
-    return [*prefix, str(launcher), *fmt, *args]
+def launcher_argv(args: Sequence[Arg], *, user: str | None = None,
+                  log_format: str | None = "json", module: bool = False) -> list[str]:
+    """``vgpu-launch [--log-format FORMAT] ARGS``: through bin/vgpu-launch (a copy that nobody
+    can read, with ``user``), or with ``module`` as ``python -m vgpu_launch``."""
+    words = [os.fspath(a) for a in args]
+    options = words[: words.index("--")] if "--" in words else words
+    fmt: list[str] = []
+    if log_format and not any(a == "--log-format" or a.startswith("--log-format=")
+                              for a in options):
+        fmt = ["--log-format", log_format]
+    if module:
+        head = [os.environ.get("VGPU_LAUNCH_PYTHON", sys.executable), "-m", "vgpu_launch"]
+    elif user == "nobody":
+        head = [*NOBODY, str(public_launcher())]
+    else:
+        head = [str(LAUNCHER)]
+    return [*head, *fmt, *words]
 
 
-def launch(
-    built: Built,
-    args: Sequence[str],
-    *,
-    env: Mapping[str, str | None] | None = None,
-    timeout: float = 60,
-    user: str | None = None,
-    input: bytes | None = None,
-    log_format: str = "json",
-) -> Run:
-    """Run vgpu-launch to the end; assert that nothing of its session is left behind."""
-    updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
-    updates.update(env or {})
-    argv = launcher_argv(built, args, user=user, log_format=log_format)
-    with tempfile.NamedTemporaryFile(prefix="vgpu-robust-status-") as sf:
-        proc = subprocess.Popen(
-            [built.rtool, "reap", "-s", sf.name, *argv],
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=clean_env(updates),
-            start_new_session=True,
-        )
-        try:
-            out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            left = kill_session(proc.pid)
-            out, err = proc.communicate()
-            raise AssertionError(
-                f"vgpu-launch did not finish within {timeout}s; killed {left}\n"
-                + Run(-1, out, err.decode(errors="replace"), argv).describe()
-            ) from None
-        raw = Path(sf.name).read_text().strip()
-    left = kill_session(proc.pid)
-    run = Run(_decode_status(int(raw)) if raw else -1000, out, err.decode(errors="replace"), argv)
-    assert not left, f"processes left behind: {left}\n{run.describe()}"
-    return run
+def launch_argv(lib: Arg, *cmd: Arg, options: Sequence[str] = (),
+                module: bool = False) -> list[str]:
+    """``vgpu-launch --log-format json --preload LIB [OPTIONS] -- CMD...``."""
+    return launcher_argv(["--preload", lib, *options, "--", *cmd], module=module)
 
 
-class Tree:
-    """vgpu-launch running in the background (inside ``rtool reap``, in its own session)."""
+# ---- what vgpu-launch said --------------------------------------------------------------------
 
-    def __init__(
-        self,
-        built: Built,
-        args: Sequence[str],
-        *,
-        env: Mapping[str, str | None] | None = None,
-        user: str | None = None,
-        stdin: Any = subprocess.DEVNULL,
-        stderr_path: str | None = None,
-    ) -> None:
-        self.built = built
-        # Closed in close(): the tree outlives this constructor.
-        self.status_file = tempfile.NamedTemporaryFile(prefix="vgpu-robust-status-")  # noqa: SIM115
-        self._err = (
-            open(stderr_path, "w+b")  # noqa: SIM115
-            if stderr_path
-            else tempfile.TemporaryFile(prefix="vgpu-robust-stderr-")  # noqa: SIM115
-        )
-        updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
-        updates.update(env or {})
-        self.argv = launcher_argv(built, args, user=user)
-        self.proc = subprocess.Popen(
-            [built.rtool, "reap", "-s", self.status_file.name, *self.argv],
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            env=clean_env(updates),
-            start_new_session=True,
-        )
-        self.sid = self.proc.pid
-        self._launcher = 0
+PROBE_RE = re.compile(
+    r"^probe pid=(?P<pid>\d+) LD_PRELOAD=(?P<preload>.*) VGPU_TEST_DEVICES=(?P<devices>\S*) "
+    r"marker=(?P<marker>[01])$"
+)
+
+
+def parse_probes(stdout: str) -> list[dict[str, Any]]:
+    """The lines of tests/programs/probe.c in some output, as dicts (pid, preload, devices,
+    marker)."""
+    found = []
+    for line in stdout.splitlines():
+        m = PROBE_RE.match(line)
+        if m:
+            found.append({"pid": int(m["pid"]), "preload": m["preload"],
+                          "devices": m["devices"], "marker": int(m["marker"])})
+    return found
+
+
+def preload_entries(value: str) -> list[str]:
+    """LD_PRELOAD's entries (ld.so accepts ':' and spaces as separators)."""
+    return [e for e in re.split(r"[: ]+", value) if e]
+
+
+def reap_status(stdout: str) -> int:
+    """The status ``rtool reap`` (as CMD) printed for its child (negative: killed by that
+    signal)."""
+    m = re.search(r"^reap status=(-?\d+)$", stdout, re.M)
+    assert m, stdout
+    return int(m.group(1))
+
+
+def _same_file(a: Any, b: Arg) -> bool:
+    if not a:
+        return False
+    try:
+        return os.path.realpath(str(a)) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class LaunchResult:
+    """A finished vgpu-launch: its status, its output, and its log split into events."""
+
+    argv: list[str]
+    returncode: int  # vgpu-launch's exit code, or -N for death by signal N
+    stdout: str
+    stderr: str
+    events: list[dict[str, Any]] = field(default_factory=list)  # the JSON lines of stderr
+    lines: list[str] = field(default_factory=list)  # the other lines (the programs' own)
+
+    def __post_init__(self) -> None:
+        for line in self.stderr.splitlines():
+            ev = None
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    ev = json.loads(line)
+            if isinstance(ev, dict) and "event" in ev:
+                self.events.append(ev)
+            else:
+                self.lines.append(line)
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        """The events called ``name``."""
+        return [e for e in self.events if e["event"] == name]
 
     @property
-    def launcher(self) -> int:
-        """vgpu-launch's pid (``setpriv`` and ``bin/vgpu-launch`` exec, so it is reap's child)."""
-        if not self._launcher:
-            self._launcher = wait_for(
-                lambda: (children(self.sid) or [0])[0], 10, "vgpu-launch to start"
-            )
-            # bin/vgpu-launch is a shell script that execs python: wait for the exec.
-            wait_for(
-                lambda: "python" in Path(f"/proc/{self._launcher}/comm").read_text()
-                or len(os.listdir(f"/proc/{self._launcher}/task")) > 1,
-                10,
-                "vgpu-launch's interpreter",
-            )
-        return self._launcher
+    def end(self) -> dict[str, Any]:
+        """The end event (there must be exactly one)."""
+        ends = self.of("end")
+        assert len(ends) == 1, self.describe()
+        return ends[0]
 
-    def tracer_ready(self, timeout: float = 10) -> None:
-        """Wait until the tracer thread exists (vgpu-launch has two threads)."""
-        wait_for(
-            lambda: len(os.listdir(f"/proc/{self.launcher}/task")) >= 2, timeout, "tracer thread"
+    def execs(self, exe_suffix: str = "") -> list[dict[str, Any]]:
+        """exec events of programs whose path ends with ``exe_suffix``."""
+        return [e for e in self.of("exec") if str(e.get("exe", "")).endswith(exe_suffix)]
+
+    def exec_events(self, exe: Arg | None = None, pid: int | None = None,
+                    decision: str | None = None) -> list[dict[str, Any]]:
+        """exec events, optionally only those of program ``exe`` / process ``pid`` / decision.
+
+        A program matches by the event's ``exe`` or, failing that, its ``argv[0]`` (both compared
+        after resolving symlinks)."""
+        found = []
+        for ev in self.of("exec"):
+            if pid is not None and ev.get("pid") != pid:
+                continue
+            if decision is not None and ev.get("decision") != decision:
+                continue
+            if exe is not None:
+                argv0 = (ev.get("argv") or [None])[0]
+                if not (_same_file(ev.get("exe"), exe) or _same_file(argv0, exe)):
+                    continue
+            found.append(ev)
+        return found
+
+    @property
+    def probes(self) -> list[dict[str, Any]]:
+        """The lines of tests/programs/probe.c on stdout."""
+        return parse_probes(self.stdout)
+
+    def describe(self, tail: int = 60) -> str:
+        """For assertion messages: the command, status, and the ends of its output."""
+        out = "\n".join(self.stdout.splitlines()[-tail:])
+        err = "\n".join(line[:1500] for line in self.stderr.splitlines()[-tail:])
+        return (
+            f"\n$ {' '.join(self.argv)}\nexit status {self.returncode}\n"
+            f"--- stdout (last {tail} lines)\n{out}\n--- stderr (last {tail} lines)\n{err}"
         )
 
-    def freeze(self) -> None:
-        """Stop vgpu-launch (tracer thread included): tracees that reach a ptrace stop stay
-        there, unseen, until ``thaw``."""
-        os.kill(self.launcher, signal.SIGSTOP)
-        wait_for(
-            lambda: all(
-                state(f"{self.launcher}/task/{t}") in ("T", "t", None)
-                for t in os.listdir(f"/proc/{self.launcher}/task")
-            ),
-            10,
-            "vgpu-launch to stop",
+
+# ---- a command in the background --------------------------------------------------------------
+
+
+class Lines:
+    """Lines of a pipe, read without blocking past a deadline; everything read is kept in
+    ``data``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.data = b""
+        self.buf = b""
+        self.lines: list[str] = []
+        self.seen: list[str] = []  # lines passed over by expect()
+        self.eof = False
+
+    def _fill(self, timeout: float) -> None:
+        r, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if not r:
+            return
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            self.eof = True
+            return
+        self.data += chunk
+        self.buf += chunk
+        *done, self.buf = self.buf.split(b"\n")
+        self.lines.extend(d.decode(errors="replace") for d in done)
+
+    def expect(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """Wait for a line (from the first unread one on) matching ``pattern``; return the
+        match. Lines before it stay read."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.lines:
+                line = self.lines.pop(0)
+                m = rx.search(line)
+                if m:
+                    return m
+                self.seen.append(line)
+            if self.eof or time.monotonic() > deadline:
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s; "
+                            f"read: {self.seen[-20:]!r}")
+            self._fill(deadline - time.monotonic())
+
+    def read_to_end(self, timeout: float = 20.0) -> bool:
+        """Read until the end of the stream; whether it ended within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self._fill(deadline - time.monotonic())
+        return self.eof
+
+    def rest(self, timeout: float = 20.0) -> list[str]:
+        """Every line not yet read, up to the end of the stream."""
+        if not self.read_to_end(timeout):
+            pytest.fail(f"the stream did not end within {timeout} s")
+        out, self.lines = self.lines, []
+        if self.buf:
+            out.append(self.buf.decode(errors="replace"))
+            self.buf = b""
+        return out
+
+    def poll_lines(self, duration: float) -> list[str]:
+        """What arrives within ``duration`` seconds (for checking that nothing more comes)."""
+        deadline = time.monotonic() + duration
+        while not self.eof and time.monotonic() < deadline:
+            self._fill(deadline - time.monotonic())
+        out, self.lines = self.lines, []
+        return out
+
+
+def _decode_status(raw: int) -> int:
+    if os.WIFEXITED(raw):
+        return os.WEXITSTATUS(raw)
+    if os.WIFSIGNALED(raw):
+        return -os.WTERMSIG(raw)
+    return 1000 + raw
+
+
+class Started:
+    """A command started in the background: ``proc`` (stdin and stdout pipes unless told
+    otherwise), ``out`` (its stdout, by lines), ``stderr()`` (what it wrote to its stderr, a
+    file).  ``close()`` kills its process group and its children."""
+
+    def __init__(self, argv: Sequence[Arg], *, env: Mapping[str, str] | None = None,
+                 cwd: Arg | None = None, new_session: bool = True, stdin: Any = subprocess.PIPE,
+                 stderr_path: Arg | None = None, **popen: Any) -> None:
+        self.argv = [os.fspath(a) for a in argv]
+        # Closed in close(): the process outlives this constructor.
+        self._err: IO[bytes] = (
+            open(stderr_path, "w+b")  # noqa: SIM115
+            if stderr_path is not None
+            else tempfile.TemporaryFile(prefix="vgpu-launch-tests-stderr-")  # noqa: SIM115
         )
+        group: dict[str, Any] = ({"start_new_session": True} if new_session
+                                 else {"process_group": 0})
+        self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE,
+                                     stderr=self._err, env=dict(env or clean_env()), cwd=cwd,
+                                     **group, **popen)
+        assert self.proc.stdout is not None
+        self.out = Lines(self.proc.stdout.fileno())
 
-    def thaw(self) -> None:
-        os.kill(self.launcher, signal.SIGCONT)
-
-    def pids(self) -> list[int]:
-        return session_pids(self.sid)
-
-    def tree_pids(self) -> list[int]:
-        """The processes of CMD's tree: the session without reap and vgpu-launch."""
-        return [p for p in self.pids() if p not in (self.sid, self.launcher)]
-
-    def wait(self, timeout: float = 60) -> Run:
-        try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            left = kill_session(self.sid)
-            self.proc.communicate()
-            raise AssertionError(
-                f"did not finish within {timeout}s; killed {left}\n{self.stderr()[-4000:]}"
-            ) from None
-        raw = Path(self.status_file.name).read_text().strip()
-        left = kill_session(self.sid)
-        run = Run(_decode_status(int(raw)) if raw else -1000, out, self.stderr(), self.argv)
-        assert not left, f"processes left behind: {left}\n{run.describe()}"
-        return run
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stderr(self) -> str:
         self._err.flush()
@@ -439,15 +334,42 @@ class Tree:
             f.seek(0)
             return f.read().decode(errors="replace")
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            kill_session(self.sid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.communicate(timeout=10)
-        self._err.close()
-        self.status_file.close()
+    def close_stdin(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
 
-    def __enter__(self) -> Tree:
+    def wait_status(self, timeout: float = 30.0) -> int:
+        """The raw wait status, as a parent (a shell, systemd) sees it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.proc.returncode = _decode_status(status)
+                return status
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.argv[0]} did not exit within {timeout} s; stderr:\n"
+                            f"{self.stderr()[-3000:]}")
+            time.sleep(0.005)
+
+    def _kill(self) -> None:
+        leftovers = procs.children(self.proc.pid)
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in (self.proc.pid, *leftovers):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self._kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
+        self._err.close()
+
+    def __enter__(self: S) -> S:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -455,24 +377,125 @@ class Tree:
 
 
 @contextlib.contextmanager
-def fifo(directory: Path, name: str = "go") -> Iterator[Path]:
-    path = directory / name
-    os.mkfifo(path, 0o666)
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+def started(argv: Sequence[Arg], tmp_path: Path, *, env: Mapping[str, str] | None = None,
+            new_session: bool = True, cwd: Arg | None = None, **popen: Any) -> Iterator[Started]:
+    """Start ``argv`` (stdin and stdout pipes, stderr to a file in ``tmp_path``) in a session of
+    its own (or, ``new_session`` false, a process group of its own in this session: not
+    orphaned, so that stop signals act); kill its process group and its children at the end."""
+    err = tmp_path / f"stderr-{time.monotonic_ns()}"
+    with Started(argv, env=env, cwd=cwd, new_session=new_session, stderr_path=err,
+                 **popen) as run:
+        yield run
 
 
-def release(fifo_path: Path) -> None:
-    """Unblock an ``rtool event`` waiting on ``fifo_path``."""
-    fd = os.open(fifo_path, os.O_WRONLY)
-    try:
-        os.write(fd, b"g")
-    finally:
-        os.close(fd)
+class Tree(Started):
+    """vgpu-launch running in the background inside ``rtool reap``, in a session of its own;
+    ``wait()`` checks that nothing of the session is left behind."""
+
+    def __init__(self, args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
+                 user: str | None = None, stdin: Any = subprocess.DEVNULL,
+                 stderr_path: Arg | None = None, log_format: str | None = "json",
+                 cwd: Arg | None = None) -> None:
+        updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
+        updates.update(env or {})
+        # Closed in close(): the tree outlives this constructor.
+        self.status_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="vgpu-launch-tests-status-")
+        self.launch_argv = launcher_argv(args, user=user, log_format=log_format)
+        super().__init__([build_rtool(), "reap", "-s", self.status_file.name, *self.launch_argv],
+                         env=clean_env(updates), cwd=cwd, stdin=stdin, stderr_path=stderr_path)
+        self.sid = self.proc.pid
+        self._launcher = 0
+
+    @property
+    def launcher(self) -> int:
+        """vgpu-launch's pid (``setpriv`` and ``bin/vgpu-launch`` exec, so it is reap's child)."""
+        if not self._launcher:
+            self._launcher = procs.wait_for("vgpu-launch to start",
+                                            lambda: (procs.children(self.sid) or [0])[0], 10)
+            # bin/vgpu-launch is a shell script that execs python: wait for the exec.
+            procs.wait_for(
+                "vgpu-launch's interpreter",
+                lambda: "python" in Path(f"/proc/{self._launcher}/comm").read_text()
+                or len(os.listdir(f"/proc/{self._launcher}/task")) > 1,
+                10,
+            )
+        return self._launcher
+
+    def tracer_ready(self, timeout: float = 10) -> None:
+        """Wait until the tracer thread exists (vgpu-launch has two threads)."""
+        procs.wait_for("tracer thread",
+                       lambda: len(os.listdir(f"/proc/{self.launcher}/task")) >= 2, timeout)
+
+    def freeze(self) -> None:
+        """Stop vgpu-launch (tracer thread included): tracees that reach a ptrace stop stay
+        there, unseen, until ``thaw``."""
+        os.kill(self.launcher, signal.SIGSTOP)
+        procs.wait_for(
+            "vgpu-launch to stop",
+            lambda: all(
+                procs.state(f"{self.launcher}/task/{t}") in ("T", "t", None)
+                for t in os.listdir(f"/proc/{self.launcher}/task")
+            ),
+            10,
+        )
+
+    def thaw(self) -> None:
+        os.kill(self.launcher, signal.SIGCONT)
+
+    def pids(self) -> list[int]:
+        return procs.session_pids(self.sid)
+
+    def tree_pids(self) -> list[int]:
+        """The processes of CMD's tree: the session without reap and vgpu-launch."""
+        return [p for p in self.pids() if p not in (self.sid, self.launcher)]
+
+    def wait(self, timeout: float = 60) -> LaunchResult:
+        """Wait for the end of vgpu-launch's output and of reap; vgpu-launch's status and
+        output.  Fails if anything of the session is left."""
+        self.close_stdin()
+        ended = self.out.read_to_end(timeout)
+        try:
+            self.proc.wait(timeout=max(1.0, timeout) if ended else 0.1)
+        except subprocess.TimeoutExpired:
+            ended = False
+        if not ended:
+            left = procs.kill_session(self.sid)
+            raise AssertionError(
+                f"vgpu-launch did not finish within {timeout} s; killed {left}\n"
+                + self._result(-1).describe()
+            )
+        raw = Path(self.status_file.name).read_text().strip()
+        left = procs.kill_session(self.sid)
+        result = self._result(_decode_status(int(raw)) if raw else -1000)
+        assert not left, f"processes left behind: {left}\n{result.describe()}"
+        return result
+
+    def _result(self, returncode: int) -> LaunchResult:
+        return LaunchResult(self.launch_argv, returncode,
+                            self.out.data.decode(errors="replace"), self.stderr())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            procs.kill_session(self.sid)
+        super().close()
+        self.status_file.close()
 
 
-def python_for(user: str | None) -> str:
-    return SYSTEM_PYTHON if user else sys.executable
+def run(args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
+        timeout: float = 120, user: str | None = None, input: bytes | None = None,
+        log_format: str | None = "json", cwd: Arg | None = None) -> LaunchResult:
+    """Run ``vgpu-launch [--log-format json] ARGS`` to the end; check that nothing of its
+    session is left behind.  ``env`` updates ``clean_env()``."""
+    with Tree(args, env=env, user=user, log_format=log_format, cwd=cwd,
+              stdin=subprocess.DEVNULL if input is None else subprocess.PIPE) as tree:
+        if input is not None:
+            assert tree.proc.stdin is not None
+            tree.proc.stdin.write(input)
+        return tree.wait(timeout)
+
+
+@functools.cache
+def build_rtool() -> str:
+    """tests/programs/rtool (for ``rtool reap``), built once."""
+    return build.build_programs().rtool
