@@ -17,19 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fake_systemctl
 import pytest
+from support import systemctl
+from support.build import Programs
+from support.launch import LAUNCHER, clean_env
 
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER = REPO / "bin" / "vgpu-launch"
-sys.path.insert(0, str(REPO))
+from vgpu_launch.diagnostics import libcheck
 
-from vgpu_launch.diagnostics import libcheck  # noqa: E402
-
-SHIM = "int vgpu_test_shim_marker(void) { return 1; }\n"
-ABORTS = "#include <stdlib.h>\n__attribute__((constructor)) static void boom(void) { abort(); }\n"
-DEP = "int dep(void) { return 2; }\n"
-NEEDS_DEP = "int dep(void);\nint shim(void) { return dep(); }\n"
+# Whether this host has a 32-bit loader: then a 64-bit-only library is worth a warning.
+HAS32 = libcheck.token_values(4) is not None
 
 SECCOMP_WRAPPER = r'''
 """Run ARGV under a seccomp filter that makes ptrace fail with EPERM."""
@@ -66,56 +62,25 @@ os.execvp(sys.argv[1], sys.argv[1:])
 '''
 
 
-def _cc(args: list[str]) -> None:
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is needed (apt-get install gcc gcc-multilib)", pytrace=False)
-    proc = subprocess.run(["gcc", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"gcc {' '.join(args)} failed:\n{proc.stderr}", pytrace=False)
-
-
 @pytest.fixture(scope="module")
-def libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("doctor")
-    for name, src in (("shim", SHIM), ("aborts", ABORTS), ("dep", DEP), ("needs", NEEDS_DEP)):
-        (d / f"{name}.c").write_text(src)
-    so = ["-shared", "-fPIC"]
-    _cc([*so, "-o", str(d / "libshim.so"), str(d / "shim.c")])
-    _cc([*so, "-m32", "-o", str(d / "libshim32.so"), str(d / "shim.c")])
-    _cc([*so, "-o", str(d / "libaborts.so"), str(d / "aborts.c")])
-    _cc([*so, "-o", str(d / "libdep.so"), str(d / "dep.c")])
-    _cc([*so, "-o", str(d / "libneeds.so"), str(d / "needs.c"), f"-L{d}", "-ldep"])
-    (d / "libdep.so").unlink()  # the dependency is gone: ld.so will say so
-    tokens = {}
-    for word, src in ((8, "libshim.so"), (4, "libshim32.so")):
-        values = libcheck.token_values(word)
-        if values is not None:
-            (d / "tok" / values[0]).mkdir(parents=True, exist_ok=True)
-            shutil.copy(d / src, d / "tok" / values[0] / "libshim.so")
-            tokens[word] = str(d / "tok" / values[0] / "libshim.so")
-    return {"dir": str(d), "lib": str(d / "libshim.so"), "lib32": str(d / "libshim32.so"),
-            "aborts": str(d / "libaborts.so"), "needs": str(d / "libneeds.so"),
-            "token": f"{d}/tok/$LIB/libshim.so", "has32": "yes" if 4 in tokens else ""}
+def libs(programs: Programs) -> dict[str, str]:
+    """The libraries doctor looks at, by role."""
+    return {"dir": programs.dir, "lib": programs.libshim, "lib32": programs.libshim32,
+            "aborts": programs.libaborts, "needs": programs.libneeds,
+            "token": programs.shim_lib_token}
+
+
+@pytest.fixture(autouse=True)
+def _empty_config(empty_config: str) -> None:
+    EMPTY_CONFIG[0] = empty_config
 
 
 EMPTY_CONFIG = [""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _empty_config(tmp_path_factory: pytest.TempPathFactory) -> None:
-    conf = tmp_path_factory.mktemp("conf") / "empty.conf"
-    conf.write_text("")
-    EMPTY_CONFIG[0] = str(conf)
-
-
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k != "LD_PRELOAD" and not k.startswith("VGPU_LAUNCH_")}
-    if "VGPU_LAUNCH_PYTHON" in os.environ:
-        env["VGPU_LAUNCH_PYTHON"] = os.environ["VGPU_LAUNCH_PYTHON"]
-    env["VGPU_LAUNCH_CONFIG"] = EMPTY_CONFIG[0]  # no host configuration leaks into the tests
-    env.update(extra or {})
-    return env
+    # no host configuration leaks into the tests
+    return clean_env({"VGPU_LAUNCH_CONFIG": EMPTY_CONFIG[0], **(extra or {})})
 
 
 class Result:
@@ -164,6 +129,7 @@ def doctor(*args: str, env: dict[str, str] | None = None,
 
 
 def test_good_64bit_library(libs: dict[str, str]) -> None:
+    """A good 64-bit library: ptrace, the file, its permissions and its loading are ok."""
     r = doctor("--preload", libs["lib"])
     assert r.rc == 0, r.describe()
     assert r.status_of("ptrace") == "ok"
@@ -173,7 +139,7 @@ def test_good_64bit_library(libs: dict[str, str]) -> None:
     assert r.status_of(f"library {libs['lib']}: permissions") == "ok"
     loads = r.one(f"library {libs['lib']}: loads (64-bit)")
     assert loads["status"] == "ok" and "mapped" in loads["why"], r.describe()
-    if libs["has32"]:  # a 32-bit loader exists: a 64-bit-only library is worth a warning
+    if HAS32:  # a 32-bit loader exists: a 64-bit-only library is worth a warning
         w = r.one(f"library {libs['lib']}: 32-bit")
         assert w["status"] == "warn" and "$LIB" in w["fix"]
     cfg = r.one("config: preload")
@@ -181,7 +147,8 @@ def test_good_64bit_library(libs: dict[str, str]) -> None:
 
 
 def test_good_lib_token_both_word_sizes(libs: dict[str, str]) -> None:
-    if not libs["has32"]:
+    """A $LIB library with both builds covers and loads in 64- and 32-bit programs."""
+    if not HAS32:
         pytest.skip("no 32-bit loader on this host")
     r = doctor("--preload", libs["token"])
     assert r.rc == 0, r.describe()
@@ -192,6 +159,7 @@ def test_good_lib_token_both_word_sizes(libs: dict[str, str]) -> None:
 
 
 def test_text_format(libs: dict[str, str]) -> None:
+    """The text report: one line per check, then the count of failures."""
     proc = subprocess.run([str(LAUNCHER), "doctor", "--preload", libs["lib"]], env=_env(),
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -206,6 +174,7 @@ def test_text_format(libs: dict[str, str]) -> None:
 
 
 def test_missing_file(libs: dict[str, str]) -> None:
+    """A library that does not exist fails, with a fix."""
     path = f"{libs['dir']}/nothere/libshim.so"
     r = doctor("--preload", path)
     assert r.rc == 1, r.describe()
@@ -223,6 +192,7 @@ def test_wrong_machine_type(libs: dict[str, str]) -> None:
 
 
 def test_world_writable_file(libs: dict[str, str], tmp_path: Path) -> None:
+    """A world-writable library fails its permissions check (a warning when allowed)."""
     d = tmp_path / "shim"
     d.mkdir()
     d.chmod(0o755)
@@ -270,6 +240,7 @@ def test_ldso_refusal_is_reported(libs: dict[str, str]) -> None:
 
 
 def test_constructor_crash(libs: dict[str, str]) -> None:
+    """A library whose constructor crashes fails its load check, naming the signal."""
     r = doctor("--preload", libs["aborts"])
     c = r.one(f"library {libs['aborts']}: loads (64-bit)")
     assert c["status"] == "fail" and "SIGABRT" in c["why"], r.describe()
@@ -280,6 +251,7 @@ def test_constructor_crash(libs: dict[str, str]) -> None:
 
 
 def test_ptrace_refused_by_seccomp(libs: dict[str, str], tmp_path: Path) -> None:
+    """ptrace refused by a seccomp filter fails, naming seccomp and the fix."""
     wrapper = tmp_path / "noptrace.py"
     wrapper.write_text(SECCOMP_WRAPPER)
     if platform.machine() not in ("x86_64", "aarch64"):
@@ -296,6 +268,7 @@ def test_ptrace_refused_by_seccomp(libs: dict[str, str], tmp_path: Path) -> None
 
 
 def test_ptrace_refused_under_second_tracer(libs: dict[str, str]) -> None:
+    """Under another tracer (strace), ptrace fails, naming that tracer."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.fail("strace is needed for this test (apt-get install strace)", pytrace=False)
@@ -313,6 +286,7 @@ def test_ptrace_refused_under_second_tracer(libs: dict[str, str]) -> None:
 
 
 def test_configuration_sources(libs: dict[str, str], tmp_path: Path) -> None:
+    """Each setting is reported with the place it comes from."""
     conf = tmp_path / "vgpu-launch.conf"
     conf.write_text('exclude = ["nvidia-smi"]\n[env]\nCUDA_DEVICE_SM_LIMIT = "50"\n')
     r = doctor(env=_env({"VGPU_LAUNCH_PRELOAD": libs["lib"], "VGPU_LAUNCH_CONFIG": str(conf)}))
@@ -324,6 +298,7 @@ def test_configuration_sources(libs: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_bad_configuration(tmp_path: Path) -> None:
+    """A bad configuration file fails, naming the bad key."""
     conf = tmp_path / "bad.conf"
     conf.write_text("no_such_key = 1\n")
     r = doctor(env=_env({"VGPU_LAUNCH_CONFIG": str(conf)}))
@@ -333,6 +308,7 @@ def test_bad_configuration(tmp_path: Path) -> None:
 
 
 def test_nothing_configured() -> None:
+    """No preload configured anywhere fails, pointing at --preload."""
     r = doctor()
     assert r.rc == 1
     c = r.one("config: preload")
@@ -356,11 +332,12 @@ SYSTEM_SERVICE = ("_llseek accept accept4 access brk capget clone clone3 close e
 
 
 def _unit_env(tmp_path: Path, units: dict[str, dict[str, Any]], fail: str = "") -> dict[str, str]:
-    fake_systemctl.install(tmp_path / "bin", units, fail)
+    systemctl.install(tmp_path / "bin", units, fail)
     return _env({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
 
 
 def test_unit_good(libs: dict[str, str], tmp_path: Path) -> None:
+    """A well-set-up unit: every unit check is ok and the unit's settings are used."""
     envfile = tmp_path / "ollama.env"
     envfile.write_text('# shim settings\nCUDA_DEVICE_MEMORY_LIMIT_0="8g"\n')
     env = _unit_env(tmp_path, {"ollama.service": {
@@ -389,6 +366,7 @@ def test_unit_good(libs: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
+    """A unit with every setting that breaks vgpu-launch: each is named, with its fix."""
     env = _unit_env(tmp_path, {"ollama.service": {
         "Id": "ollama.service", "LoadState": "loaded", "ActiveState": "active",
         "Type": "notify", "KillMode": "control-group", "NotifyAccess": "main",
@@ -417,6 +395,7 @@ def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unit_deny_list(libs: dict[str, str], tmp_path: Path) -> None:
+    """SystemCallFilter: ptrace denied fails; allowed, or not named by a deny-list, is ok."""
     base = {"LoadState": "loaded", "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
             "KillMode": "mixed", "User": "root"}
     env = _unit_env(tmp_path, {
@@ -460,6 +439,7 @@ def test_unit_user_cannot_read(libs: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unit_not_found(libs: dict[str, str], tmp_path: Path) -> None:
+    """A unit that does not exist fails, saying not-found."""
     env = _unit_env(tmp_path, {})
     r = doctor("--unit", "nosuch", "--preload", libs["lib"], env=env)
     assert r.rc == 1
@@ -468,6 +448,7 @@ def test_unit_not_found(libs: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unit_systemctl_fails(libs: dict[str, str], tmp_path: Path) -> None:
+    """systemctl failing (no systemd): its own message is reported."""
     msg = "System has not been booted with systemd as init system (PID 1). Can't operate."
     env = _unit_env(tmp_path, {}, fail=msg)
     r = doctor("--unit", "ollama", "--preload", libs["lib"], env=env)
@@ -476,12 +457,13 @@ def test_unit_systemctl_fails(libs: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
+    """No systemctl at all: the unit check fails, saying so."""
     (tmp_path / "bin").mkdir()
     env = _env({"PATH": str(tmp_path / "bin")})
-    # bin/vgpu-launch needs sh and python3 from PATH: run the module directly
+    # bin/vgpu-launch needs sh from PATH: run the module directly (PYTHONPATH names the checkout)
     proc = subprocess.run([sys.executable, "-m", "vgpu_launch", "doctor", "--unit", "ollama",
                            "--preload", libs["lib"], "--format", "json"],
-                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 1, proc.stderr
     checks = json.loads(proc.stdout)["checks"]

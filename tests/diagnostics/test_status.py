@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,55 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fake_systemctl
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER = REPO / "bin" / "vgpu-launch"
-
-SLEEPER = r"""
-#include <stdlib.h>
-#include <unistd.h>
-int main(int argc, char **argv) { usleep(argc > 1 ? atoi(argv[1]) * 1000 : 300000); return 0; }
-"""
-SHIM = "int vgpu_test_shim_marker(void) { return 1; }\n"
-
-
-def _cc(args: list[str]) -> None:
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is needed (apt-get install gcc gcc-multilib)", pytrace=False)
-    proc = subprocess.run(["gcc", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"gcc {' '.join(args)} failed:\n{proc.stderr}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("status")
-    (d / "sleeper.c").write_text(SLEEPER)
-    (d / "shim.c").write_text(SHIM)
-    _cc(["-o", str(d / "sleeper"), str(d / "sleeper.c")])
-    _cc(["-m32", "-o", str(d / "sleeper32"), str(d / "sleeper.c")])
-    _cc(["-static", "-o", str(d / "sleeper-static"), str(d / "sleeper.c")])
-    _cc(["-shared", "-fPIC", "-o", str(d / "libshim.so"), str(d / "shim.c")])
-    return {"lib": str(d / "libshim.so"), "sleeper": str(d / "sleeper"),
-            "sleeper32": str(d / "sleeper32"), "static": str(d / "sleeper-static"),
-            "dir": str(d)}
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k != "LD_PRELOAD" and not k.startswith("VGPU_LAUNCH_")}
-    if "VGPU_LAUNCH_PYTHON" in os.environ:
-        env["VGPU_LAUNCH_PYTHON"] = os.environ["VGPU_LAUNCH_PYTHON"]
-    env.update(extra or {})
-    return env
+from support import systemctl
+from support.build import Programs
+from support.launch import LAUNCHER, clean_env
+from support.procs import children
 
 
 def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, Any, str]:
     """Run ``vgpu-launch status ARGS --format json``: (exit status, parsed JSON, stderr)."""
     proc = subprocess.run([str(LAUNCHER), "status", *args, "--format", "json"],
-                          env=env or _env(), capture_output=True, text=True, timeout=60,
+                          env=env or clean_env(), capture_output=True, text=True, timeout=60,
                           check=False)
     try:
         data = json.loads(proc.stdout)
@@ -72,19 +33,11 @@ def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, Any, str
     return proc.returncode, data, proc.stderr
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 def _descendants(pid: int) -> set[int]:
     out: set[int] = set()
     todo = [pid]
     while todo:
-        for c in _children(todo.pop()):
+        for c in children(todo.pop()):
             out.add(c)
             todo.append(c)
     return out
@@ -130,113 +83,116 @@ def _by_command(data: dict[str, Any], needle: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_tree_outside_vgpu_launch(built: dict[str, str]) -> None:
+def test_tree_outside_vgpu_launch(programs: Programs) -> None:
     """Some processes were given LD_PRELOAD by hand, some not: the ones without are found."""
-    script = (f"LD_PRELOAD={built['lib']} {built['sleeper']} 5000 & "
-              f"{built['sleeper']} 5001 & {built['static']} 5002 & wait")
-    with _running(["sh", "-c", script], env=_env()) as sh:
-        _wait_tree(sh.pid, 3, [built["sleeper"], built["static"]])
-        rc, data, err = status(str(sh.pid), "--preload", built["lib"])
+    script = (f"LD_PRELOAD={programs.libshim} {programs.sleeper} 5000 & "
+              f"{programs.sleeper} 5001 & {programs.sleeper_static} 5002 & wait")
+    with _running(["sh", "-c", script], env=clean_env()) as sh:
+        _wait_tree(sh.pid, 3, [programs.sleeper, programs.sleeper_static])
+        rc, data, err = status(str(sh.pid), "--preload", programs.libshim)
     assert rc == 1, err
-    assert data["libraries"] == [built["lib"]]
+    assert data["libraries"] == [programs.libshim]
     assert data["ok"] is False
     rows = _rows(data)
 
     shell = rows[sh.pid]
-    assert shell["mapped"] == {built["lib"]: None} and shell["counted"]
+    assert shell["mapped"] == {programs.libshim: None} and shell["counted"]
     assert "escaped" in shell["note"]
 
-    with_lib = _by_command(data, f"{built['sleeper']} 5000")[0]
-    assert with_lib["mapped"][built["lib"]] == built["lib"]
-    assert with_lib["environ_ld_preload"] == built["lib"]
+    with_lib = _by_command(data, f"{programs.sleeper} 5000")[0]
+    assert with_lib["mapped"][programs.libshim] == programs.libshim
+    assert with_lib["environ_ld_preload"] == programs.libshim
     assert with_lib["ok"] and with_lib["note"] == ""
     assert with_lib["depth"] == 1 and with_lib["ppid"] == sh.pid
 
-    without = _by_command(data, f"{built['sleeper']} 5001")[0]
-    assert without["mapped"][built["lib"]] is None and not without["ok"]
+    without = _by_command(data, f"{programs.sleeper} 5001")[0]
+    assert without["mapped"][programs.libshim] is None and not without["ok"]
     assert without["environ_ld_preload"] is None
     assert "escaped" in without["note"]
 
-    static = _by_command(data, f"{built['static']} 5002")[0]
+    static = _by_command(data, f"{programs.sleeper_static} 5002")[0]
     assert static["static"] is True and not static["counted"] and static["ok"]
     assert "static binary" in static["note"]
 
     assert sorted(data["summary"]["missing"]) == sorted([sh.pid, without["pid"]])
 
 
-def test_tree_under_vgpu_launch(built: dict[str, str], tmp_path: Path) -> None:
+def test_tree_under_vgpu_launch(programs: Programs, tmp_path: Path) -> None:
     """Every process has the library; the one started with `env -i` shows no LD_PRELOAD in
     /proc/PID/environ, and the note says why. A 32-bit program lacks the 64-bit library."""
-    script = (f"env -i {built['sleeper']} 6000 & {built['sleeper']} 6001 & wait")
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", built["lib"], "--",
+    script = (f"env -i {programs.sleeper} 6000 & {programs.sleeper} 6001 & wait")
+    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
             "sh", "-c", script]
-    with _running(argv, env=_env()) as launcher:
-        _wait_tree(launcher.pid, 3, [built["sleeper"]])
-        rc, data, err = status(str(launcher.pid), "--preload", built["lib"])
+    with _running(argv, env=clean_env()) as launcher:
+        _wait_tree(launcher.pid, 3, [programs.sleeper])
+        rc, data, err = status(str(launcher.pid), "--preload", programs.libshim)
         assert rc == 0, (err, data)
         rows = _rows(data)
         assert rows[launcher.pid]["role"] == "launcher" and not rows[launcher.pid]["counted"]
-        injected = _by_command(data, f"{built['sleeper']} 6000")[0]
-        assert injected["mapped"][built["lib"]] == built["lib"]
+        injected = _by_command(data, f"{programs.sleeper} 6000")[0]
+        assert injected["mapped"][programs.libshim] == programs.libshim
         assert injected["environ_ld_preload"] is None
         assert "injected at exec" in injected["note"]
         assert f"/proc/{injected['pid']}/environ" in injected["note"]
-        inherited = _by_command(data, f"{built['sleeper']} 6001")[0]
-        assert inherited["environ_ld_preload"] == built["lib"] and inherited["note"] == ""
+        inherited = _by_command(data, f"{programs.sleeper} 6001")[0]
+        assert inherited["environ_ld_preload"] == programs.libshim and inherited["note"] == ""
 
         # status on a single process of the tree: the libraries come from the vgpu-launch
         # process above it when neither --preload nor the configuration names them
         empty = tmp_path / "empty.conf"
         empty.write_text("")
         rc, data, err = status(str(injected["pid"]),
-                               env=_env({"VGPU_LAUNCH_CONFIG": str(empty)}))
+                               env=clean_env({"VGPU_LAUNCH_CONFIG": str(empty)}))
         assert rc == 0, err
-        assert data["libraries"] == [built["lib"]]
+        assert data["libraries"] == [programs.libshim]
         assert f"vgpu-launch pid {launcher.pid}" in data["libraries_from"]
 
         # default: every vgpu-launch process's tree, this one among them
-        rc, data, err = status("--preload", built["lib"])
+        rc, data, err = status("--preload", programs.libshim)
         assert launcher.pid in _rows(data), (err, data)
 
 
-def test_32bit_program_in_tree(built: dict[str, str]) -> None:
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", built["lib"], "--",
-            built["sleeper32"], "5000"]
-    with _running(argv, env=_env()) as launcher:
-        _wait_tree(launcher.pid, 1, [built["sleeper32"]])
-        rc, data, err = status(str(launcher.pid), "--preload", built["lib"])
+def test_32bit_program_in_tree(programs: Programs) -> None:
+    """A 32-bit program under a 64-bit-only library is shown without it, and why."""
+    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
+            programs.sleeper32, "5000"]
+    with _running(argv, env=clean_env()) as launcher:
+        _wait_tree(launcher.pid, 1, [programs.sleeper32])
+        rc, data, err = status(str(launcher.pid), "--preload", programs.libshim)
     assert rc == 1, err
-    row = _by_command(data, built["sleeper32"])[0]
+    row = _by_command(data, programs.sleeper32)[0]
     assert row["bits"] == 32 and not row["ok"]
     assert "wrong word size" in row["note"]
     assert "LD_PRELOAD lists it" in row["note"]  # vgpu-launch's environment for CMD has it
 
 
-def test_text_output(built: dict[str, str]) -> None:
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", built["lib"], "--",
-            "env", "-i", built["sleeper"], "5000"]
-    with _running(argv, env=_env()) as launcher:
-        _wait_tree(launcher.pid, 1, [built["sleeper"]])
+def test_text_output(programs: Programs) -> None:
+    """The text report: what is looked for, a table of processes, and the verdict."""
+    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
+            "env", "-i", programs.sleeper, "5000"]
+    with _running(argv, env=clean_env()) as launcher:
+        _wait_tree(launcher.pid, 1, [programs.sleeper])
         proc = subprocess.run([str(LAUNCHER), "status", str(launcher.pid), "--preload",
-                               built["lib"]], env=_env(), capture_output=True, text=True,
+                               programs.libshim], env=clean_env(), capture_output=True, text=True,
                               timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == f"looking for: {built['lib']} (from --preload)"
+    assert lines[0] == f"looking for: {programs.libshim} (from --preload)"
     assert "PID" in lines[2] and "MAPPED" in lines[2] and "ENVIRON LD_PRELOAD" in lines[2]
-    row = next(ln for ln in lines if built["sleeper"] in ln)
+    row = next(ln for ln in lines if programs.sleeper in ln)
     assert " yes " in row and "(unset)" in row and "injected at exec" in row
     assert lines[-1] == "status: ok"
 
 
-def test_nothing_to_look_at(built: dict[str, str], tmp_path: Path) -> None:
-    rc, data, _ = status("999999999", "--preload", built["lib"])
+def test_nothing_to_look_at(programs: Programs, tmp_path: Path) -> None:
+    """No such process, or no library to look for: exit 2, saying which."""
+    rc, data, _ = status("999999999", "--preload", programs.libshim)
     assert rc == 2 and "no process" in data["error"]
     empty = tmp_path / "empty.conf"
     empty.write_text("")
     # a process with no vgpu-launch above it and no library configured
-    with _running([built["sleeper"], "5000"], env=_env()) as p:
-        rc, data, _ = status(str(p.pid), env=_env({"VGPU_LAUNCH_CONFIG": str(empty)}))
+    with _running([programs.sleeper, "5000"], env=clean_env()) as p:
+        rc, data, _ = status(str(p.pid), env=clean_env({"VGPU_LAUNCH_CONFIG": str(empty)}))
     assert rc == 2 and "no library to look for" in data["error"]
 
 
@@ -255,7 +211,8 @@ def _cgroup2_root() -> str | None:
 
 
 
-def test_unit_cgroup_finds_escaped_process(built: dict[str, str], tmp_path: Path) -> None:
+def test_unit_cgroup_finds_escaped_process(programs: Programs, tmp_path: Path) -> None:
+    """--unit looks at the unit's whole cgroup and finds a process that escaped."""
     root = _cgroup2_root()
     if root is None or not os.access(root, os.W_OK):
         pytest.skip("no writable cgroup2 hierarchy here")
@@ -269,23 +226,23 @@ def test_unit_cgroup_finds_escaped_process(built: dict[str, str], tmp_path: Path
         with open(f"{root}{cg}/cgroup.procs", "w") as f:
             f.write("0")
 
-    fake_systemctl.install(tmp_path / "bin", {"demo.service": {
+    systemctl.install(tmp_path / "bin", {"demo.service": {
         "Id": "demo.service", "LoadState": "loaded", "ActiveState": "active",
         "ControlGroup": cg, "ExecStart": f"{{ path={LAUNCHER} ; argv[]={LAUNCHER} --preload "
-        f"{built['lib']} -- sh -c x ; ignore_errors=no ; start_time=[n/a] }}",
+        f"{programs.libshim} -- sh -c x ; ignore_errors=no ; start_time=[n/a] }}",
     }})
-    env = _env({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+    env = clean_env({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
                 "VGPU_LAUNCH_CONFIG": str(tmp_path / "none.conf")})
     (tmp_path / "none.conf").write_text("")
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", built["lib"], "--",
-            "sh", "-c", f"env -i {built['sleeper']} 6000 & wait"]
+    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
+            "sh", "-c", f"env -i {programs.sleeper} 6000 & wait"]
     try:
-        with _running(argv, env=_env(), preexec_fn=enter) as launcher, \
-             _running([built["sleeper"], "6002"], env=_env(), preexec_fn=enter) as outside:
-            _wait_tree(launcher.pid, 2, [built["sleeper"]])
+        with _running(argv, env=clean_env(), preexec_fn=enter) as launcher, \
+             _running([programs.sleeper, "6002"], env=clean_env(), preexec_fn=enter) as outside:
+            _wait_tree(launcher.pid, 2, [programs.sleeper])
             rc, data, err = status("--unit", "demo", env=env)
         assert rc == 1, (err, data)
-        assert data["libraries"] == [built["lib"]]
+        assert data["libraries"] == [programs.libshim]
         assert "ExecStart of demo" in data["libraries_from"]
         rows = _rows(data)
         assert rows[launcher.pid]["role"] == "launcher"
@@ -302,33 +259,11 @@ def test_unit_cgroup_finds_escaped_process(built: dict[str, str], tmp_path: Path
 
 
 def test_unit_without_systemctl(tmp_path: Path) -> None:
+    """--unit without systemctl: exit 2, saying so."""
     (tmp_path / "bin").mkdir()
-    env = _env({"PATH": str(tmp_path / "bin")})
+    env = clean_env({"PATH": str(tmp_path / "bin")})
     proc = subprocess.run([sys.executable, "-m", "vgpu_launch", "status", "--unit", "demo"],
-                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "systemctl not found" in proc.stderr
-
-
-def test_launcher_recognised() -> None:
-    sys.path.insert(0, str(REPO))
-    from vgpu_launch.diagnostics.status import launcher_args
-
-    code = "import sys\ndel sys.argv[1]\nfrom vgpu_launch.cli import main\nmain()\n"
-    cases = {
-        ("/usr/bin/vgpu-launch", "--preload", "/x.so", "--", "a"): ["--preload", "/x.so", "--",
-                                                                     "a"],
-        ("python3", "/usr/bin/vgpu-launch", "--", "a"): ["--", "a"],
-        ("/usr/bin/python3", "-m", "vgpu_launch", "--", "a"): ["--", "a"],
-        ("python3.11", "-E", "-c", code, "", "--preload", "/x.so", "--", "a"):
-            ["--preload", "/x.so", "--", "a"],
-        ("python3", "-E", "-c", code, "/src/bin/..", "--", "a"): ["--", "a"],
-    }
-    for argv, args in cases.items():
-        assert launcher_args(argv) == args, argv
-    for argv in (("python3", "-m", "vgpu_launch", "status", "1"),
-                 ("python3", "-E", "-c", code, "", "doctor"),
-                 ("python3", "-m", "pytest"), ("python3", "-c", "print(1)"),
-                 ("/usr/bin/sleep", "vgpu-launch"), ()):
-        assert launcher_args(argv) is None, argv

@@ -1,6 +1,6 @@
 """vgpu-launch leaves the way CMD did: every exit code, death by every fatal signal (seen by the
-parent as WIFSIGNALED with that signal, and no core file of vgpu-launch's own), and its own
-failures with the shell's codes. What systemd looks at (the main PID's wait status) is checked
+parent as WIFSIGNALED with that signal, and no core file of vgpu-launch's own); its own failures
+are test_own_failures.py's. What systemd looks at (the main PID's wait status) is checked
 from the parent's side here; tests/system boots a real systemd."""
 
 from __future__ import annotations
@@ -15,17 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import test_launcher_common
-from test_launcher_common import (
-    Bin,
-    launch_argv,
-    launch_env,
-    parse_sig,
-    started,
-    wait_for,
-)
-
-lbin = test_launcher_common.lbin  # the session fixture
+from support import launch
+from support.build import Programs
+from support.launch import clean_env, launch_argv, started
+from support.procs import parse_sig, state, status_field, wait_for
 
 FATAL = [
     signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT,
@@ -56,7 +49,7 @@ def _statuses(argvs: Sequence[list[str]], cwd: Path, parallel: int = 4,
                 i, argv = todo.pop(0)
                 with open(cwd / f"stderr-{i}", "wb") as err:
                     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=err, env=launch_env(), cwd=cwd,
+                                         stderr=err, env=clean_env(), cwd=cwd,
                                          preexec_fn=_core_unlimited, start_new_session=True)
                 running[p.pid] = (i, p)
             pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
@@ -77,9 +70,11 @@ def _statuses(argvs: Sequence[list[str]], cwd: Path, parallel: int = 4,
     return [r for r in results if r is not None]
 
 
-def test_every_exit_code_passes_through(lbin: Bin, tmp_path: Path) -> None:
+def test_every_exit_code_passes_through(programs: Programs, tmp_path: Path) -> None:
+    """CMD's exit code, each of 0-255, is vgpu-launch's, and vgpu-launch writes no stdout."""
     codes = list(range(256))
-    out = _statuses([launch_argv(lbin.lib, lbin.die, "exit", str(n)) for n in codes], tmp_path)
+    out = _statuses([launch_argv(programs.libtest, programs.die, "exit", str(n)) for n in codes],
+                    tmp_path)
     got = {n: (os.WEXITSTATUS(st) if os.WIFEXITED(st) else f"signal {os.WTERMSIG(st)}")
            for n, (st, _o) in zip(codes, out, strict=True)}
     wrong = {n: g for n, g in got.items() if g != n}
@@ -88,9 +83,11 @@ def test_every_exit_code_passes_through(lbin: Bin, tmp_path: Path) -> None:
     assert all(o == b"" for _s, o in out), "vgpu-launch wrote to stdout"
 
 
-def test_every_fatal_signal_kills_vgpu_launch_the_same_way(lbin: Bin, tmp_path: Path) -> None:
-    out = _statuses([launch_argv(lbin.lib, lbin.die, "signal", str(int(s))) for s in FATAL],
-                    tmp_path)
+def test_every_fatal_signal_kills_vgpu_launch_the_same_way(programs: Programs,
+                                                           tmp_path: Path) -> None:
+    """CMD killed by a signal: vgpu-launch dies of that signal too, without dumping core."""
+    out = _statuses([launch_argv(programs.libtest, programs.die, "signal", str(int(s)))
+                     for s in FATAL], tmp_path)
     seen = {}
     for i, (sig, (status, _o)) in enumerate(zip(FATAL, out, strict=True)):
         assert os.WIFSIGNALED(status), (f"{sig!r}: exited {os.WEXITSTATUS(status)}\n"
@@ -106,10 +103,11 @@ def _tail(path: Path) -> str:
     return "\n".join(x for x in lines[-30:] if '"event":"exec"' not in x)
 
 
-def test_fatal_signal_through_python_m(lbin: Bin, tmp_path: Path) -> None:
+def test_fatal_signal_through_python_m(programs: Programs, tmp_path: Path) -> None:
     """The same through ``python -m vgpu_launch`` (no wrapper script)."""
-    out = _statuses([launch_argv(lbin.lib, lbin.die, "signal", "15", module=True),
-                     launch_argv(lbin.lib, lbin.die, "exit", "1", module=True)], tmp_path)
+    out = _statuses([launch_argv(programs.libtest, programs.die, "signal", "15", module=True),
+                     launch_argv(programs.libtest, programs.die, "exit", "1", module=True)],
+                    tmp_path)
     (term, _o1), (one, _o2) = out
     assert os.WIFSIGNALED(term) and os.WTERMSIG(term) == signal.SIGTERM
     assert os.WIFEXITED(one) and os.WEXITSTATUS(one) == 1
@@ -118,13 +116,13 @@ def test_fatal_signal_through_python_m(lbin: Bin, tmp_path: Path) -> None:
 # -- what systemd looks at ----------------------------------------------------------------------
 
 
-def test_systemd_results_from_the_main_pid_status(lbin: Bin, tmp_path: Path) -> None:
+def test_systemd_results_from_the_main_pid_status(programs: Programs, tmp_path: Path) -> None:
     """systemd: a main process killed by SIGTERM is a clean stop (Result=success), exit status 1
     a failure, exit 143 a failure too. The wait status must be CMD's own, not 128+N."""
     out = _statuses([
-        launch_argv(lbin.lib, "/bin/sh", "-c", "kill -TERM $$"),
-        launch_argv(lbin.lib, "/bin/sh", "-c", "exit 1"),
-        launch_argv(lbin.lib, "/bin/sh", "-c", "exit 143"),
+        launch_argv(programs.libtest, "/bin/sh", "-c", "kill -TERM $$"),
+        launch_argv(programs.libtest, "/bin/sh", "-c", "exit 1"),
+        launch_argv(programs.libtest, "/bin/sh", "-c", "exit 143"),
     ], tmp_path)
     (killed, _a), (failed, _b), (exit143, _c) = out
     assert os.WIFSIGNALED(killed) and os.WTERMSIG(killed) == signal.SIGTERM
@@ -133,12 +131,13 @@ def test_systemd_results_from_the_main_pid_status(lbin: Bin, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("handles_term", [False, True], ids=["default-action", "handler"])
-def test_systemctl_stop_sigterm_to_main_pid(lbin: Bin, tmp_path: Path, handles_term: bool) -> None:
+def test_systemctl_stop_sigterm_to_main_pid(programs: Programs, tmp_path: Path,
+                                            handles_term: bool) -> None:
     """`systemctl stop` (KillMode=mixed): SIGTERM to the main PID only. CMD sees it once and
     vgpu-launch ends as CMD does: killed by SIGTERM (clean stop), or CMD's exit code."""
-    cmd: list[str | os.PathLike[str]] = [lbin.sigrec, "-n", "-e" if handles_term else "-d",
+    cmd: list[str | os.PathLike[str]] = [programs.sigrec, "-n", "-e" if handles_term else "-d",
                                          "15"]
-    with started(launch_argv(lbin.lib, *cmd), tmp_path) as run:
+    with started(launch_argv(programs.libtest, *cmd), tmp_path) as run:
         run.out.expect(r"^ready ")
         os.kill(run.pid, signal.SIGTERM)
         status = run.wait_status()
@@ -151,89 +150,32 @@ def test_systemctl_stop_sigterm_to_main_pid(lbin: Bin, tmp_path: Path, handles_t
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
-# -- vgpu-launch's own failures -----------------------------------------------------------------
-
-
-def _run(argv: list[str], cwd: Path, **env: str | None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, env=launch_env(**env), cwd=cwd,
-                          timeout=60, stdin=subprocess.DEVNULL)
-
-
-def _one_line(stderr: str) -> str:
-    lines = [x for x in stderr.splitlines() if not x.startswith("{")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def test_usage_error_is_2(lbin: Bin, tmp_path: Path) -> None:
-    r = _run([*launch_argv(lbin.lib, "true")[:1], "--no-such-option", "--", "true"], tmp_path)
-    assert r.returncode == 2
-    assert _one_line(r.stderr).startswith("vgpu-launch: ")
-    r = _run([*launch_argv(lbin.lib, "true")[:1], "--preload", str(lbin.lib)], tmp_path)
-    assert r.returncode == 2 and "no command" in _one_line(r.stderr)
-
-
-def test_not_found_is_127(lbin: Bin, tmp_path: Path) -> None:
-    r = _run(launch_argv(lbin.lib, "no-such-command-xyz"), tmp_path)
-    assert r.returncode == 127
-    line = _one_line(r.stderr)
-    assert "no-such-command-xyz" in line and "not found" in line
-    r = _run(launch_argv(lbin.lib, tmp_path / "missing"), tmp_path)
-    assert r.returncode == 127 and str(tmp_path / "missing") in _one_line(r.stderr)
-    assert r.stdout == ""
-
-
-def test_not_executable_is_126(lbin: Bin, tmp_path: Path) -> None:
-    plain = tmp_path / "plain"
-    plain.write_text("echo hi\n")
-    plain.chmod(0o644)
-    for target in (plain, tmp_path):
-        r = _run(launch_argv(lbin.lib, target), tmp_path)
-        assert r.returncode == 126, r.stderr
-        line = _one_line(r.stderr)
-        assert str(target) in line, line
-    if os.geteuid() != 0:  # root may read anything; a mode-000 file is still not executable
-        return
-    r = _run(launch_argv(lbin.lib, plain), tmp_path)
-    assert r.returncode == 126
-
-
-def test_script_without_interpreter_line_runs_with_sh(lbin: Bin, tmp_path: Path) -> None:
-    """execvp(3) and the shell run an executable file the kernel refuses (ENOEXEC) with
-    /bin/sh."""
-    script = tmp_path / "script"
-    script.write_text("echo from-script \"$1\"\nexit 7\n")
-    script.chmod(0o755)
-    r = _run(launch_argv(lbin.lib, script, "arg"), tmp_path)
-    assert (r.returncode, r.stdout) == (7, "from-script arg\n"), r.stderr
-
-
 @pytest.mark.parametrize("log_format", ["json", "console"])
-def test_stdout_holds_only_cmds_output(lbin: Bin, tmp_path: Path, log_format: str) -> None:
-    argv = launch_argv(lbin.lib, "/bin/sh", "-c", "echo out; echo err >&2; /bin/true")
-    argv[argv.index("json")] = log_format
-    r = _run(argv, tmp_path)
+def test_stdout_holds_only_cmds_output(programs: Programs, tmp_path: Path, log_format: str) -> None:
+    """CMD's stdout is all of stdout; the log goes to stderr in the format asked for."""
+    r = launch.run(["--preload", programs.libtest, "--", "/bin/sh", "-c",
+                    "echo out; echo err >&2; /bin/true"], log_format=log_format, cwd=tmp_path)
     assert r.returncode == 0
     assert r.stdout == "out\n"
     assert "err" in r.stderr
     assert '"event"' in r.stderr or log_format == "console"
 
 
-def test_cmd_exits_with_a_child_still_running(lbin: Bin, tmp_path: Path) -> None:
+def test_cmd_exits_with_a_child_still_running(programs: Programs, tmp_path: Path) -> None:
     """vgpu-launch exits at once with CMD's status; the descendant goes on running (not
     stopped, not killed) and still takes its own signals."""
     out = tmp_path / "child.out"
-    script = f'{lbin.sigrec} -n -e 10 > {out} 2>&1 & echo "$!" > {tmp_path}/child.pid; exit 5'
-    with started(launch_argv(lbin.lib, "/bin/sh", "-c", script), tmp_path) as run:
+    script = f'{programs.sigrec} -n -e 10 > {out} 2>&1 & echo "$!" > {tmp_path}/child.pid; exit 5'
+    with started(launch_argv(programs.libtest, "/bin/sh", "-c", script), tmp_path) as run:
         status = run.wait_status(timeout=20)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 5, run.stderr()
         child = int(wait_for("the child's pid", lambda: (tmp_path / "child.pid").read_text()
                              if (tmp_path / "child.pid").exists() else "").strip())
         try:
             wait_for("the child to be ready", lambda: out.exists() and "ready" in out.read_text())
-            st = wait_for("the child's state", lambda: _state_of(child))
+            st = wait_for("the child's state", lambda: state(child))
             assert st in ("S", "R"), f"descendant left in state {st}"
-            assert _tracer_of(child) == "0", "descendant still traced"
+            assert status_field(child, "TracerPid") == "0", "descendant still traced"
             os.kill(child, signal.SIGUSR1)
             wait_for("the child to take SIGUSR1", lambda: "done" in out.read_text())
             assert "sig=10 " in out.read_text()
@@ -241,17 +183,3 @@ def test_cmd_exits_with_a_child_still_running(lbin: Bin, tmp_path: Path) -> None
             with contextlib.suppress(OSError):
                 os.kill(child, signal.SIGKILL)
 
-
-def _state_of(pid: int) -> str:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return ""
-    return data[data.rindex(b")") + 2 :].split()[0].decode()
-
-
-def _tracer_of(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("TracerPid:"):
-            return line.split()[1]
-    return "?"

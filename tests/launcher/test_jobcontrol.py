@@ -11,26 +11,15 @@ from pathlib import Path
 
 import pexpect
 import pytest
-import test_launcher_common
-from test_launcher_common import (
-    WRAPPER,
-    Bin,
-    Run,
-    launch_argv,
-    launch_env,
-    parse_sig,
-    started,
-    state,
-    wait_for,
-)
-
-lbin = test_launcher_common.lbin  # the session fixture
+from support.build import Programs
+from support.launch import LAUNCHER, Started, clean_env, launch_argv, started
+from support.procs import parse_sig, ppid, state, wait_for
 
 SI_KERNEL = 0x80
 MARKER = signal.SIGRTMIN + 5
 
 
-def _stays(pid: int, states: str, seconds: float = 0.5) -> str:
+def _stays(pid: int, states: tuple[str, ...], seconds: float = 0.5) -> str | None:
     """Check for ``seconds`` that ``pid`` stays in one of ``states``; return the last state.
     (A negative check needs some time: nothing must happen.)"""
     deadline = time.monotonic() + seconds
@@ -49,11 +38,11 @@ def _text(path: Path) -> str:
         return ""
 
 
-def _next(run: Run) -> dict[str, int]:
+def _next(run: Started) -> dict[str, int]:
     return parse_sig(run.out.expect(r"^sig=.*").group(0))
 
 
-def _end(run: Run) -> list[dict[str, int]]:
+def _end(run: Started) -> list[dict[str, int]]:
     """Marker, then end CMD: return the signals recorded before the marker (unexpected)."""
     os.kill(run.pid, MARKER)
     extra = []
@@ -66,7 +55,7 @@ def _end(run: Run) -> list[dict[str, int]]:
     return extra
 
 
-def _stopped_by(run: Run, timeout: float = 20) -> int:
+def _stopped_by(run: Started, timeout: float = 20) -> int:
     """Wait (as the parent, WUNTRACED) until vgpu-launch reports a stop; the stop signal."""
     deadline = time.monotonic() + timeout
     while True:
@@ -85,15 +74,15 @@ def _stopped_by(run: Run, timeout: float = 20) -> int:
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
 @pytest.mark.parametrize("target", ["pid", "group"])
 @pytest.mark.parametrize("less_like", [False, True], ids=["tstp-default", "tstp-like-less"])
-def test_tstp_stops_both_and_cont_resumes_both(lbin: Bin, tmp_path: Path, target: str,
+def test_tstp_stops_both_and_cont_resumes_both(programs: Programs, tmp_path: Path, target: str,
                                                less_like: bool, threads: int) -> None:
     """SIGTSTP to vgpu-launch (`kill -TSTP PID`) or to the job (`kill -TSTP %1`): CMD stops,
     then vgpu-launch stops with the same signal (the shell's view); SIGCONT resumes both and
     CMD sees SIGCONT once. The process group is not orphaned (its parent is in the session),
     else the kernel would ignore the stop signal for CMD and vgpu-launch alike."""
-    sigrec: list[str | os.PathLike[str]] = [lbin.sigrec, "-T", str(threads),
+    sigrec: list[str | os.PathLike[str]] = [programs.sigrec, "-T", str(threads),
                                             "-t" if less_like else "-d20"]
-    with started(launch_argv(lbin.lib, *sigrec), tmp_path, new_session=False) as run:
+    with started(launch_argv(programs.libtest, *sigrec), tmp_path, new_session=False) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
 
         def send(sig: int) -> None:
@@ -108,47 +97,49 @@ def test_tstp_stops_both_and_cont_resumes_both(lbin: Bin, tmp_path: Path, target
             assert got["sig"] == signal.SIGTSTP
         assert _stopped_by(run) == signal.SIGTSTP
         assert state(run.pid) == "T"
-        assert state(cmd) in "tT"
+        assert state(cmd) in ("t", "T")
         send(signal.SIGCONT)
         got = _next(run)
         assert got["sig"] == signal.SIGCONT
-        wait_for("CMD to run again", lambda: state(cmd) in "SR")
-        assert state(run.pid) in "SR"
+        wait_for("CMD to run again", lambda: state(cmd) in ("S", "R"))
+        assert state(run.pid) in ("S", "R")
         extra = _end(run)
     assert extra == []
 
 
-def test_sigstop_to_cmd_alone_stays_until_sigcont(lbin: Bin, tmp_path: Path) -> None:
+def test_sigstop_to_cmd_alone_stays_until_sigcont(programs: Programs, tmp_path: Path) -> None:
     """SIGSTOP sent to CMD: CMD stays stopped (the tracer parks it, it does not resume it)
     until a SIGCONT sent to CMD alone, which must be enough: vgpu-launch does not stop itself
     for a stop it did not get, so its tracer is there to let CMD go on."""
-    with started(launch_argv(lbin.lib, lbin.sigrec), tmp_path, new_session=False) as run:
+    with started(launch_argv(programs.libtest, programs.sigrec), tmp_path,
+                 new_session=False) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         os.kill(cmd, signal.SIGSTOP)
-        wait_for("CMD to stop", lambda: state(cmd) in "tT")
-        _stays(cmd, "tT")
-        assert state(run.pid) in "SR"
+        wait_for("CMD to stop", lambda: state(cmd) in ("t", "T"))
+        _stays(cmd, ("t", "T"))
+        assert state(run.pid) in ("S", "R")
         os.kill(cmd, signal.SIGCONT)
         got = _next(run)
         assert (got["sig"], got["pid"]) == (signal.SIGCONT, os.getpid())
-        wait_for("CMD to run again", lambda: state(cmd) in "SR")
+        wait_for("CMD to run again", lambda: state(cmd) in ("S", "R"))
         extra = _end(run)
     assert extra == []
 
 
-def test_sigstop_to_a_grandchild_stays_until_sigcont(lbin: Bin, tmp_path: Path) -> None:
+def test_sigstop_to_a_grandchild_stays_until_sigcont(programs: Programs, tmp_path: Path) -> None:
+    """SIGSTOP to a traced grandchild: it stays stopped until SIGCONT, then goes on."""
     out = tmp_path / "grandchild.out"
-    script = f'{lbin.sigrec} -n -e 10 > {out} & echo "gc=$!"; wait'
-    with started(launch_argv(lbin.lib, "/bin/sh", "-c", script), tmp_path) as run:
+    script = f'{programs.sigrec} -n -e 10 > {out} & echo "gc=$!"; wait'
+    with started(launch_argv(programs.libtest, "/bin/sh", "-c", script), tmp_path) as run:
         gc = int(run.out.expect(r"^gc=(\d+)").group(1))
         wait_for("the grandchild to be ready", lambda: "ready" in _text(out))
         os.kill(gc, signal.SIGSTOP)
-        wait_for("the grandchild to stop", lambda: state(gc) in "tT")
+        wait_for("the grandchild to stop", lambda: state(gc) in ("t", "T"))
         # the kernel shows a stopped tracee parked in PTRACE_LISTEN as "t (tracing stop)"
-        _stays(gc, "tT")
-        assert state(run.pid) in "SR"
+        _stays(gc, ("t", "T"))
+        assert state(run.pid) in ("S", "R")
         os.kill(gc, signal.SIGCONT)
-        wait_for("the grandchild to run", lambda: state(gc) in "SR")
+        wait_for("the grandchild to run", lambda: state(gc) in ("S", "R"))
         wait_for("SIGCONT in its record", lambda: "sig=18 " in _text(out))
         os.kill(gc, signal.SIGUSR1)
         status = run.wait_status()
@@ -163,7 +154,7 @@ PROMPT = "PROMPT> "
 
 
 def _bash(tmp_path: Path) -> pexpect.spawn:
-    env = launch_env(PS1=PROMPT, TERM="dumb", HISTFILE="/dev/null", PROMPT_COMMAND=None)
+    env = clean_env(PS1=PROMPT, TERM="dumb", HISTFILE="/dev/null", PROMPT_COMMAND=None)
     child = pexpect.spawn("/bin/bash", ["--norc", "--noprofile", "-i"], env=env,
                           cwd=str(tmp_path), timeout=20, encoding="utf-8",
                           codec_errors="replace", dimensions=(40, 200))
@@ -179,14 +170,14 @@ def _close(child: pexpect.spawn, run_pid: int | None = None) -> None:
 
 
 @pytest.mark.parametrize("less_like", [False, True], ids=["tstp-default", "tstp-like-less"])
-def test_terminal_ctrl_c_ctrl_z_fg(lbin: Bin, tmp_path: Path, less_like: bool) -> None:
+def test_terminal_ctrl_c_ctrl_z_fg(programs: Programs, tmp_path: Path, less_like: bool) -> None:
     """Under an interactive bash: Ctrl-C reaches CMD once (from the terminal, not forwarded
     again), Ctrl-Z stops the job (bash says so), `fg` resumes it with one SIGCONT."""
     child = _bash(tmp_path)
     launcher = 0
     try:
         tstp = "-t" if less_like else "-d 20"
-        child.sendline(f"{WRAPPER} --preload {lbin.lib} -- {lbin.sigrec} {tstp} "
+        child.sendline(f"{LAUNCHER} --preload {programs.libtest} -- {programs.sigrec} {tstp} "
                        f"2>{tmp_path}/err")
         child.expect(r"ready pid=(\d+) pgid=(\d+)")
         cmd, pgid = int(child.match.group(1)), int(child.match.group(2))
@@ -200,7 +191,7 @@ def test_terminal_ctrl_c_ctrl_z_fg(lbin: Bin, tmp_path: Path, less_like: bool) -
             child.expect(r"sig=20 code=128")
         child.expect(r"Stopped")
         child.expect_exact(PROMPT)
-        assert state(launcher) == "T" and state(cmd) in "tT"
+        assert state(launcher) == "T" and state(cmd) in ("t", "T")
         child.sendline("fg")
         child.expect(r"sig=18 code=0 pid=(\d+)")
         assert int(child.match.group(1)) != launcher  # from bash, not forwarded by us
@@ -218,13 +209,13 @@ def test_terminal_ctrl_c_ctrl_z_fg(lbin: Bin, tmp_path: Path, less_like: bool) -
         _close(child, launcher)
 
 
-def test_terminal_background_read_stops_the_job(lbin: Bin, tmp_path: Path) -> None:
+def test_terminal_background_read_stops_the_job(programs: Programs, tmp_path: Path) -> None:
     """A CMD in a background job that reads the terminal gets SIGTTIN from the kernel, as does
     vgpu-launch: the job is reported stopped for tty input; `fg` gives it the terminal."""
     child = _bash(tmp_path)
     launcher = 0
     try:
-        child.sendline(f"{WRAPPER} --preload {lbin.lib} -- /bin/cat 2>{tmp_path}/err &")
+        child.sendline(f"{LAUNCHER} --preload {programs.libtest} -- /bin/cat 2>{tmp_path}/err &")
         child.expect(r"\[1\] (\d+)")
         launcher = int(child.match.group(1))
         child.expect_exact(PROMPT)
@@ -245,13 +236,13 @@ def test_terminal_background_read_stops_the_job(lbin: Bin, tmp_path: Path) -> No
         _close(child, launcher)
 
 
-def test_bash_m_under_vgpu_launch_has_job_control(lbin: Bin, tmp_path: Path) -> None:
+def test_bash_m_under_vgpu_launch_has_job_control(programs: Programs, tmp_path: Path) -> None:
     """An interactive bash as CMD takes the terminal for a process group of its own and runs
     jobs: Ctrl-Z stops its job, not vgpu-launch; `fg` and Ctrl-C work on that job."""
     child = _bash(tmp_path)
     launcher = 0
     try:
-        child.sendline(f"{WRAPPER} --preload {lbin.lib} -- /usr/bin/env PS1='INNER> ' "
+        child.sendline(f"{LAUNCHER} --preload {programs.libtest} -- /usr/bin/env PS1='INNER> ' "
                        f"/bin/bash --norc --noprofile -i -m 2>&1; echo rc=$?")
         child.expect_exact("INNER> ")
         assert "no job control" not in (child.before or "")
@@ -260,16 +251,16 @@ def test_bash_m_under_vgpu_launch_has_job_control(lbin: Bin, tmp_path: Path) -> 
         child.expect(r"inner=(\d+) pgid=\s*(\d+) tpgid=\s*(\d+)")
         inner, pgid, tpgid = (int(x) for x in child.match.groups())
         assert pgid == inner == tpgid  # its own process group, in the foreground
-        launcher = int(Path(f"/proc/{inner}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        launcher = ppid(inner) or 0
         child.expect_exact("INNER> ")
         child.sendline("sleep 60")
         wait_for("sleep to start", lambda: any(
             Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
-            for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == inner))
+            for p in os.listdir("/proc") if p.isdigit() and ppid(int(p)) == inner))
         child.sendcontrol("z")
         child.expect(r"Stopped\s+sleep 60")
         child.expect_exact("INNER> ")
-        assert state(launcher) in "SR", "vgpu-launch stopped for its CMD's job"
+        assert state(launcher) in ("S", "R"), "vgpu-launch stopped for its CMD's job"
         child.sendline("fg")
         child.expect("sleep 60")
         child.sendcontrol("c")
@@ -282,21 +273,14 @@ def test_bash_m_under_vgpu_launch_has_job_control(lbin: Bin, tmp_path: Path) -> 
         _close(child, launcher)
 
 
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def test_vgpu_launch_as_session_leader_terminal(lbin: Bin, tmp_path: Path) -> None:
+def test_vgpu_launch_as_session_leader_terminal(programs: Programs, tmp_path: Path) -> None:
     """vgpu-launch started on a terminal as the session leader (`setsid -c`, a container's
     PID 1 with a tty): Ctrl-C reaches CMD once; a hang-up, which the kernel sends to the
     session leader alone, is passed on to CMD (SIGHUP, then the kernel's SIGCONT)."""
     out = tmp_path / "rec.out"
-    child = pexpect.spawn(str(WRAPPER), ["--preload", str(lbin.lib), "--", "/bin/sh", "-c",
-                                         f"exec {lbin.sigrec} -n -e 1 > {out}"],
-                          env=launch_env(), cwd=str(tmp_path), timeout=20,
+    child = pexpect.spawn(str(LAUNCHER), ["--preload", str(programs.libtest), "--", "/bin/sh",
+                                          "-c", f"exec {programs.sigrec} -n -e 1 > {out}"],
+                          env=clean_env(), cwd=str(tmp_path), timeout=20,
                           encoding="utf-8", codec_errors="replace")
     try:
         wait_for("CMD to be ready", lambda: "ready" in _text(out))

@@ -12,31 +12,22 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pytest
-
-if TYPE_CHECKING:
-    from conftest import Artefacts, LaunchResult, RunLaunch
+from support.build import Programs
+from support.launch import LaunchResult, preload_entries, run
 
 DEVICES = "2"
 
 
-def launch(
-    run_launch: RunLaunch, preload: Path | str, cmd: list[Any], *, env_opt: bool = True, **kw: Any
-) -> LaunchResult:
+def launch(preload: Path | str, cmd: list[Any], *, env_opt: bool = True, **kw: Any
+           ) -> LaunchResult:
     opts: list[Any] = ["--preload", preload]
     if env_opt:
         opts += ["--env", f"VGPU_TEST_DEVICES={DEVICES}"]
-    return run_launch([*opts, "--", *cmd], **kw)
-
-
-def preload_entries(value: str) -> list[str]:
-    """LD_PRELOAD's entries (ld.so accepts ':' and spaces as separators)."""
-    return [e for e in re.split(r"[: ]+", value) if e]
+    return run([*opts, "--", *cmd], **kw)
 
 
 def marker_lines(
@@ -56,17 +47,9 @@ def marker_lines(
     return found
 
 
-def plain_env(updates: dict[str, str]) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("VGPU_TEST_")
-    }
-    env.update(updates)
-    return env
-
-
 def check_leaf(
     res: LaunchResult,
-    leaf: Path,
+    leaf: Path | str,
     preload: Path | str,
     *,
     count: int = 1,
@@ -107,25 +90,28 @@ def check_leaf(
 # shapes
 
 
-def test_env_i(run_launch: RunLaunch, programs: Artefacts) -> None:
-    res = launch(run_launch, programs.libmarker, ["env", "-i", programs.probe])
+def test_env_i(programs: Programs) -> None:
+    """CMD is `env -i probe`: the probe, started with an empty environment, gets the preload."""
+    res = launch(programs.libmarker, ["env", "-i", programs.probe])
     check_leaf(res, programs.probe, programs.libmarker)
 
 
-def test_fork_execve_empty_env(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_fork_execve_empty_env(programs: Programs) -> None:
+    """fork() then execve() with an empty environment: the child gets the preload."""
     cmd = [programs.spawn, "fork-exec", "--", programs.probe]
-    res = launch(run_launch, programs.libmarker, cmd)
+    res = launch(programs.libmarker, cmd)
     check_leaf(res, programs.probe, programs.libmarker)
 
 
-def test_vfork_execve_empty_env(run_launch: RunLaunch, programs: Artefacts) -> None:
-    res = launch(run_launch, programs.libmarker, [programs.spawn, "vfork", "--", programs.probe])
+def test_vfork_execve_empty_env(programs: Programs) -> None:
+    """vfork() then execve() with an empty environment: the child gets the preload."""
+    res = launch(programs.libmarker, [programs.spawn, "vfork", "--", programs.probe])
     check_leaf(res, programs.probe, programs.libmarker)
 
 
-def test_posix_spawn_from_8_threads_at_once(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_posix_spawn_from_8_threads_at_once(programs: Programs) -> None:
+    """posix_spawn() from 8 threads at once: each of the 8 children gets the preload."""
     res = launch(
-        run_launch,
         programs.libmarker,
         [programs.spawn, "posix-spawn-threads", "8", "--", programs.probe],
     )
@@ -133,17 +119,19 @@ def test_posix_spawn_from_8_threads_at_once(run_launch: RunLaunch, programs: Art
     assert len({p["pid"] for p in probes}) == 8
 
 
-def test_execve_from_non_leader_thread(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_execve_from_non_leader_thread(programs: Programs) -> None:
+    """execve() from a thread other than the leader: the new program gets the preload."""
     res = launch(
-        run_launch, programs.libmarker, [programs.spawn, "nonleader-exec", "--", programs.probe]
+        programs.libmarker, [programs.spawn, "nonleader-exec", "--", programs.probe]
     )
     (probe,) = check_leaf(res, programs.probe, programs.libmarker)
     # the exec is reported under the thread group leader: same pid as the spawn program had
     assert res.exec_events(exe=programs.spawn, pid=probe["pid"]), res.describe()
 
 
-def test_fexecve(run_launch: RunLaunch, programs: Artefacts) -> None:
-    res = launch(run_launch, programs.libmarker, [programs.spawn, "fexecve", "--", programs.probe])
+def test_fexecve(programs: Programs) -> None:
+    """fexecve() (an exec by file descriptor): the program gets the preload."""
+    res = launch(programs.libmarker, [programs.spawn, "fexecve", "--", programs.probe])
     (probe,) = check_leaf(res, programs.probe, programs.libmarker)
     assert res.exec_events(exe=programs.spawn, pid=probe["pid"]), res.describe()
 
@@ -155,31 +143,33 @@ def _script(path: Path, text: str) -> Path:
 
 
 def test_shebang_script_with_empty_env(
-    run_launch: RunLaunch, programs: Artefacts, tmp_path: Path
+    programs: Programs, tmp_path: Path
 ) -> None:
+    """A `#!probe` script started with an empty environment: its interpreter gets the preload."""
     # '#!probe': the kernel runs the interpreter, which is the only exec stop
     script = _script(tmp_path / "direct.sh", f"#!{programs.probe}\n")
-    res = launch(run_launch, programs.libmarker, [programs.spawn, "fork-exec", "--", script])
+    res = launch(programs.libmarker, [programs.spawn, "fork-exec", "--", script])
     check_leaf(res, programs.probe, programs.libmarker)
 
 
 def test_shell_script_with_empty_env(
-    run_launch: RunLaunch, programs: Artefacts, tmp_path: Path
+    programs: Programs, tmp_path: Path
 ) -> None:
+    """A `#!/bin/sh` script with an empty environment: sh gets it, the probe inherits it."""
     # '#!/bin/sh' started with an empty environment: the shell gets the preload, the probe it
     # runs inherits it from the shell
     script = _script(tmp_path / "run-probe.sh", f"#!/bin/sh\nexec {programs.probe}\n")
-    res = launch(run_launch, programs.libmarker, [programs.spawn, "fork-exec", "--", script])
+    res = launch(programs.libmarker, [programs.spawn, "fork-exec", "--", script])
     (probe,) = check_leaf(res, programs.probe, programs.libmarker, decision="present")
     (sh,) = res.exec_events(exe="/bin/sh", pid=probe["pid"])
     assert sh["decision"] == "injected", sh
     assert len(marker_lines(res, probe["pid"], "/bin/sh")) == 1, res.describe()
 
 
-def test_static_parent_spawning_dynamic_child(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_static_parent_spawning_dynamic_child(programs: Programs) -> None:
+    """A static program between two dynamic ones: the dynamic child still gets the preload."""
     # spawn -(empty env)-> spawn-static -(empty env)-> probe
     res = launch(
-        run_launch,
         programs.libmarker,
         [
             programs.spawn,
@@ -199,41 +189,46 @@ def test_static_parent_spawning_dynamic_child(run_launch: RunLaunch, programs: A
     assert marker_lines(res, exe=programs.spawn_static) == [], "a static program loaded it?"
 
 
-def test_static_leaf_gets_env_but_cannot_load(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_static_leaf_gets_env_but_cannot_load(programs: Programs) -> None:
+    """A static leaf gets LD_PRELOAD in its environment (it has no ld.so to load it)."""
     # a static program has no ld.so: the variable is there, the library cannot be
     res = launch(
-        run_launch, programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_static]
+        programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_static]
     )
     check_leaf(res, programs.probe_static, programs.libmarker, marker=0, static=True)
 
 
-def test_32bit_program_with_lib_token_preload(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_32bit_program_with_lib_token_preload(programs: Programs) -> None:
+    """A 32-bit program with a `$LIB` preload: the token arrives unexpanded and loads."""
     token = programs.libmarker_lib_token  # <dir>/$LIB/libmarker.so, expanded by ld.so
-    res = launch(run_launch, token, [programs.spawn, "fork-exec", "--", programs.probe32])
+    res = launch(token, [programs.spawn, "fork-exec", "--", programs.probe32])
     (probe,) = check_leaf(res, programs.probe32, token)
     assert "$LIB" in probe["preload"], "the $LIB token must reach the program unexpanded"
     # the 64-bit parent loaded the 64-bit build through the same setting
     assert len(marker_lines(res, exe=programs.spawn)) == 1, res.describe()
 
 
-def test_musl_program(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_musl_program(programs: Programs) -> None:
+    """A musl program started with an empty environment gets the preload."""
     res = launch(
-        run_launch, programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_musl]
+        programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_musl]
     )
     check_leaf(res, programs.probe_musl, programs.libmarker)
 
 
-def test_python_subprocess_with_empty_env(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_python_subprocess_with_empty_env(programs: Programs) -> None:
+    """Python's subprocess with env={} (as ollama-like servers do): the child gets it."""
     code = (
         "import subprocess, sys; "
         f"sys.exit(subprocess.run([{str(programs.probe)!r}], env={{}}).returncode)"
     )
-    res = launch(run_launch, programs.libmarker, [sys.executable, "-c", code])
+    res = launch(programs.libmarker, [sys.executable, "-c", code])
     check_leaf(res, programs.probe, programs.libmarker)
 
 
-def test_chain_of_4_levels_that_each_strip(run_launch: RunLaunch, programs: Artefacts) -> None:
-    res = launch(run_launch, programs.libmarker, [programs.chain, "4", programs.probe])
+def test_chain_of_4_levels_that_each_strip(programs: Programs) -> None:
+    """Four generations that each strip LD_PRELOAD: every one of them gets it back."""
+    res = launch(programs.libmarker, [programs.chain, "4", programs.probe])
     check_leaf(res, programs.probe, programs.libmarker)
     # levels 3 .. 0 were each started without LD_PRELOAD (level 4 by the launcher, with it)
     injected = res.exec_events(exe=programs.chain, decision="injected")
@@ -241,9 +236,9 @@ def test_chain_of_4_levels_that_each_strip(run_launch: RunLaunch, programs: Arte
     assert len(marker_lines(res, exe=programs.chain)) == 5, res.describe()
 
 
-def test_existing_preload_is_merged(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_existing_preload_is_merged(programs: Programs) -> None:
+    """A program with another LD_PRELOAD gets both libraries, the configured one first."""
     res = launch(
-        run_launch,
         programs.libmarker,
         ["env", "-i", f"LD_PRELOAD={programs.libother}", programs.probe],
     )
@@ -252,10 +247,10 @@ def test_existing_preload_is_merged(run_launch: RunLaunch, programs: Artefacts) 
     assert len(marker_lines(res, probe["pid"], programs.probe, tag="other")) == 1, res.describe()
 
 
-def test_preload_already_present_is_left_alone(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_preload_already_present_is_left_alone(programs: Programs) -> None:
+    """LD_PRELOAD that already names the library is left exactly as it was."""
     value = f"{programs.libother}:{programs.libmarker}"
     res = launch(
-        run_launch,
         programs.libmarker,
         ["env", "-i", f"LD_PRELOAD={value}", programs.probe],
         env_opt=False,
@@ -264,10 +259,11 @@ def test_preload_already_present_is_left_alone(run_launch: RunLaunch, programs: 
     assert probe["preload"] == value
 
 
-def test_20000_variables(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_20000_variables(programs: Programs) -> None:
+    """20,000 environment variables arrive intact beside the preload."""
     n = 20000
     res = launch(
-        run_launch, programs.libmarker, [programs.manyenv, str(n), programs.probe, "--env"]
+        programs.libmarker, [programs.manyenv, str(n), programs.probe, "--env"]
     )
     check_leaf(res, programs.probe, programs.libmarker)
     env = res.stdout.splitlines()[1:]
@@ -277,10 +273,10 @@ def test_20000_variables(run_launch: RunLaunch, programs: Artefacts) -> None:
     assert [e for e in env if e.startswith("LD_PRELOAD=")] == [f"LD_PRELOAD={programs.libmarker}"]
 
 
-def test_rt_signals_during_spawns_arrive_once(run_launch: RunLaunch, programs: Artefacts) -> None:
+def test_rt_signals_during_spawns_arrive_once(programs: Programs) -> None:
+    """Real-time signals sent while children are spawned arrive exactly once each."""
     n = 2000
     res = launch(
-        run_launch,
         programs.libmarker,
         [programs.sigspam, str(n), "--", programs.probe],
         timeout=300,
@@ -296,131 +292,3 @@ def test_rt_signals_during_spawns_arrive_once(run_launch: RunLaunch, programs: A
     assert len(probes) == spawns > 1
     assert all(p["marker"] == 1 for p in probes), res.describe()
     assert len(res.exec_events(exe=programs.probe, decision="injected")) == spawns
-
-
-# ---------------------------------------------------------------------------------------------
-# the headline: ollama's runners lose the shim without vgpu-launch and keep it with it
-
-RUNNER_RE = re.compile(r"^runner pid=(\d+) port=(\d+) count=(-?\d+)$", re.M)
-INITIAL_RE = re.compile(r"^initial_count=(-?\d+)$", re.M)
-
-
-def _runners(stderr: str) -> list[tuple[int, int]]:
-    return [(int(m[1]), int(m[3])) for m in RUNNER_RE.finditer(stderr)]
-
-
-def _initial(stderr: str) -> int | None:
-    m = INITIAL_RE.search(stderr)
-    return int(m[1]) if m else None
-
-
-def _ollama_under_launch(
-    run_launch: RunLaunch, ollama_like: Artefacts, devices: str
-) -> LaunchResult:
-    res = run_launch(
-        [
-            "--preload",
-            ollama_like.shim,
-            "--env",
-            f"VGPU_TEST_DEVICES={devices}",
-            "--",
-            ollama_like.ollama,
-            "serve",
-            "--once",
-        ]
-    )
-    assert res.returncode == 0, res.describe()
-    runners = _runners("\n".join(res.lines))
-    assert len(runners) == 4, res.describe()
-    assert [c for _, c in runners] == [int(devices)] * 4, res.describe()
-    assert _initial("\n".join(res.lines)) == int(devices), res.describe()
-    for pid, _ in runners:
-        (ev,) = [
-            e
-            for e in res.exec_events(pid=pid)
-            if (e.get("argv") or [None, None])[1:2] == ["runner"]
-        ]
-        assert ev.get("decision") == "injected", ev
-        assert _same(ev.get("preload_after"), ollama_like.shim), ev
-        assert f"[vgpu-test-shim] cuDeviceGetCount() pid={pid} count={devices}" in res.lines
-    return res
-
-
-def _same(value: str | None, lib: Path) -> bool:
-    return str(lib) in preload_entries(value or "")
-
-
-def test_ollama_like_runners_get_the_shim(run_launch: RunLaunch, ollama_like: Artefacts) -> None:
-    # without vgpu-launch: the shim is in the server only, the runners find no GPU
-    plain = subprocess.run(
-        [str(ollama_like.ollama), "serve", "--once"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=plain_env({"LD_PRELOAD": str(ollama_like.shim), "VGPU_TEST_DEVICES": "1"}),
-        check=False,
-    )
-    assert plain.returncode == 0, plain.stderr
-    assert [c for _, c in _runners(plain.stderr)] == [0, 0, 0, 0], plain.stderr
-    assert _initial(plain.stderr) == 0, plain.stderr
-    assert "cuDeviceGetCount()" not in plain.stderr
-
-    # under vgpu-launch: every runner loads the shim and finds 1
-    res = _ollama_under_launch(run_launch, ollama_like, "1")
-    assert len(res.exec_events(exe=ollama_like.ollama, decision="injected")) == 4, res.describe()
-
-
-def test_ollama_like_configured_env_reaches_runners(
-    run_launch: RunLaunch, ollama_like: Artefacts
-) -> None:
-    _ollama_under_launch(run_launch, ollama_like, "3")
-
-
-@pytest.mark.parametrize("devices", ["0", "5"])
-def test_ollama_like_fixture_without_launcher(ollama_like: Artefacts, devices: str) -> None:
-    """The fixture itself: the shim, when loaded, decides the count; the runner strips it."""
-    env = plain_env(
-        {
-            "LD_PRELOAD": str(ollama_like.shim),
-            "VGPU_TEST_DEVICES": devices,
-            "LD_LIBRARY_PATH": str(ollama_like.dir),
-        }
-    )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(ollama_like.ollama), "runner", "--ollama-engine", "--port", str(port)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        body = _get_info(port)
-    finally:
-        proc.kill()
-        _, err = proc.communicate()
-    assert body == {"count": int(devices)}, err
-    assert f"cuDeviceGetCount() pid={proc.pid} count={devices}" in err
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get_info(port: int) -> Any:
-    import json
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=2) as r:
-                return json.load(r)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)

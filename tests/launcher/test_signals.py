@@ -10,20 +10,11 @@ import signal
 from pathlib import Path
 
 import pytest
-import test_launcher_common
-from test_launcher_common import (
-    Bin,
-    Run,
-    launch_argv,
-    libc_sigqueue,
-    parse_sig,
-    started,
-    wait_for,
-)
+from support.build import Programs
+from support.launch import Started, launch_argv, started
+from support.procs import libc_sigqueue, parse_sig, wait_for
 
 from vgpu_launch.forwarding import shared_pending
-
-lbin = test_launcher_common.lbin  # the session fixture
 
 SI_USER, SI_QUEUE = 0, -1
 STANDARD = [s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
@@ -31,11 +22,11 @@ REALTIME = [signal.SIGRTMIN, signal.SIGRTMIN + 1, signal.SIGRTMAX - 1, signal.SI
 MARKER = signal.SIGRTMIN + 5  # sent last: anything forwarded before it has arrived by then
 
 
-def _next_signal(run: Run) -> dict[str, int]:
+def _next_signal(run: Started) -> dict[str, int]:
     return parse_sig(run.out.expect(r"^sig=.*").group(0))
 
 
-def _finish(run: Run) -> list[dict[str, int]]:
+def _finish(run: Started) -> list[dict[str, int]]:
     """Send the marker, wait for it, end CMD; return every signal recorded after the ones
     already read, marker excluded (so: the unexpected ones)."""
     os.kill(run.pid, MARKER)
@@ -53,13 +44,16 @@ def _finish(run: Run) -> list[dict[str, int]]:
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_every_signal_forwarded_once_in_order(lbin: Bin, tmp_path: Path, threads: int) -> None:
+def test_every_signal_forwarded_once_in_order(programs: Programs, tmp_path: Path,
+                                              threads: int) -> None:
+    """Every catchable signal sent to vgpu-launch reaches CMD once, in order, with its value."""
     me = os.getpid()
     plan: list[tuple[int, int | None]] = [(s, None) for s in STANDARD]
     plan += [(s, 1000 + s) for s in REALTIME]  # queued, with a value
     plan += [(signal.SIGUSR1, 0x7FFF_FFFF_0000_0001), (signal.SIGTERM, 42)]
     random.Random(3).shuffle(plan)
-    with started(launch_argv(lbin.lib, lbin.sigrec, "-T", str(threads)), tmp_path) as run:
+    with started(launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)),
+                 tmp_path) as run:
         ready = run.out.expect(r"^ready pid=(\d+)")
         cmd = int(ready.group(1))
         got = []
@@ -82,14 +76,15 @@ def test_every_signal_forwarded_once_in_order(lbin: Bin, tmp_path: Path, threads
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_signals_sent_to_the_process_group_arrive_once(lbin: Bin, tmp_path: Path,
+def test_signals_sent_to_the_process_group_arrive_once(programs: Programs, tmp_path: Path,
                                                        threads: int) -> None:
     """`kill -s SIG -PGID` (`kill %1`, `fg`, `kill 0`): CMD gets it from the kernel as
     vgpu-launch does; forwarding it as well would deliver it twice. With threads, any thread
     of CMD may take it (as in a Go program)."""
     sigs = [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCONT,
             signal.SIGWINCH, signal.SIGUSR2, signal.SIGQUIT] * 3
-    with started(launch_argv(lbin.lib, lbin.sigrec, "-T", str(threads)), tmp_path) as run:
+    with started(launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)),
+                 tmp_path) as run:
         run.out.expect(r"^ready ")
         got = []
         for sig in sigs:
@@ -101,9 +96,9 @@ def test_signals_sent_to_the_process_group_arrive_once(lbin: Bin, tmp_path: Path
     assert extra == []
 
 
-def test_queued_signal_to_the_group_is_not_merged_away(lbin: Bin, tmp_path: Path) -> None:
+def test_queued_signal_to_the_group_is_not_merged_away(programs: Programs, tmp_path: Path) -> None:
     """A real-time signal sent to vgpu-launch alone is forwarded even while one is queued."""
-    with started(launch_argv(lbin.lib, lbin.sigrec), tmp_path) as run:
+    with started(launch_argv(programs.libtest, programs.sigrec), tmp_path) as run:
         run.out.expect(r"^ready ")
         for value in (1, 2, 3):
             libc_sigqueue(run.pid, signal.SIGRTMIN + 2, value)
@@ -113,7 +108,7 @@ def test_queued_signal_to_the_group_is_not_merged_away(lbin: Bin, tmp_path: Path
     assert extra == []
 
 
-def test_signals_from_cmd_itself_are_not_sent_back(lbin: Bin, tmp_path: Path) -> None:
+def test_signals_from_cmd_itself_are_not_sent_back(programs: Programs, tmp_path: Path) -> None:
     """CMD doing ``kill 0`` got the signal itself; ``kill $PPID`` is for its parent: in
     neither case does CMD get it (again) from vgpu-launch. A descendant's ``kill 0`` likewise."""
     script = (
@@ -123,7 +118,7 @@ def test_signals_from_cmd_itself_are_not_sent_back(lbin: Bin, tmp_path: Path) ->
         'read x; /bin/sh -c "kill -USR1 0"; echo step3\n'
         'while :; do sleep 0.05; done\n'
     )
-    with started(launch_argv(lbin.lib, "/bin/sh", "-c", script), tmp_path) as run:
+    with started(launch_argv(programs.libtest, "/bin/sh", "-c", script), tmp_path) as run:
         assert run.proc.stdin is not None
         run.out.expect(r"^step1$")
         run.proc.stdin.write(b"\n")
@@ -141,7 +136,7 @@ def test_signals_from_cmd_itself_are_not_sent_back(lbin: Bin, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_mixed_targets_each_arrive_once(lbin: Bin, tmp_path: Path, threads: int) -> None:
+def test_mixed_targets_each_arrive_once(programs: Programs, tmp_path: Path, threads: int) -> None:
     """The same signals sent to CMD directly, to vgpu-launch, and to the whole group, mixed:
     every one sent arrives once. (A signal sent to CMD alone a moment before the same one is
     sent to vgpu-launch must not make vgpu-launch think CMD already has the second.) The next
@@ -149,7 +144,8 @@ def test_mixed_targets_each_arrive_once(lbin: Bin, tmp_path: Path, threads: int)
     standard signals pending at once merge, in vgpu-launch as in any process."""
     sigs = [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGCONT]
     rnd = random.Random(7)
-    with started(launch_argv(lbin.lib, lbin.sigrec, "-T", str(threads)), tmp_path) as run:
+    with started(launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)),
+                 tmp_path) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         for _ in range(60):
             sig = rnd.choice(sigs)

@@ -1,32 +1,29 @@
 """Bad configuration: one line on stderr, exit status 2, and nothing started.
 
 "Nothing started" is checked with CMD = ``rprobe --touch FILE``: FILE must not exist afterwards
-(robustlib.launch also checks that no process of the run is left).
+(support.launch.run also checks that no process of the run is left).
 """
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-import robustlib as rl
-
-FAST = rl.FAST
-
+from support import launch
+from support.build import Programs
 
 
-def refused(built: rl.Built, tmp_path: Path, args: list[str], *,
+def refused(programs: Programs, tmp_path: Path, args: list[str], *,
             env: dict[str, str | None] | None = None, expect: str = "") -> str:
     ran = tmp_path / "ran"
-    run = rl.launch(built, [*args, "--", built.rprobe, "--touch", str(ran)],
-                    env={**FAST, **(env or {})}, timeout=30, log_format="")
+    run = launch.run([*args, "--", programs.rprobe, "--touch", str(ran)],
+                     env=env, timeout=30, log_format="")
     lines = run.stderr.splitlines()
     assert run.returncode == 2, run.describe()
     assert len(lines) == 1 and lines[0].startswith("vgpu-launch: "), run.describe()
     assert expect in lines[0], lines[0]
     assert not ran.exists(), "CMD ran"
-    assert run.stdout == b""
+    assert run.stdout == ""
     return lines[0]
 
 
@@ -63,28 +60,32 @@ FILE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(FILE_CASES))
-def test_bad_configuration_file(built: rl.Built, tmp_path: Path, case: str) -> None:
+def test_bad_configuration_file(programs: Programs, tmp_path: Path, case: str) -> None:
+    """Each kind of bad configuration file is refused with one line naming the problem."""
     text, expect = FILE_CASES[case]
-    path = write_config(tmp_path, text.replace("{lib}", built.lib))
-    line = refused(built, tmp_path, ["--config", path], expect=expect)
+    path = write_config(tmp_path, text.replace("{lib}", programs.librobustmark))
+    line = refused(programs, tmp_path, ["--config", path], expect=expect)
     if case != "preload path with a colon":
         assert path in line or case.startswith(("preload", "empty")), line
 
 
-def test_configuration_file_not_utf8(built: rl.Built, tmp_path: Path) -> None:
+def test_configuration_file_not_utf8(programs: Programs, tmp_path: Path) -> None:
+    """A configuration file that is not UTF-8 is refused, saying so."""
     path = write_config(tmp_path, b'preload = ["/lib\xff.so"]\n')
-    refused(built, tmp_path, ["--config", path], expect="not UTF-8")
+    refused(programs, tmp_path, ["--config", path], expect="not UTF-8")
 
 
-def test_configuration_file_is_a_directory(built: rl.Built, tmp_path: Path) -> None:
+def test_configuration_file_is_a_directory(programs: Programs, tmp_path: Path) -> None:
+    """A directory given as the configuration file is refused, saying so."""
     d = tmp_path / "conf.d"
     d.mkdir()
-    refused(built, tmp_path, ["--config", str(d)], expect="Is a directory")
+    refused(programs, tmp_path, ["--config", str(d)], expect="Is a directory")
 
 
-def test_configuration_file_missing(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--config", str(tmp_path / "nope.conf")], expect="not found")
-    refused(built, tmp_path, [], env={"VGPU_LAUNCH_CONFIG": str(tmp_path / "nope.conf")},
+def test_configuration_file_missing(programs: Programs, tmp_path: Path) -> None:
+    """A configuration file named (option or variable) but missing is refused."""
+    refused(programs, tmp_path, ["--config", str(tmp_path / "nope.conf")], expect="not found")
+    refused(programs, tmp_path, [], env={"VGPU_LAUNCH_CONFIG": str(tmp_path / "nope.conf")},
             expect="not found")
 
 
@@ -107,78 +108,86 @@ ENV_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(ENV_CASES))
-def test_bad_environment_variable(built: rl.Built, tmp_path: Path, case: str) -> None:
+def test_bad_environment_variable(programs: Programs, tmp_path: Path, case: str) -> None:
+    """Each kind of bad VGPU_LAUNCH_* variable is refused with one line naming it."""
     env, expect = ENV_CASES[case]
-    args = [] if "VGPU_LAUNCH_PRELOAD" in env else ["--preload", built.lib]
-    refused(built, tmp_path, args, env=dict(env), expect=expect)
+    args = [] if "VGPU_LAUNCH_PRELOAD" in env else ["--preload", programs.librobustmark]
+    refused(programs, tmp_path, args, env=dict(env), expect=expect)
 
 
 # ---- the command line ---------------------------------------------------------------------------
 
 
-def test_empty_preload(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--preload", ""], expect="empty path")
+def test_empty_preload(programs: Programs, tmp_path: Path) -> None:
+    """An empty --preload path is refused."""
+    refused(programs, tmp_path, ["--preload", ""], expect="empty path")
 
 
-def test_preload_is_a_directory(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--preload", built.dir], expect="is a directory")
+def test_preload_is_a_directory(programs: Programs, tmp_path: Path) -> None:
+    """A directory given as the preload library is refused."""
+    refused(programs, tmp_path, ["--preload", programs.dir], expect="is a directory")
 
 
-def test_preload_not_an_elf_file(built: rl.Built, tmp_path: Path) -> None:
+def test_preload_not_an_elf_file(programs: Programs, tmp_path: Path) -> None:
+    """A preload library that is not an ELF file is refused."""
     text = tmp_path / "lib.so"
     text.write_text("not a library\n")
-    refused(built, tmp_path, ["--preload", str(text)], expect="not an ELF file")
+    refused(programs, tmp_path, ["--preload", str(text)], expect="not an ELF file")
 
 
-def test_preload_is_a_program_not_a_library(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--preload", built.rprobe], expect="not a shared library")
+def test_preload_is_a_program_not_a_library(programs: Programs, tmp_path: Path) -> None:
+    """A program given as the preload library is refused: not a shared library."""
+    refused(programs, tmp_path, ["--preload", programs.rprobe], expect="not a shared library")
 
 
-def test_preload_32bit_only(built: rl.Built, tmp_path: Path) -> None:
-    if "rprobe32" not in built:
+def test_preload_32bit_only(programs: Programs, tmp_path: Path) -> None:
+    """A 32-bit-only preload library is refused: no 64-bit program could load it."""
+    if "librobustmark32" not in programs:
         pytest.skip("gcc -m32 unavailable")
-    lib32 = tmp_path / "lib32.so"
-    src = rl.SRC / "librobustmark.c"
-    subprocess.run(["gcc", "-m32", "-shared", "-fPIC", "-o", str(lib32), str(src)], check=True)
-    refused(built, tmp_path, ["--preload", str(lib32)], expect="32-bit")
+    refused(programs, tmp_path, ["--preload", programs.librobustmark32], expect="32-bit")
 
 
-def test_bad_env_option(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--preload", built.lib, "--env", "NOVALUE"],
+def test_bad_env_option(programs: Programs, tmp_path: Path) -> None:
+    """--env without NAME=VALUE is refused."""
+    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--env", "NOVALUE"],
             expect="not NAME=VALUE")
 
 
-def test_unknown_option(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--preload", built.lib, "--frobnicate"], expect="--frobnicate")
+def test_unknown_option(programs: Programs, tmp_path: Path) -> None:
+    """An unknown option is refused, naming it."""
+    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--frobnicate"],
+            expect="--frobnicate")
 
 
-def test_bad_log_level_option(built: rl.Built, tmp_path: Path) -> None:
-    refused(built, tmp_path, ["--preload", built.lib, "--log-level", "loud"], expect="loud")
+def test_bad_log_level_option(programs: Programs, tmp_path: Path) -> None:
+    """An unknown --log-level is refused, naming it."""
+    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--log-level", "loud"],
+            expect="loud")
 
 
 @pytest.mark.parametrize("where", ["missing directory", "a directory"])
-def test_unusable_log_file(built: rl.Built, tmp_path: Path, where: str) -> None:
+def test_unusable_log_file(programs: Programs, tmp_path: Path, where: str) -> None:
+    """A --log-file that cannot be written is refused, naming it."""
     path = tmp_path / "no" / "x.log" if where == "missing directory" else tmp_path
-    refused(built, tmp_path, ["--preload", built.lib, "--log-file", str(path)],
+    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--log-file", str(path)],
             expect=str(path))
 
 
-def test_nothing_started_even_with_a_valid_command(built: rl.Built, tmp_path: Path) -> None:
+def test_nothing_started_even_with_a_valid_command(programs: Programs, tmp_path: Path) -> None:
     """The refusal comes before any fork: not even vgpu-launch's own child exists."""
     path = write_config(tmp_path, "bogus = 1\n")
     marker = tmp_path / "ran"
-    run = rl.launch(built, ["--config", path, "--", "sh", "-c", f"touch {marker}"], env=FAST)
+    run = launch.run(["--config", path, "--", "sh", "-c", f"touch {marker}"])
     assert run.returncode == 2
     assert not marker.exists()
     assert not run.events  # not even the start event
 
 
-def test_valid_configuration_still_runs(built: rl.Built, tmp_path: Path) -> None:
+def test_valid_configuration_still_runs(programs: Programs, tmp_path: Path) -> None:
     """The checks above do not refuse a good file (a control for the refusals)."""
-    path = write_config(tmp_path, f'preload = ["{built.lib}"]\nlog_level = "info"\n')
+    path = write_config(tmp_path, f'preload = ["{programs.librobustmark}"]\nlog_level = "info"\n')
     marker = tmp_path / "ran"
-    run = rl.launch(built, ["--config", path, "--", built.rprobe, "--touch", str(marker)],
-                    env=FAST)
+    run = launch.run(["--config", path, "--", programs.rprobe, "--touch", str(marker)])
     assert run.returncode == 0, run.describe()
     assert marker.exists()
-    assert "marker=1" in run.out
+    assert "marker=1" in run.stdout

@@ -1,6 +1,6 @@
 """Soak: a long run of an ollama-like server under vgpu-launch (docs/soak.md has the figures).
 
-``soak serve`` (tests/robust_programs/soak.c) starts and ends runners continuously from two
+``soak serve`` (tests/programs/soak.c) starts and ends runners continuously from two
 threads (each runner with LD_PRELOAD stripped from its environment, as ollama does; a third of
 them are ended with SIGKILL, a third with SIGTERM, a third after 20 counted real-time signals and
 a "report" signal), while a thread creates and joins threads, every runner creates threads,
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import robustlib as rl
+from support import launch, procs
+from support.build import Programs
 
-FAST = rl.FAST
 SECONDS = float(os.environ.get("VGPU_TEST_SOAK_SECONDS", "10"))
 RSS_TOLERANCE_KB = 2048  # RSS after the run minus RSS after the warm-up
 RSS_TREND_KB = 512  # growth over the second half of the run: no trend, a plateau
@@ -47,8 +47,6 @@ GO_RSS_TOLERANCE_KB = 4096
 STOP_LIMIT = 2.0
 
 pytestmark = pytest.mark.slow
-
-
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -63,9 +61,9 @@ def _status(pid: int | str) -> dict[str, str]:
     return out
 
 
-def sample(tree: rl.Tree) -> dict[str, Any]:
+def sample(tree: launch.Tree) -> dict[str, Any]:
     launcher = tree.launcher
-    tids = rl.session_tids(tree.sid, exclude=[tree.sid, launcher])
+    tids = procs.session_tids(tree.sid, exclude=[tree.sid, launcher])
     tracer_tids = set(os.listdir(f"/proc/{launcher}/task"))
     traced = {t for t in tids if _status(t).get("TracerPid") in tracer_tids}
     return {
@@ -75,11 +73,11 @@ def sample(tree: rl.Tree) -> dict[str, Any]:
         "tree_processes": len(tree.tree_pids()),
         "tree_threads": len(tids),
         "traced_threads": len(traced),
-        "stopped": rl.stopped(tree.tree_pids()),
+        "stopped": procs.stopped(tree.tree_pids()),
     }
 
 
-def steady_sample(tree: rl.Tree) -> dict[str, Any]:
+def steady_sample(tree: launch.Tree) -> dict[str, Any]:
     """While the tree is busy: the fewest descriptors and RSS of 5 samples 50 ms apart (the
     injector holds a /proc/PID/mem descriptor for the length of one exec stop)."""
     samples = []
@@ -94,7 +92,7 @@ class StopWatcher(threading.Thread):
     """Samples the tree's thread states every 100 ms; remembers the longest time one thread
     (same tid, same start time) was seen stopped without a break."""
 
-    def __init__(self, tree: rl.Tree) -> None:
+    def __init__(self, tree: launch.Tree) -> None:
         super().__init__(daemon=True)
         self.tree = tree
         self.halt = threading.Event()
@@ -113,7 +111,7 @@ class StopWatcher(threading.Thread):
                 except OSError:
                     continue
                 for tid in tasks:
-                    fields = rl.stat_fields(f"{pid}/task/{tid}")
+                    fields = procs.stat_fields(f"{pid}/task/{tid}")
                     if fields and fields[0] in ("t", "T"):
                         key = (int(tid), fields[19])  # starttime: a reused tid is another
                         seen.add(key)
@@ -136,19 +134,18 @@ def _report_line(report: Path, what: str, timeout: float) -> dict[str, int]:
                 return {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", line)}
         return None
 
-    found: dict[str, int] = rl.wait_for(find, timeout, f"'{what}' in the soak report", 0.05)
+    found: dict[str, int] = procs.wait_for(f"'{what}' in the soak report", find, timeout, 0.05)
     return found
 
 
-def test_soak_ollama_like_server(built: rl.Built, pub: Path) -> None:
+def test_soak_ollama_like_server(programs: Programs, pub: Path) -> None:
+    """A long run of a server starting runners: no leak, no lost signal, every runner injected."""
     warmup = min(8.0, max(5.0, SECONDS / 5))
     report = pub / "report"
     log = pub / "vgpu-launch.log"
-    tree = rl.Tree(
-        built,
-        ["--preload", built.lib, "--", built.soak, "serve", str(report), str(warmup),
-         str(SECONDS)],
-        env=FAST, stdin=subprocess.PIPE, stderr_path=str(log),
+    tree = launch.Tree(
+        ["--preload", programs.librobustmark, "--", programs.soak, "serve", str(report),
+         str(warmup), str(SECONDS)], stdin=subprocess.PIPE, stderr_path=str(log),
     )
     watcher = StopWatcher(tree)
     try:
@@ -173,7 +170,6 @@ def test_soak_ollama_like_server(built: rl.Built, pub: Path) -> None:
         tree.proc.stdin.write(b"go\n")
         tree.proc.stdin.flush()
         tree.proc.stdin.close()
-        tree.proc.stdin = None  # communicate() must not touch it again
         run = tree.wait(60)
     finally:
         watcher.halt.set()
@@ -224,26 +220,21 @@ def test_soak_ollama_like_server(built: rl.Built, pub: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="needs Go for examples/ollama-like")
-def test_soak_go_ollama_like_example(built: rl.Built, pub: Path) -> None:
+def test_soak_go_ollama_like_example(ollama_like: Programs, pub: Path) -> None:
     """The Go example (os/exec: CLONE_VFORK, SIGURG preemption, runtime threads), starting and
     killing runners until SIGTERM: every runner must see the shim's device count (3, from
     --env VGPU_TEST_DEVICES, which the server strips from the runners' environment)."""
-    out = Path(rl.build().dir).parent / f"vgpu-robust-ollama-{os.getuid()}"
-    subprocess.run([str(rl.REPO / "examples" / "ollama-like" / "build.sh"), str(out)],
-                   check=True, capture_output=True, timeout=600)
     seconds = max(5.0, SECONDS / 2)
     log = pub / "vgpu-launch.log"
-    tree = rl.Tree(
-        built,
-        ["--preload", str(out / "libvgpu-test-shim.so"), "--env", "VGPU_TEST_DEVICES=3", "--",
-         str(out / "ollama"), "serve", "--runners-forever"],
-        env=FAST, stderr_path=str(log),
+    tree = launch.Tree(
+        ["--preload", ollama_like.shim, "--env", "VGPU_TEST_DEVICES=3", "--",
+         ollama_like.ollama, "serve", "--runners-forever"], stderr_path=str(log),
     )
     watcher = StopWatcher(tree)
     try:
         tree.tracer_ready()
         watcher.start()
-        rl.wait_for(lambda: "initial_count=" in log.read_text(), 60, "discovery")
+        procs.wait_for("discovery", lambda: "initial_count=" in log.read_text(), 60)
         time.sleep(5.0)  # warm-up
         base = steady_sample(tree)
         during = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import random
 import struct
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import launch
+from support.build import Programs
 
 from vgpu_launch.config import Config
 from vgpu_launch.trace import preload, stack
@@ -177,6 +178,7 @@ policies = st.builds(
 def test_rebuild_round_trip(word: int, argv: list[bytes], env: list[bytes],
                             extra_aux: list[tuple[int, int]], pol: Policy, secure: bool,
                             seed: int) -> None:
+    """A rebuilt stack parses back to the planned environment, argv and auxv untouched."""
     rng = random.Random(seed)
     img = build_image(word, argv, env, extra_aux, rng)
     snap = img.snapshot(img.sp)
@@ -252,6 +254,7 @@ def check_merge(pol: Policy, env: list[bytes], p: Plan, result: list[bytes]) -> 
 
 
 def test_same_name_in_env_and_force_env() -> None:
+    """A name both in env and force_env ends up once, with the forced value."""
     pol = Policy(preload=(LIBS[0],), env=((b"VGPU_A", b"soft"),),
                  force_env=((b"VGPU_A", b"forced"),))
     result = apply([b"PATH=/bin"], plan(pol, [b"PATH=/bin"]))
@@ -259,13 +262,6 @@ def test_same_name_in_env_and_force_env() -> None:
 
 
 # ---- 2. differential: a real program's environment ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def built() -> object:
-    import robustlib
-
-    return robustlib.build()
 
 
 def _envfile(path: Path, env: Sequence[bytes]) -> None:
@@ -290,16 +286,14 @@ cli_values = st.text(alphabet="abcxyz019/:._ -", max_size=10)
     two_libs=st.booleans(),
 )
 def test_real_program_sees_exactly_the_planned_environment(
-    built: object, tmp_path_factory: pytest.TempPathFactory, envs: list[list[bytes]],
+    programs: Programs, tmp_path_factory: pytest.TempPathFactory, envs: list[list[bytes]],
     env_opts: dict[str, str], force_opts: dict[str, str], two_libs: bool,
 ) -> None:
-    import robustlib as rl
-
-    assert isinstance(built, rl.Built)
+    """A real program exec'd under vgpu-launch prints exactly the environment planned for it."""
     tmp = tmp_path_factory.mktemp("diff")
-    libs = [built.lib]
+    libs = [programs.librobustmark]
     if two_libs:
-        second = Path(built.dir) / "librobustmark.so"  # the same file twice: merged once
+        second = Path(programs.dir) / "librobustmark.so"  # the same file twice: merged once
         libs.append(str(second))
     args: list[str] = []
     for lib in libs:
@@ -312,27 +306,24 @@ def test_real_program_sees_exactly_the_planned_environment(
     for i, env in enumerate(envs):
         _envfile(tmp / f"env{i}", env)
         pairs += [str(tmp / f"env{i}"), str(tmp / f"out{i}")]
-    run = rl.launch(built, [*args, "--", built.rtool, "execenv", built.rprobe, *pairs],
-                    env={"VGPU_LAUNCH_PYTHON": sys.executable}, timeout=120)
+    run = launch.run([*args, "--", programs.rtool, "execenv", programs.rprobe, *pairs],
+                     timeout=120)
     assert run.returncode == 0, run.describe()
     cfg = Config(preload=libs, env=dict(env_opts), force_env=dict(force_opts))
     pol = cfg.policy()
     for i, env in enumerate(envs):
         got = (tmp / f"out{i}").read_bytes().split(b"\0")
         assert got[-1] == b""
-        expected = apply(env, plan(pol, env, exe=built.rprobe))
+        expected = apply(env, plan(pol, env, exe=programs.rprobe))
         assert got[:-1] == expected, (env[:50], got[:50], expected[:50])
     assert run.end["counts"]["failed"] == 0
 
 
-def test_differential_harness_sees_a_plain_run(built: object, tmp_path: Path) -> None:
+def test_differential_harness_sees_a_plain_run(programs: Programs, tmp_path: Path) -> None:
     """A control for the harness itself: without vgpu-launch the program prints exactly the
     environment it was given."""
-    import robustlib as rl
-
-    assert isinstance(built, rl.Built)
     env = [b"A=1", b"", b"noequals", b"LD_PRELOAD", b"B=\xff\x01"]
     _envfile(tmp_path / "e", env)
-    subprocess.run([built.rtool, "execenv", built.rprobe, str(tmp_path / "e"),
+    subprocess.run([programs.rtool, "execenv", programs.rprobe, str(tmp_path / "e"),
                     str(tmp_path / "o")], check=True, timeout=30)
     assert (tmp_path / "o").read_bytes().split(b"\0")[:-1] == env

@@ -21,21 +21,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-import robustlib as rl
-
-FAST = rl.FAST
-
+from support import launch, procs
+from support.build import Programs
 
 
-
-
-def killed_before_running(run: rl.Run, exe_suffix: str, ran: Path, reason: str) -> None:
+def killed_before_running(run: launch.LaunchResult, exe_suffix: str, ran: Path,
+                          reason: str) -> None:
     (ev,) = [e for e in run.execs(exe_suffix) if e["decision"] == "failed"]
     assert ev["action"] == "killed (strict)", ev
     assert ev["level"] == "warning"
     assert reason in ev["reason"], ev
     assert not ran.exists(), "the program ran"
-    assert rl.reap_status(run.out) == signal.SIGKILL, run.describe()
+    assert launch.reap_status(run.stdout) == signal.SIGKILL, run.describe()
     assert run.end["counts"]["failed"] == 1
     assert run.end["tracees_left"] == 0
 
@@ -45,94 +42,96 @@ def killed_before_running(run: rl.Run, exe_suffix: str, ran: Path, reason: str) 
 
 @pytest.mark.parametrize("how", ["--strict", "VGPU_LAUNCH_STRICT=1"])
 def test_32bit_program_without_a_32bit_preload_is_killed(
-    built: rl.Built, pub: Path, how: str
+    programs: Programs, pub: Path, how: str
 ) -> None:
-    if "rprobe32" not in built:
+    """Strict mode (option or variable): a program that cannot load the preload is killed."""
+    if "rprobe32" not in programs:
         pytest.skip("gcc -m32 unavailable (gcc-multilib)")
     ran = pub / "ran"
     flag = [how] if how.startswith("--") else []
-    env = {**FAST, "VGPU_LAUNCH_STRICT": "1"} if not flag else FAST
-    run = rl.launch(built, [*flag, "--preload", built.lib, "--", built.rtool, "reap",
-                            built.rprobe32, "--touch", str(ran)], env=env)
+    env = {"VGPU_LAUNCH_STRICT": "1"} if not flag else {}
+    run = launch.run([*flag, "--preload", programs.librobustmark, "--", programs.rtool, "reap",
+                      programs.rprobe32, "--touch", str(ran)], env=env)
     assert run.returncode == 0, run.describe()
     assert run.of("start")[0]["strict"] is True
     killed_before_running(run, "/rprobe32", ran, "ld.so will refuse")
 
 
-def test_stack_that_cannot_be_written_is_killed(built: rl.Built, pub: Path) -> None:
-    """As tests/test_faults.py::test_new_stack_cannot_be_written (EIO from /proc/PID/mem)."""
+def test_stack_that_cannot_be_written_is_killed(programs: Programs, pub: Path) -> None:
+    """As test_faults.py::test_new_stack_cannot_be_written (EIO from /proc/PID/mem)."""
     import resource
 
     ran = pub / "ran"
     big = [a for i in range(5) for a in ("--force-env", f"VGPU_TEST_BIG{i}={'z' * 120_000}")]
-    with rl.fifo(pub) as fifo, rl.Tree(
-        built,
-        ["--strict", "--preload", built.lib, *big, "--", built.rtool, "reap", built.rtool,
-         "event", "exec", str(pub / "pid"), str(fifo), built.rtool, "rlimit-exec",
-         str(8 << 20), built.rprobe, "--touch", str(ran)],
-        env=FAST,
+    with procs.fifo(pub) as fifo, launch.Tree(
+        ["--strict", "--preload", programs.librobustmark, *big, "--", programs.rtool, "reap",
+         programs.rtool, "event", "exec", str(pub / "pid"), str(fifo), programs.rtool,
+         "rlimit-exec", str(8 << 20), programs.rprobe, "--touch", str(ran)],
     ) as tree:
         tree.tracer_ready()
-        rl.wait_for(lambda: (pub / "pid").exists(), 10, "the victim")
+        procs.wait_for("the victim", lambda: (pub / "pid").exists(), 10)
         resource.prlimit(tree.launcher, resource.RLIMIT_STACK, (512 * 1024, resource.RLIM_INFINITY))
-        rl.release(fifo)
+        procs.release(fifo)
         run = tree.wait(60)
     assert run.returncode == 0, run.describe()
     killed_before_running(run, "/rprobe", ran, "Input/output error")
 
 
 def test_execute_only_program_under_an_unprivileged_tracer_is_killed(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
+    """An execute-only program an unprivileged tracer cannot inject is killed first."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to nobody")
     xonly = pub / "xonly"
-    shutil.copy(built.rprobe, xonly)
+    shutil.copy(programs.rprobe, xonly)
     xonly.chmod(0o111)
     ran = pub / "ran"
     os.chmod(pub, 0o777)  # nobody must be able to create the file, were the program to run
-    run = rl.launch(built, ["--strict", "--preload", built.lib, "--", built.rtool, "reap",
-                            str(xonly), "--touch", str(ran)], user="nobody")
+    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", programs.rtool,
+                      "reap", str(xonly), "--touch", str(ran)], user="nobody")
     assert run.returncode == 0, run.describe()
     killed_before_running(run, "", ran, "Permission denied")
 
 
-def test_cmd_itself_killed_makes_vgpu_launch_die_the_same_way(built: rl.Built, pub: Path) -> None:
-    if "rprobe32" not in built:
+def test_cmd_itself_killed_makes_vgpu_launch_die_the_same_way(programs: Programs,
+                                                              pub: Path) -> None:
+    """CMD itself killed by strict mode: vgpu-launch dies of SIGKILL as CMD did."""
+    if "rprobe32" not in programs:
         pytest.skip("gcc -m32 unavailable (gcc-multilib)")
     ran = pub / "ran"
-    run = rl.launch(built, ["--strict", "--preload", built.lib, "--", built.rprobe32, "--touch",
-                            str(ran)], env=FAST)
+    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", programs.rprobe32,
+                      "--touch", str(ran)])
     assert run.returncode == -signal.SIGKILL, run.describe()
     assert run.end["cmd_signal"] == "SIGKILL"
     assert not ran.exists()
 
 
-def test_strict_lets_good_programs_run(built: rl.Built, pub: Path) -> None:
+def test_strict_lets_good_programs_run(programs: Programs, pub: Path) -> None:
     """The other side: nothing is killed when every injection works, and the exit status
     is CMD's."""
-    run = rl.launch(built, ["--strict", "--preload", built.lib, "--", "sh", "-c",
-                            f"env -i {built.rprobe} --check && {built.rtool} spawn-storm 4 25 "
-                            f"{built.rprobe} --check && exit 7"], env=FAST)
+    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", "sh", "-c",
+                      f"env -i {programs.rprobe} --check && {programs.rtool} spawn-storm 4 25 "
+                      f"{programs.rprobe} --check && exit 7"])
     assert run.returncode == 7, run.describe()
     assert run.end["counts"]["failed"] == 0
     assert run.end["counts"]["injected"] >= 101
 
 
 def test_setuid_program_is_not_killed_and_runs_without_the_preload(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
     """A documented limit: ld.so ignores the preload in a setuid program, so strict mode can
     only log it (decision setuid); killing it would break su, sudo, ping... in the tree."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     suid = pub / "suid-probe"
-    shutil.copy(built.rprobe, suid)
+    shutil.copy(programs.rprobe, suid)
     suid.chmod(0o4755)
-    run = rl.launch(built, ["--strict", "--preload", built.lib, "--", *rl.NOBODY, str(suid)],
-                    env=FAST)
+    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", *launch.NOBODY,
+                      str(suid)])
     assert run.returncode == 0, run.describe()
-    assert "secure=1" in run.out and "marker=0" in run.out
+    assert "secure=1" in run.stdout and "marker=0" in run.stdout
     assert run.execs("/suid-probe")[0]["decision"] == "setuid"
 
 
@@ -144,10 +143,11 @@ def test_setuid_program_is_not_killed_and_runs_without_the_preload(
     [("cli", "cli"), ("env", "cli"), ("cli", "env"), ("file", "file"), ("cli", "file")],
 )
 def test_exclude_with_strict_is_refused(
-    built: rl.Built, tmp_path: Path, strict_from: str, exclude_from: str
+    programs: Programs, tmp_path: Path, strict_from: str, exclude_from: str
 ) -> None:
-    args: list[str] = ["--preload", built.lib]
-    env: dict[str, str | None] = dict(FAST)
+    """--exclude with strict mode, from any source, is refused at start (exit 2)."""
+    args: list[str] = ["--preload", programs.librobustmark]
+    env: dict[str, str | None] = {}
     conf: list[str] = []
     for what, where in (("strict", strict_from), ("exclude", exclude_from)):
         if where == "cli":
@@ -163,19 +163,20 @@ def test_exclude_with_strict_is_refused(
         path.write_text("\n".join(conf) + "\n")
         args += ["--config", str(path)]
     ran = tmp_path / "ran"
-    run = rl.launch(built, [*args, "--", built.rprobe, "--touch", str(ran)], env=env,
-                    log_format="")
+    run = launch.run([*args, "--", programs.rprobe, "--touch", str(ran)], env=env,
+                     log_format="")
     assert run.returncode == 2, run.describe()
     (line,) = run.stderr.splitlines()
     assert "strict mode" in line and "exclude" in line, line
     assert not ran.exists()
 
 
-def test_exclude_without_strict_still_works(built: rl.Built) -> None:
-    run = rl.launch(built, ["--preload", built.lib, "--exclude", "rprobe", "--", "env", "-i",
-                            built.rprobe], env=FAST)
+def test_exclude_without_strict_still_works(programs: Programs) -> None:
+    """Without strict mode --exclude leaves the named program without the preload."""
+    run = launch.run(["--preload", programs.librobustmark, "--exclude", "rprobe", "--", "env",
+                      "-i", programs.rprobe])
     assert run.returncode == 0, run.describe()
-    assert "marker=0" in run.out
+    assert "marker=0" in run.stdout
     assert run.execs("/rprobe")[0]["decision"] == "excluded"
 
 
@@ -189,30 +190,29 @@ def _beats(pub: Path) -> list[str]:
         return []
 
 
-def heartbeat_tree(built: rl.Built, pub: Path, env: Mapping[str, str | None]) -> rl.Tree:
-    return rl.Tree(
-        built,
-        ["--strict", "--preload", built.lib, "--", built.rtool, "reap", built.rtool, "heartbeat",
-         str(pub / "beats"), built.rprobe, "60"],
+def heartbeat_tree(programs: Programs, pub: Path, env: Mapping[str, str | None]) -> launch.Tree:
+    return launch.Tree(
+        ["--strict", "--preload", programs.librobustmark, "--", programs.rtool, "reap",
+         programs.rtool, "heartbeat", str(pub / "beats"), programs.rprobe, "60"],
         env=env,
     )
 
 
-def _assert_tree_died(tree: rl.Tree, pub: Path, tree_pids: list[int]) -> None:
-    rl.wait_for(lambda: not [p for p in tree_pids if rl.state(p) not in (None, "Z")], 5,
-                "the whole tree to die")
+def _assert_tree_died(tree: launch.Tree, pub: Path, tree_pids: list[int]) -> None:
+    procs.wait_for("the whole tree to die",
+                   lambda: not [p for p in tree_pids if procs.state(p) not in (None, "Z")], 5)
     n = len(_beats(pub))
     time.sleep(0.3)  # proving that nothing happens needs a window: a live tree beats every 20 ms
     assert len(_beats(pub)) == n, "the heartbeat went on"
 
 
-def test_tracer_exception_kills_the_tree(built: rl.Built, pub: Path) -> None:
+def test_tracer_exception_kills_the_tree(programs: Programs, pub: Path) -> None:
     """Fault at the 4th exec (heartbeat's second child): the tracer thread dies, EXITKILL
     kills every tracee, CMD included, and vgpu-launch dies of CMD's SIGKILL."""
-    with heartbeat_tree(built, pub, {**FAST, "VGPU_LAUNCH_TEST_FAULT": "exec:4"}) as tree:
+    with heartbeat_tree(programs, pub, {"VGPU_LAUNCH_TEST_FAULT": "exec:4"}) as tree:
         tree.tracer_ready()
-        rl.wait_for(lambda: sum(b.startswith("child") for b in _beats(pub)) >= 1, 20,
-                    "the first child")
+        procs.wait_for("the first child",
+                       lambda: sum(b.startswith("child") for b in _beats(pub)) >= 1, 20)
         run = tree.wait(30)
     assert run.returncode == -signal.SIGKILL, run.describe()
     (failed,) = run.of("tracer-failed")
@@ -222,11 +222,12 @@ def test_tracer_exception_kills_the_tree(built: rl.Built, pub: Path) -> None:
     assert [b for b in _beats(pub) if b.startswith("child")] == ["child rc=0"]
 
 
-def test_launcher_sigkilled_kills_the_tree(built: rl.Built, pub: Path) -> None:
-    with heartbeat_tree(built, pub, FAST) as tree:
+def test_launcher_sigkilled_kills_the_tree(programs: Programs, pub: Path) -> None:
+    """Strict mode: vgpu-launch SIGKILLed takes its whole tree with it (EXITKILL)."""
+    with heartbeat_tree(programs, pub, {}) as tree:
         tree.tracer_ready()
-        rl.wait_for(lambda: sum(b.startswith("child") for b in _beats(pub)) >= 2, 20,
-                    "two children")
+        procs.wait_for("two children",
+                       lambda: sum(b.startswith("child") for b in _beats(pub)) >= 2, 20)
         pids = tree.tree_pids()
         assert len(pids) >= 2
         os.kill(tree.launcher, signal.SIGKILL)
