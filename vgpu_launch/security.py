@@ -40,9 +40,6 @@ _ACL_WRITE = 0x02
 
 OVERRIDE = "--allow-insecure (or VGPU_LAUNCH_ALLOW_INSECURE=1)"
 
-# Problems found and accepted because of the override, for the start event to report.
-overridden: list[str] = []
-
 
 def trusted_uids() -> frozenset[int]:
     """Root and the user vgpu-launch runs as."""
@@ -220,7 +217,7 @@ def check(path: str, what: str, *, allow_insecure: bool = False, source: str = "
     """Raise ConfigError (exit status 2) if an untrusted user could change ``path``.
 
     ``what`` names the file in the message ("preload library", "configuration file").
-    With ``allow_insecure`` the problem is only recorded in ``overridden``.
+    With ``allow_insecure`` a problem is accepted.
     """
     try:
         found = find_problem(path)
@@ -228,11 +225,9 @@ def check(path: str, what: str, *, allow_insecure: bool = False, source: str = "
         return  # missing or unreadable: the caller's own checks say so
     if found is None:
         return
-    message = _message(path, what, found, source)
     if allow_insecure:
-        overridden.append(message)
         return
-    raise ConfigError(message)
+    raise ConfigError(_message(path, what, found, source))
 
 
 def check_open(path: str, fd: int, what: str, *, allow_insecure: bool = False,
