@@ -367,6 +367,11 @@ def test_unit_good(libs: dict[str, str], tmp_path: Path) -> None:
 
 def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
     """A unit with every setting that breaks vgpu-launch: each is named, with its fix."""
+    # PrivateTmp= hides /tmp from the service: the library is put there, wherever the checkout
+    # and the build are.
+    in_tmp = Path(tempfile.mkdtemp(prefix="vgpu-doctor-", dir="/tmp"))
+    lib = str(in_tmp / "libshim.so")
+    shutil.copy(libs["lib"], lib)
     env = _unit_env(tmp_path, {"ollama.service": {
         "Id": "ollama.service", "LoadState": "loaded", "ActiveState": "active",
         "Type": "notify", "KillMode": "control-group", "NotifyAccess": "main",
@@ -375,7 +380,10 @@ def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
         "CapabilityBoundingSet": "cap_chown cap_setuid", "PrivateDevices": "yes",
         "PrivateTmp": "yes",
     }})
-    r = doctor("--unit", "ollama", "--preload", libs["lib"], env=env)
+    try:
+        r = doctor("--unit", "ollama", "--preload", lib, env=env)
+    finally:
+        shutil.rmtree(in_tmp)
     assert r.rc == 1, r.describe()
     ex = r.one("unit ollama: ExecStart")
     assert ex["status"] == "fail" and "not vgpu-launch" in ex["why"]
@@ -388,9 +396,8 @@ def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
     assert scf["status"] == "fail" and "ptrace" in scf["why"] and "EPERM" in scf["why"]
     assert r.status_of("unit ollama: CapabilityBoundingSet") == "warn"
     assert r.status_of("unit ollama: PrivateDevices") == "warn"
-    if libs["lib"].startswith("/tmp/"):
-        pt = r.one("unit ollama: PrivateTmp")
-        assert pt["status"] == "fail" and libs["lib"] in pt["why"]
+    pt = r.one("unit ollama: PrivateTmp")
+    assert pt["status"] == "fail" and lib in pt["why"]
     assert "--preload" in r.one("config: preload")["why"]
 
 

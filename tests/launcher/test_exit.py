@@ -158,7 +158,12 @@ def test_stdout_holds_only_cmds_output(programs: Programs, tmp_path: Path, log_f
     assert r.returncode == 0
     assert r.stdout == "out\n"
     assert "err" in r.stderr
-    assert '"event"' in r.stderr or log_format == "console"
+    if log_format == "json":
+        assert r.lines == ["err"], r.describe()  # every other line is a JSON event
+        assert r.end["cmd_exit"] == 0, r.describe()
+    else:
+        assert r.events == [], r.describe()  # not one JSON line
+        assert any("cmd_exit=0" in line for line in r.lines), r.describe()  # the end, as text
 
 
 def test_cmd_exits_with_a_child_still_running(programs: Programs, tmp_path: Path) -> None:

@@ -294,9 +294,11 @@ def test_vgpu_launch_as_session_leader_terminal(programs: Programs, tmp_path: Pa
             (2, SI_KERNEL, 0), (1, 0, launcher)]
         assert [r["sig"] for r in recs].count(2) == 1
         assert [r["sig"] for r in recs].count(1) == 1
-        reaped = wait_for("vgpu-launch to end", lambda: _reaped(launcher))
-        assert reaped is not None
-        assert os.WIFEXITED(reaped[1]) and os.WEXITSTATUS(reaped[1]) == 0
+        _pid, status = wait_for("vgpu-launch to end", lambda: _reaped(launcher))
+        # CMD's status (sigrec exits 0 after the SIGHUP), and CMD went with it
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"wait status {status:#x}"
+        cmd = int(parse_sig(_text(out).splitlines()[0])["pid"])
+        assert state(cmd) is None, f"CMD (pid {cmd}) outlived vgpu-launch: {state(cmd)}"
     finally:
         try:
             os.kill(child.pid, signal.SIGKILL)
