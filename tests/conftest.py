@@ -1,5 +1,9 @@
 """What every test folder shares (the harness itself is the package tests/support).
 
+Before any test: every process the tests start begins with default signal dispositions and an
+empty signal mask, however pytest was started (``nohup``, a shell's background job):
+``support.procs.reset_inherited_signal_state``.
+
 Fixtures (session-scoped unless said otherwise):
 
 ``programs``
@@ -20,10 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, build
+from support import REPO, build, procs
 
 if str(REPO) not in sys.path:  # vgpu_launch from this checkout, however pytest was started
     sys.path.insert(0, str(REPO))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    procs.reset_inherited_signal_state()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 - ``support.build``: compiles tests/programs (and examples/ollama-like) once per content hash;
 - ``support.launch``: runs vgpu-launch (to the end, or in the background) and parses its log;
-- ``support.procs``: /proc readers, ``wait_for``, signals;
+- ``support.procs``: /proc readers, ``wait_for``, signals, and the signal state the tests
+  start from;
 - ``support.systemctl``: a stand-in ``systemctl`` for doctor and status where no systemd runs.
 """
 

@@ -196,3 +196,34 @@ def libc_sigqueue(pid: int, sig: int, value: int) -> None:
     if libc.sigqueue(ctypes.c_int(pid), ctypes.c_int(sig), ctypes.c_void_p(value)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """Stands for SIG_IGN in the test process; a handler, unlike SIG_IGN, is not inherited."""
+
+
+# Python itself ignores these and restores them for the children it starts (subprocess's
+# restore_signals); the state they start in says nothing about how pytest was started.
+_PYTHONS_OWN = {signal.SIGPIPE, signal.SIGXFSZ}
+
+
+def reset_inherited_signal_state() -> list[int]:
+    """Make every process the tests start begin with default signal dispositions and an empty
+    signal mask, however the test process itself was started: under ``nohup`` SIGHUP is
+    ignored, in a shell's background job SIGINT and SIGQUIT are, and both are inherited
+    through fork and exec.  A signal this process was given ignored is caught by a handler that
+    does nothing instead: the test process still ignores it in effect (a hang-up does not end
+    a ``nohup`` run), and exec resets a caught signal to its default action in every child.
+    Returns the signals so changed."""
+    changed = []
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP) or sig in _PYTHONS_OWN:
+            continue
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, _ignore)
+                changed.append(sig)
+        except (OSError, ValueError):  # signals that libc keeps for itself
+            continue
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    return changed
