@@ -1,5 +1,5 @@
 /*
- * rtool: process shapes for the robustness tests (tests/test_faults.py and co.).
+ * rtool: process shapes for the robustness tests (tests/robustness).
  *
  *   rtool reap [-s STATUSFILE] CMD [ARG...]
  *       Become a child subreaper, run CMD, reap every process that ends up as our child until

@@ -1,5 +1,5 @@
 /*
- * soak: an ollama-like server for the soak test (tests/test_soak.py).
+ * soak: an ollama-like server for the soak test (tests/robustness/test_soak.py).
  *
  *   soak serve REPORT WARMUP_SECONDS SECONDS
  *
