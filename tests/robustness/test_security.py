@@ -3,8 +3,8 @@
 
 End to end: vgpu-launch exits 2 with one line naming the offending path, its mode and owner, and
 starts nothing; the override (--allow-insecure, VGPU_LAUNCH_ALLOW_INSECURE=1, allow_insecure =
-true in a configuration file that is itself safe) lets it run. The path walk itself
-(symbolic links, "..", loops) is tests/unit/test_security_walk.py's.
+true in a configuration file that is itself safe) lets it run. Unit tests cover the path walk
+(symbolic links, sticky directories, groups, ACLs, "..") on trees made here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from support import launch
 from support.build import Programs
 
 from vgpu_launch import security
+from vgpu_launch.errors import ConfigError
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = pwd.getpwnam("nobody").pw_gid  # nobody's own group: nobody is in it
@@ -310,3 +311,46 @@ def test_service_user_refuses_a_third_users_file(programs: Programs, pub: Path) 
     line = refused(programs, ["--preload", str(lib)], user="nobody", tmp=pub)
     assert "owned by 4242, not root or nobody" in line
     assert "run code as nobody" in line
+
+
+# ---- unit tests of the walk -------------------------------------------------------------------
+
+
+def test_walk_follows_dotdot_and_relative_links(pub: Path) -> None:
+    """The walk follows '..' and relative links, and finds a writable directory on the way."""
+    (pub / "a" / "b").mkdir(parents=True)
+    target = pub / "a" / "f"
+    target.write_text("x")
+    (pub / "a" / "b" / "up").symlink_to("../f")
+    assert security.find_problem(str(pub / "a" / "b" / ".." / "b" / "up"), {0}) is None
+    (pub / "a").chmod(0o777)
+    found = security.find_problem(str(pub / "a" / "b" / "up"), {0})
+    assert found is not None and found.path == str(pub / "a")
+
+
+def test_walk_symlink_loop_raises(pub: Path) -> None:
+    """A symbolic link loop ends the walk with an error, not a hang."""
+    (pub / "x").symlink_to("y")
+    (pub / "y").symlink_to("x")
+    with pytest.raises(OSError):
+        security.find_problem(str(pub / "x"), {0})
+
+
+def test_check_open_notices_a_replaced_file(pub: Path) -> None:
+    """A file replaced between its check and its opening is refused."""
+    a = pub / "a.conf"
+    a.write_text("x")
+    b = pub / "b.conf"
+    b.write_text("y")
+    with open(b, "rb") as f, pytest.raises(ConfigError, match="replaced"):
+        security.check_open(str(a), f.fileno(), "configuration file")
+
+
+def test_allow_insecure_accepts_what_is_refused_without_it(pub: Path) -> None:
+    """With allow_insecure a world-writable file passes the check that refuses it without."""
+    f = pub / "f"
+    f.write_text("x")
+    f.chmod(0o666)
+    with pytest.raises(ConfigError, match="mode 0666"):
+        security.check(str(f), "preload library")
+    security.check(str(f), "preload library", allow_insecure=True)
