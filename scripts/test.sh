@@ -7,7 +7,7 @@ scripts/setup.sh
 .venv/bin/ruff check vgpu_launch tests bench packaging
 .venv/bin/mypy vgpu_launch
 VGPU_LAUNCH_PYTHON=$PWD/.venv-pypi/bin/python .venv-pypi/bin/python -m pytest -q -p no:cacheprovider \
-  tests/unit tests/test_shapes.py
+  tests/unit tests/launcher/test_shapes.py
 # A smoke run of the benchmark: every workload in every mode must run (no timing thresholds).
 VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python .venv/bin/python bench/run.py --quick --idle-seconds 2 >/dev/null
 PYTHON=$PWD/.venv/bin/python VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python gpu/run.sh --dry-run >/dev/null

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from support import procs
+
 T = TypeVar("T")
 
 CACHE_DIR = Path(os.environ.get("VGPU_LAUNCH_TEST_CACHE", "/var/cache/vgpu-launch-tests"))
@@ -208,20 +210,8 @@ exec setpriv --bounding-set "$3" chroot "$r" /usr/bin/env -i container=vgpu-laun
 """
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return procs.state(pid) not in (None, "Z", "X")
 
 
 def remove_stale_cgroups(base: Path, name: str = "vgpu-launch-test") -> None:
@@ -308,7 +298,7 @@ class BootedSystem:
         deadline = time.monotonic() + self.boot_timeout
         while self.init_pid is None:
             self._check_alive("before systemd started")
-            kids = _children(self._proc.pid)
+            kids = procs.children(self._proc.pid)
             if kids:
                 self.init_pid = kids[0]
             elif time.monotonic() > deadline:
@@ -522,19 +512,11 @@ class BootedSystem:
         return procs
 
 
-def wait_for(what: str, predicate: Callable[[], T], timeout: float,
+def wait_for(what: str, predicate: Callable[[], T | None], timeout: float,
              interval: float = 0.25, describe: Callable[[], str] | None = None) -> T:
-    """Poll ``predicate`` until it returns something true; fail with ``describe()`` after
-    ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = describe() if describe else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{detail}")
-        time.sleep(interval)
+    """support.procs.wait_for, polling less often by default: each look into a booted system
+    runs a command in it."""
+    return procs.wait_for(what, predicate, timeout, interval, describe)
 
 
 def boot(lower: Path | None = None, **kw: Any) -> BootedSystem:

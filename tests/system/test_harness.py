@@ -27,6 +27,7 @@ KillMode=mixed
 
 def test_boots_and_runs_a_unit(boot_system: Callable[..., harness.BootedSystem],
                                tmp_path: Path) -> None:
+    """A booted system runs systemd and a unit, and leaves the machine as it was."""
     sentinel = Path("/tmp") / f"vgpu-launch-system-test-{os.getpid()}"
     sentinel.write_text("untouched")
     dev_before = set(os.listdir("/dev"))
@@ -75,6 +76,7 @@ def test_boots_and_runs_a_unit(boot_system: Callable[..., harness.BootedSystem],
 
 def test_teardown_kills_everything_even_on_error(
         boot_system: Callable[..., harness.BootedSystem]) -> None:
+    """A test failing midway still kills every process of its system."""
     with pytest.raises(RuntimeError), boot_system() as system:
         system.run("systemd-run", "--unit=stray", "/bin/sleep", "infinity")
         stray = [p["pid"] for p in system.processes() if p["comm"] == "sleep"]
@@ -88,7 +90,8 @@ def test_namespace_dies_with_the_test_process(bookworm_root: Path, tmp_path: Pat
     """A test run killed outright (SIGKILL, no teardown) still takes its system with it."""
     script = (
         "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(harness.__file__).parent)!r})\n"
+        f"sys.path[:0] = [{str(Path(harness.__file__).parent)!r}, "
+        f"{str(Path(harness.__file__).parents[1])!r}]\n"
         "import harness\n"
         f"s = harness.BootedSystem(harness.Path({str(bookworm_root)!r}), "
         f"log_dir=harness.Path({str(tmp_path)!r}))\n"

@@ -53,6 +53,7 @@ def all_options(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def test_every_option_is_in_the_page(parser: argparse.ArgumentParser, page: str) -> None:
+    """Every option of the parser is named in vgpu-launch(1)."""
     text = plain(page)
     options = all_options(parser)
     assert "--preload" in options  # the parser is the real one
@@ -74,6 +75,7 @@ def test_every_option_has_its_own_entry(parser: argparse.ArgumentParser, page: s
 
 
 def test_choices_and_metavars_are_shown(parser: argparse.ArgumentParser, page: str) -> None:
+    """Each option's choices and value name appear as the parser has them."""
     text = plain(page)
     for action in parser._actions:
         if action.choices and action.option_strings:
@@ -83,6 +85,7 @@ def test_choices_and_metavars_are_shown(parser: argparse.ArgumentParser, page: s
 
 
 def test_subcommands_are_in_the_page(page: str) -> None:
+    """doctor and status, and every option of theirs, are in the page."""
     text = plain(page)
     for name in ("doctor", "status"):
         assert f"vgpu-launch {name}" in text
@@ -128,6 +131,7 @@ def test_shipped_config_names_every_key() -> None:
 
 
 def test_page_renders_without_warnings(page: str, tmp_path: Path) -> None:
+    """groff renders the page without a warning."""
     if shutil.which("groff") is None:
         pytest.skip("groff not installed")
     src = tmp_path / "vgpu-launch.1"
@@ -138,6 +142,7 @@ def test_page_renders_without_warnings(page: str, tmp_path: Path) -> None:
 
 
 def test_generator_writes_the_file(tmp_path: Path) -> None:
+    """packaging/manpage.py writes the page, dated as asked."""
     out = tmp_path / "vgpu-launch.1"
     subprocess.run([sys.executable, str(REPO / "packaging" / "manpage.py"), "--output", str(out),
                     "--date", "2000-01-01"], cwd=REPO, check=True,

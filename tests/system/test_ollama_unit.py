@@ -160,6 +160,7 @@ def system(boot_system: Callable[..., harness.BootedSystem], deb_package: Path,
 # --- the tests, in order --------------------------------------------------------------------
 
 def test_unit_runs_under_vgpu_launch(system: harness.BootedSystem) -> None:
+    """The drop-in makes ollama's unit start the server under vgpu-launch, nothing else."""
     wait_active(system)
     props = system.show(UNIT, "ExecStart", "KillMode", "DropInPaths", "User", "Restart")
     assert DROPIN_LINK in props["DropInPaths"].split()
@@ -181,6 +182,7 @@ def test_unit_runs_under_vgpu_launch(system: harness.BootedSystem) -> None:
 
 
 def test_runners_report_the_virtual_device(system: harness.BootedSystem) -> None:
+    """Every runner of the ollama-like server sees the shim's device."""
     run = wait_active(system)
     assert initial_count(system, run) == 1, system.journal_text("-u", UNIT, "-n", "80")
     counts = runner_counts(system, run)
@@ -188,6 +190,7 @@ def test_runners_report_the_virtual_device(system: harness.BootedSystem) -> None
 
 
 def test_decision_log_is_structured_in_the_journal(system: harness.BootedSystem) -> None:
+    """The decisions are JSON lines in the unit's journal, runners injected."""
     run = wait_active(system)
     initial_count(system, run)
     log = events(system, run)
@@ -208,6 +211,7 @@ def test_decision_log_is_structured_in_the_journal(system: harness.BootedSystem)
 @pytest.mark.xfail(not HAS_STATUS, strict=False,
                    reason="vgpu-launch status (vgpu_launch/diagnostics.py) is not written yet")
 def test_status_shows_every_process_with_the_shim(system: harness.BootedSystem) -> None:
+    """`vgpu-launch status --unit ollama` shows every process with the shim."""
     wait_active(system)
     proc = system.run("vgpu-launch", "status", "--unit", "ollama", "--format", "json",
                       check=False)
@@ -232,6 +236,7 @@ def test_status_shows_every_process_with_the_shim(system: harness.BootedSystem) 
 
 
 def test_stop_is_clean(system: harness.BootedSystem) -> None:
+    """`systemctl stop`: the server shuts down on its own, nothing left, result success."""
     run = wait_active(system)
     initial_count(system, run)  # discovery over
     t0 = time.monotonic()
@@ -250,6 +255,7 @@ def test_stop_is_clean(system: harness.BootedSystem) -> None:
 
 
 def test_crash_is_a_failure_and_is_restarted(system: harness.BootedSystem) -> None:
+    """The server crashing is a failure to systemd, and the unit is restarted."""
     run = wait_active(system)
     initial_count(system, run)  # the server is up and done with discovery
     before = system.show(UNIT, "NRestarts", "MainPID")
@@ -279,6 +285,7 @@ def test_crash_is_a_failure_and_is_restarted(system: harness.BootedSystem) -> No
 
 def test_remove_leaves_the_unit_working_without_the_dropin(
         system: harness.BootedSystem) -> None:
+    """Removing the package leaves ollama running on its own ExecStart."""
     run = wait_active(system)
     initial_count(system, run)
     system.apt_get("remove", "vgpu-launch")
@@ -297,6 +304,7 @@ def test_remove_leaves_the_unit_working_without_the_dropin(
 
 
 def test_purge_removes_the_dangling_link(system: harness.BootedSystem) -> None:
+    """Purging removes the dangling drop-in link and the configuration."""
     system.apt_get("purge", "vgpu-launch")
     assert system.run("test", "-L", DROPIN_LINK, check=False).returncode != 0
     assert not system.exists("/etc/systemd/system/ollama.service.d")

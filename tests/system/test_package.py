@@ -37,6 +37,7 @@ def system(boot_system: Callable[..., harness.BootedSystem],
 
 
 def test_deb_metadata(deb_package: Path) -> None:
+    """The .deb is architecture all and depends on Debian's Python libraries."""
     fields = subprocess.run(["dpkg-deb", "-f", str(deb_package)], capture_output=True,
                             text=True, check=True).stdout
     assert "Architecture: all" in fields
@@ -47,6 +48,7 @@ def test_deb_metadata(deb_package: Path) -> None:
 
 
 def test_installed_files(system: harness.BootedSystem) -> None:
+    """Installed, the package has its files, conffile and pinned interpreter, no drop-in."""
     version = system.run("vgpu-launch", "--version").stdout.strip()
     assert version == f"vgpu-launch {upstream_version()}"
     assert system.run("python3", "-c", "import vgpu_launch, sys; print(vgpu_launch.__file__)"
@@ -71,6 +73,7 @@ def test_installed_files(system: harness.BootedSystem) -> None:
 
 
 def test_default_config_is_all_comments(system: harness.BootedSystem) -> None:
+    """The shipped configuration is all comments, each one a valid key."""
     text = system.run("cat", "/etc/vgpu-launch/vgpu-launch.conf").stdout
     live = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert live == []
@@ -88,6 +91,7 @@ def test_default_config_is_all_comments(system: harness.BootedSystem) -> None:
 
 
 def test_runs_a_command_with_the_preload(system: harness.BootedSystem) -> None:
+    """The installed vgpu-launch puts the preload back and passes exit codes on."""
     # a library every program can preload: the C library itself
     libc = system.run("python3", "-c", "import ctypes.util, os; "
                       "print(os.path.realpath('/lib/x86_64-linux-gnu/libc.so.6'))").stdout.strip()
@@ -122,6 +126,7 @@ def launcher_events(system: harness.BootedSystem, unit: str) -> list[dict[str, o
 
 
 def test_template_unit_with_environment_file(system: harness.BootedSystem) -> None:
+    """vgpu-launch@NAME.service runs the command of /etc/vgpu-launch/NAME.env."""
     libc = system.run("readlink", "-f", "/lib/x86_64-linux-gnu/libc.so.6").stdout.strip()
     example = system.run("cat", "/usr/share/doc/vgpu-launch/examples/vgpu-launch.env").stdout
     assert re.search(r"^COMMAND=", example, re.M)
@@ -145,6 +150,7 @@ def test_template_unit_with_environment_file(system: harness.BootedSystem) -> No
 
 
 def test_remove_and_purge(system: harness.BootedSystem) -> None:
+    """Remove keeps the configuration; purge removes it."""
     system.apt_get("remove", "vgpu-launch")
     assert not system.exists("/usr/bin/vgpu-launch")
     assert system.exists("/etc/vgpu-launch/vgpu-launch.conf")  # conffile kept until purge

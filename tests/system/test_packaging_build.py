@@ -22,6 +22,7 @@ def need(tool: str) -> None:
 
 
 def test_deb_is_lintian_clean(deb_package: Path) -> None:
+    """lintian, pedantic and experimental tags included, finds nothing in the .deb."""
     need("lintian")
     changes = sorted(deb_package.parent.glob("vgpu-launch_*.changes"))
     assert changes
@@ -38,6 +39,7 @@ def test_deb_is_lintian_clean(deb_package: Path) -> None:
 
 
 def test_deb_contents(deb_package: Path) -> None:
+    """The .deb holds the program, its page, its units and its configuration."""
     listing = subprocess.run(["dpkg-deb", "-c", str(deb_package)], capture_output=True,
                              text=True, check=True).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
@@ -57,6 +59,7 @@ def test_deb_contents(deb_package: Path) -> None:
 
 
 def test_rpm_builds(tmp_path: Path) -> None:
+    """The RPM builds and ships the same files, config and dependencies."""
     need("rpmbuild")
     proc = subprocess.run([str(REPO / "packaging" / "build-rpm.sh"), str(tmp_path)],
                           capture_output=True, text=True, check=False, timeout=600)

@@ -27,12 +27,14 @@ def conf(tmp_path: Path) -> str:
 
 
 def test_file_alone(conf: str) -> None:
+    """A configuration file alone gives its settings, each with its source."""
     cfg = load({}, {}, config_path=conf)
     assert cfg.preload == ["/file/a.so"] and cfg.strict and cfg.env == {"LIMIT": "8g", "OTHER": "x"}
     assert cfg.sources["preload"] == f"file {conf}"
 
 
 def test_environment_over_file_and_command_line_over_both(conf: str) -> None:
+    """The environment wins over the file, the command line over both."""
     environ = {
         "VGPU_LAUNCH_PRELOAD": "/env/a.so:/env/b.so /env/c.so",
         "VGPU_LAUNCH_ENV": "LIMIT=4g",
@@ -48,11 +50,13 @@ def test_environment_over_file_and_command_line_over_both(conf: str) -> None:
 
 
 def test_strict_with_exclude_is_refused(conf: str) -> None:
+    """Strict mode with exclude is refused, saying they cannot be combined."""
     with pytest.raises(ConfigError, match=r"strict mode .* cannot be combined with exclude"):
         load({"exclude": ["nvidia-smi"]}, {}, config_path=conf)
 
 
 def test_config_path_from_environment(conf: str) -> None:
+    """VGPU_LAUNCH_CONFIG names the configuration file."""
     assert load({}, {"VGPU_LAUNCH_CONFIG": conf}).preload == ["/file/a.so"]
 
 
@@ -69,6 +73,7 @@ def test_config_path_from_environment(conf: str) -> None:
     ],
 )
 def test_bad_file_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    """Each kind of bad file gives one line naming the problem."""
     p = tmp_path / "bad.conf"
     p.write_text(text)
     with pytest.raises(ConfigError) as err:
@@ -86,11 +91,13 @@ def test_bad_file_is_one_clear_line(tmp_path: Path, text: str, message: str) -> 
     ],
 )
 def test_bad_environment(environ: dict[str, str], message: str) -> None:
+    """Each kind of bad variable gives an error naming it."""
     with pytest.raises(ConfigError) as err:
         load({}, environ)
     assert message in str(err.value)
 
 
 def test_missing_file_named_explicitly_is_an_error(tmp_path: Path) -> None:
+    """A configuration file named but missing is an error."""
     with pytest.raises(ConfigError, match="not found"):
         load({}, {}, config_path=str(tmp_path / "nope.conf"))
