@@ -8,7 +8,6 @@ child through an exec, each library by starting a program with it preloaded.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import grp
 import json
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from .. import procfs, security
+from .. import arch, elf, procfs, security
 from ..config import DEFAULT_CONFIG, KEYS, Config
 from ..errors import ConfigError
 from ..trace import preload
@@ -35,7 +34,6 @@ from .commands import Effective, Unit, UnitError, effective_config, launcher_arg
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CAP_SYS_PTRACE = 19
-WALL = 0x40000000
 _LOAD_TIMEOUT = 10.0
 
 
@@ -63,11 +61,7 @@ class Checks(list[Check]):
 
 
 def _yama() -> str | None:
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return procfs.yama_ptrace_scope()
 
 
 def _has_cap(cap: int, field: str = "CapEff", pid: int | str = "self") -> bool:
@@ -83,19 +77,6 @@ def _true_program() -> list[str]:
         if os.access(path, os.X_OK):
             return [path]
     return [sys.executable, "-c", ""]
-
-
-def _seize(pid: int, options: int) -> int:
-    """PTRACE_SEIZE through libc, for a reliable errno (python-ptrace's C extension does not
-    hand it over): 0 or the error number."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.ptrace
-    fn.restype = ctypes.c_long
-    fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    ctypes.set_errno(0)
-    if fn(pt.PTRACE_SEIZE, pid, None, ctypes.c_void_p(options)) == -1:
-        return ctypes.get_errno() or errno.EPERM
-    return 0
 
 
 def trace_child() -> tuple[bool, str, dict[str, Any]]:
@@ -114,7 +95,7 @@ def trace_child() -> tuple[bool, str, dict[str, Any]]:
             os._exit(0)
     os.close(r)
     try:
-        err = _seize(pid, pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_EXITKILL)
+        err = pt.try_seize(pid, pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_EXITKILL)
         if err:
             facts["errno"] = errno.errorcode.get(err, str(err))
             tracer = procfs.status_field(pid, "TracerPid")
@@ -131,9 +112,7 @@ def trace_child() -> tuple[bool, str, dict[str, Any]]:
             return False, f"the traced child stopped unexpectedly (wait status {status:#x})", facts
         steps = ["PTRACE_SEIZE", "exec stop"]
         try:
-            from .. import arch
-
-            arch.read_sp(pid)
+            arch.current().read_sp(pid)
             steps.append("registers")
             fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
             os.close(fd)
@@ -152,7 +131,7 @@ def _wait(pid: int, timeout: float) -> int | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            got, status = os.waitpid(pid, os.WNOHANG | WALL)
+            got, status = os.waitpid(pid, os.WNOHANG | pt.WALL)
         except ChildProcessError:
             return None
         if got == pid:
@@ -165,7 +144,7 @@ def _reap(pid: int) -> None:
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         try:
-            got, status = os.waitpid(pid, os.WNOHANG | WALL)
+            got, status = os.waitpid(pid, os.WNOHANG | pt.WALL)
         except ChildProcessError:
             return
         if got == pid and status & 0xFF != 0x7F:
@@ -402,9 +381,8 @@ def _expansions(lib: str) -> dict[int, str | None]:
 
 
 def _loader32() -> str | None:
-    machine = platform.machine()
-    entry = libcheck._LOADERS.get((machine, 4))
-    return entry[0] if entry and os.path.exists(entry[0]) else None
+    abi = arch.native_abi(4)
+    return abi.loader if abi and os.path.exists(abi.loader) else None
 
 
 def check_library(checks: Checks, lib: str, source: str, user: ServiceUser,
@@ -533,7 +511,7 @@ def check_loads_64(checks: Checks, lib: str, file: str, user: ServiceUser,
                    f"{signal.Signals(-proc.returncode).name}: its constructor crashes",
                    "fix the library (every program of the service would crash)")
         return
-    maps = verify.parse_maps(proc.stdout)
+    maps = procfs.parse_maps(proc.stdout)
     if verify.find_mapped(maps, file):
         extra = f" (exit status {proc.returncode})" if proc.returncode else ""
         checks.add(OK, what, f"{cat} started with it preloaded{as_whom}, {file} mapped, "
@@ -550,7 +528,7 @@ def _libc32() -> str | None:
         return None
     for path in (f"/{values[0]}/libc.so.6", f"/usr/{values[0]}/libc.so.6"):
         try:
-            info = libcheck.elf_info(path)
+            info = elf.elf_info(path)
         except OSError:
             continue
         if info is not None and info.word == 4:

@@ -15,7 +15,7 @@ import resource
 import time
 from dataclasses import dataclass
 
-from .. import arch
+from .. import arch, procfs
 from . import stack
 from .policy import Decision, Plan, Policy, apply_to_entries, plan
 from .ptracelib import PtraceError
@@ -25,6 +25,7 @@ from .ptracelib import PtraceError
 _FIRST_READ = 8 * 1024
 _MAX_READ = 8 * 1024 * 1024
 ARGV_LOGGED = 16
+_ARCH = arch.current()  # raises on a machine vgpu-launch cannot trace
 
 
 @dataclass
@@ -79,8 +80,8 @@ def inject(pid: int, policy: Policy) -> Outcome:
     result: Plan | None = None
     static = False
     try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-        sp, word = arch.read_sp(pid)
+        exe = procfs.exe(pid)
+        sp, word = _ARCH.read_sp(pid)
         fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
             st, env, raw_argv, top = _read_stack(fd, sp, word)
@@ -101,7 +102,7 @@ def inject(pid: int, policy: Policy) -> Outcome:
                 written = os.pwrite(fd, blob, new_sp)
                 if written != len(blob):
                     raise OSError(errno.EIO, f"short write to the stack ({written} bytes)")
-                arch.write_sp(pid, new_sp)
+                _ARCH.write_sp(pid, new_sp)
         finally:
             os.close(fd)
     except (OSError, PtraceError, stack.StackError) as exc:

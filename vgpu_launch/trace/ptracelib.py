@@ -8,6 +8,7 @@ died between ``waitpid`` and the request) and is the caller's to ignore.
 from __future__ import annotations
 
 import ctypes
+import errno
 import re
 
 from ptrace.binding import func as _func
@@ -60,11 +61,24 @@ PTRACE_EVENT_STOP = 128
 
 NT_PRSTATUS = 1
 
+# waitpid flag: wait for every child, clones and tracees included (__WALL)
+WALL = 0x40000000
+
 FOLLOW = PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 
 
 def seize(pid: int, options: int) -> None:
     ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def try_seize(pid: int, options: int) -> int:
+    """PTRACE_SEIZE that reports instead of raising: 0, or the error number (EPERM where
+    the kernel's answer cannot be told)."""
+    try:
+        seize(pid, options)
+    except PtraceError as exc:
+        return exc.errno or errno.EPERM
+    return 0
 
 
 def cont(tid: int, sig: int = 0) -> None:

@@ -18,7 +18,6 @@ from . import ptracelib as pt
 from .injector import Outcome, inject
 from .policy import Decision, Policy
 
-WALL = 0x40000000
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _CREATION = {
     pt.PTRACE_EVENT_FORK: "fork",
@@ -87,7 +86,7 @@ class Tracer:
         execs = 0
         while True:
             try:
-                tid, status = waitpid(-1, WALL)
+                tid, status = waitpid(-1, pt.WALL)
             except ChildProcessError:
                 raise RuntimeError("no tracee left before CMD's exit was seen") from None
             stats.stops += 1
