@@ -13,7 +13,8 @@ import errno
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .. import arch, procfs
 from . import stack
@@ -28,20 +29,55 @@ ARGV_LOGGED = 16
 _ARCH = arch.current()  # raises on a machine vgpu-launch cannot trace
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Outcome:
+    """What happened to one program at its exec event; ``to_event`` gives its log event."""
+
     pid: int
     decision: Decision
-    exe: str
-    argv: list[str]
-    preload_before: str | None
-    preload_after: str | None
-    static: bool
-    word: int
-    env_set: list[str]
-    elapsed_us: int
-    reason: str | None = None
+    exe: str = ""
+    argv: list[str] = field(default_factory=list)  # the first ARGV_LOGGED entries
+    preload_before: str | None = None
+    preload_after: str | None = None
+    static: bool = False  # no dynamic loader (no AT_BASE)
+    word: int = 8  # the program's word size in bytes
+    env_set: list[str] = field(default_factory=list)  # configured variables set or overridden
+    elapsed_us: int = 0
+    reason: str | None = None  # why it FAILED
     note: str | None = None
+    former_tid: int | None = None  # a non-leader thread exec'd: its id before the exec
+    killed: bool = False  # strict mode killed it at its exec stop
+
+    @property
+    def level(self) -> str:
+        """The log level of its exec event: a warning only for a program without the preload."""
+        return "warning" if self.decision is Decision.FAILED else "info"
+
+    def to_event(self, ppid: int | None) -> dict[str, Any]:
+        """The fields of the ``exec`` event (docs/configuration.md lists them)."""
+        fields: dict[str, Any] = {
+            "pid": self.pid,
+            "ppid": ppid,
+            "exe": self.exe,
+            "argv": self.argv,
+            "preload_before": self.preload_before,
+            "decision": self.decision.value,
+            "preload_after": self.preload_after,
+            "static": self.static,
+            "bits": self.word * 8,
+            "elapsed_us": self.elapsed_us,
+        }
+        if self.env_set:
+            fields["env_set"] = self.env_set
+        if self.former_tid is not None:
+            fields["former_tid"] = self.former_tid
+        if self.note:
+            fields["note"] = self.note
+        if self.reason:
+            fields["reason"] = self.reason
+        if self.decision is Decision.FAILED:
+            fields["action"] = "killed (strict)" if self.killed else "runs without the preload"
+        return fields
 
 
 def _read_stack(
@@ -106,29 +142,25 @@ def inject(pid: int, policy: Policy) -> Outcome:
         finally:
             os.close(fd)
     except (OSError, PtraceError, stack.StackError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
         return Outcome(
-            pid,
-            Decision.FAILED,
-            exe,
-            argv,
-            None,
-            None,
-            static,
-            word,
-            [],
-            (time.perf_counter_ns() - t0) // 1000,
-            reason,
+            pid=pid,
+            decision=Decision.FAILED,
+            exe=exe,
+            argv=argv,
+            static=static,
+            word=word,
+            elapsed_us=(time.perf_counter_ns() - t0) // 1000,
+            reason=f"{type(exc).__name__}: {exc}",
         )
     return Outcome(
-        pid,
-        result.decision,
-        exe,
-        argv,
-        _text(result.preload_before),
-        _text(result.preload_after),
-        static,
-        word,
-        result.env_set,
-        (time.perf_counter_ns() - t0) // 1000,
+        pid=pid,
+        decision=result.decision,
+        exe=exe,
+        argv=argv,
+        preload_before=_text(result.preload_before),
+        preload_after=_text(result.preload_after),
+        static=static,
+        word=word,
+        env_set=result.env_set,
+        elapsed_us=(time.perf_counter_ns() - t0) // 1000,
     )

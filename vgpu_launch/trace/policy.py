@@ -27,6 +27,11 @@ class Decision(str, enum.Enum):
     SETUID = "setuid"  # runs with AT_SECURE: ld.so would ignore the preload, so it is left alone
     FAILED = "failed"  # the environment could not be read or written
 
+    @property
+    def gives_preload(self) -> bool:
+        """The program starts with every configured library in LD_PRELOAD."""
+        return self in (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
+
 
 @dataclass(frozen=True)
 class Policy:

@@ -26,9 +26,6 @@ _CREATION = {
 }
 
 
-_GIVEN = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
-
-
 class FaultInjected(RuntimeError):
     """Raised by the test hook VGPU_LAUNCH_TEST_FAULT."""
 
@@ -48,7 +45,7 @@ class Tracer:
         *,
         strict: bool,
         unusable: dict[int, tuple[str, ...]] | None = None,
-        on_exec: Callable[[Outcome, int | None], None],
+        on_exec: Callable[[Outcome], None],
         on_event: Callable[..., None] | None = None,
         on_cmd_stopped: Callable[[int], None] | None = None,
         on_signal: Callable[[int, int], None] | None = None,
@@ -145,8 +142,10 @@ class Tracer:
             # reports again.
             self.tracees.discard(former)
         outcome = inject(pid, self.policy)
+        if former != pid:
+            outcome.former_tid = former
         libs = self.unusable.get(outcome.word)
-        if libs and outcome.decision in _GIVEN:
+        if libs and outcome.decision.gives_preload:
             outcome.note = (
                 f"{outcome.word * 8}-bit program: ld.so will refuse {', '.join(libs)} "
                 "(no build for this word size)"
@@ -159,9 +158,10 @@ class Tracer:
             # Strict: it must not run a single instruction without the shim. SIGKILL ends
             # the exec stop; its exit is reported like any other.
             os.kill(pid, signal.SIGKILL)
-            self.on_exec(outcome, former if former != pid else None)
+            outcome.killed = True
+            self.on_exec(outcome)
             return
         try:
             pt.cont(pid, 0)
         finally:  # logged even if it was killed meanwhile (ESRCH)
-            self.on_exec(outcome, former if former != pid else None)
+            self.on_exec(outcome)
