@@ -88,6 +88,13 @@ def build() -> Built:
 FAST = {"VGPU_LAUNCH_PYTHON": sys.executable}
 
 
+@functools.cache
+def test_hooks_fd() -> int:
+    """The memfd that makes vgpu-launch honour VGPU_LAUNCH_TEST_FAULT (vgpu_launch/testhooks.py):
+    pass it with ``pass_fds``."""
+    return os.memfd_create("vgpu-launch-test-hooks", 0)
+
+
 def reap_status(out: str) -> int:
     """The status ``rtool reap`` printed for its child (negative: killed by that signal)."""
     m = re.search(r"^reap status=(-?\d+)$", out, re.M)
@@ -308,6 +315,7 @@ def launch(
     user: str | None = None,
     input: bytes | None = None,
     log_format: str = "json",
+    pass_fds: Sequence[int] = (),
 ) -> Run:
     """Run vgpu-launch to the end; assert that nothing of its session is left behind."""
     updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
@@ -321,6 +329,7 @@ def launch(
             stderr=subprocess.PIPE,
             env=clean_env(updates),
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         try:
             out, err = proc.communicate(input, timeout=timeout)
@@ -350,6 +359,7 @@ class Tree:
         user: str | None = None,
         stdin: Any = subprocess.DEVNULL,
         stderr_path: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.built = built
         # Closed in close(): the tree outlives this constructor.
@@ -369,6 +379,7 @@ class Tree:
             stderr=self._err,
             env=clean_env(updates),
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         self.sid = self.proc.pid
         self._launcher = 0

@@ -397,6 +397,7 @@ def _fault_run(built: rl.Built, pub: Path, *extra: str) -> rl.Run:
     return rl.launch(
         built, [*preload(built), *extra, "--", "sh", "-c", script],
         env={**FAST, "VGPU_LAUNCH_TEST_FAULT": "exec:2"},
+        pass_fds=[rl.test_hooks_fd()],
     )
 
 
@@ -412,6 +413,21 @@ def test_exception_in_the_tracer_leaves_the_tree_running(built: rl.Built, pub: P
     # After the failure nothing is traced any more: no exec is logged.
     assert len(run.of("exec")) == 1, run.describe()  # sh's: the fault came at the next one
     assert run.end["cmd_exit"] == 7
+
+
+def test_fault_hook_alone_is_ignored(built: rl.Built) -> None:
+    """VGPU_LAUNCH_TEST_FAULT without the test suite's memfd (say, an environment copied from
+    a test into a unit) changes nothing but a warning: the tracer keeps injecting."""
+    script = f"{built.rprobe}; env -i {built.rprobe}; env -i {built.rprobe}"
+    run = rl.launch(
+        built, [*preload(built), "--", "sh", "-c", script],
+        env={**FAST, "VGPU_LAUNCH_TEST_FAULT": "exec:2"},
+    )
+    assert run.returncode == 0, run.describe()
+    assert not run.of("tracer-failed"), run.describe()
+    (ignored,) = run.of("test-hook-ignored")
+    assert ignored["level"] == "warning" and "VGPU_LAUNCH_TEST_FAULT" in ignored["message"]
+    assert [p["marker"] for p in probes(run.out)] == ["1", "1", "1"], run.describe()
 
 
 def test_after_a_tracer_failure_the_end_event_reports_no_tracees(

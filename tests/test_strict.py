@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -189,12 +189,14 @@ def _beats(pub: Path) -> list[str]:
         return []
 
 
-def heartbeat_tree(built: rl.Built, pub: Path, env: Mapping[str, str | None]) -> rl.Tree:
+def heartbeat_tree(built: rl.Built, pub: Path, env: Mapping[str, str | None],
+                   pass_fds: Sequence[int] = ()) -> rl.Tree:
     return rl.Tree(
         built,
         ["--strict", "--preload", built.lib, "--", built.rtool, "reap", built.rtool, "heartbeat",
          str(pub / "beats"), built.rprobe, "60"],
         env=env,
+        pass_fds=pass_fds,
     )
 
 
@@ -209,7 +211,8 @@ def _assert_tree_died(tree: rl.Tree, pub: Path, tree_pids: list[int]) -> None:
 def test_tracer_exception_kills_the_tree(built: rl.Built, pub: Path) -> None:
     """Fault at the 4th exec (heartbeat's second child): the tracer thread dies, EXITKILL
     kills every tracee, CMD included, and vgpu-launch dies of CMD's SIGKILL."""
-    with heartbeat_tree(built, pub, {**FAST, "VGPU_LAUNCH_TEST_FAULT": "exec:4"}) as tree:
+    with heartbeat_tree(built, pub, {**FAST, "VGPU_LAUNCH_TEST_FAULT": "exec:4"},
+                        pass_fds=[rl.test_hooks_fd()]) as tree:
         tree.tracer_ready()
         rl.wait_for(lambda: sum(b.startswith("child") for b in _beats(pub)) >= 1, 20,
                     "the first child")

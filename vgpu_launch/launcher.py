@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 import prctl
 
-from . import __version__, forwarding, log, procfs
+from . import __version__, forwarding, log, procfs, testhooks
 from .command import execve, resolve
 from .config import Config
 from .diagnostics import libcheck
@@ -36,8 +36,6 @@ from .trace.injector import Outcome
 from .trace.policy import apply, plan
 from .trace.ptracelib import PtraceError, ptrace
 from .trace.tracer import Tracer
-
-FAULT_VAR = "VGPU_LAUNCH_TEST_FAULT"  # "exec:N": raise inside the tracer at the Nth exec
 
 # A user-sent signal that CMD may have got as well (a kill of the whole process group) while
 # a thread of CMD sits in a ptrace stop: how long to wait for the tracer to say whether CMD
@@ -565,9 +563,10 @@ def exit_like(status: int) -> NoReturn:
 
 
 def _fault_hook() -> int:
-    spec = os.environ.get(FAULT_VAR, "")
-    kind, _, n = spec.partition(":")
-    return int(n) if kind == "exec" and n.isdigit() else 0
+    at, ignored = testhooks.fault_at_exec(os.environ)
+    if ignored:
+        log.get().warning("test-hook-ignored", message=ignored)
+    return at
 
 
 def _getsiginfo(tid: int) -> forwarding.SigInfo:
