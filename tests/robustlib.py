@@ -43,6 +43,7 @@ _PROGRAMS: dict[str, tuple[list[str], str, list[str]]] = {
     "rprobe32": (["gcc", "-m32"], "rprobe.c", []),
     "rtool": (["gcc"], "rtool.c", ["-pthread"]),
     "soak": (["gcc"], "soak.c", ["-pthread"]),
+    "execkill": (["gcc"], "execkill.c", []),
     "librobustmark.so": (["gcc"], "librobustmark.c", ["-shared", "-fPIC"]),
 }
 

@@ -50,8 +50,11 @@ class Outcome:
 
     @property
     def level(self) -> str:
-        """The log level of its exec event: a warning only for a program without the preload."""
-        return "warning" if self.decision is Decision.FAILED else "info"
+        """The log level of its exec event: a warning only for a program that runs without
+        the preload; debug for one that never ran."""
+        if self.decision is Decision.FAILED:
+            return "warning"
+        return "debug" if self.decision is Decision.GONE else "info"
 
     def to_event(self, ppid: int | None) -> dict[str, Any]:
         """The fields of the ``exec`` event (docs/configuration.md lists them)."""
@@ -104,10 +107,18 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode(errors="replace")
 
 
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has left its exec stop without us: only SIGKILL (of it, or of its
+    thread group) wakes a tracee from a ptrace stop, so it is dying or dead."""
+    found = procfs.stat(pid)
+    return found is None or found.state != "t"
+
+
 def inject(pid: int, policy: Policy) -> Outcome:
     """Decide and, where needed, rewrite the environment of ``pid``, stopped at its exec event.
 
-    Never raises for a tracee-side problem: the outcome is FAILED with the reason.
+    Never raises for a tracee-side problem: the outcome is FAILED with the reason, or GONE
+    when the process was killed meanwhile (the error is then only a symptom of its death).
     """
     t0 = time.perf_counter_ns()
     exe = ""
@@ -144,7 +155,7 @@ def inject(pid: int, policy: Policy) -> Outcome:
     except (OSError, PtraceError, stack.StackError) as exc:
         return Outcome(
             pid=pid,
-            decision=Decision.FAILED,
+            decision=Decision.GONE if _gone(pid) else Decision.FAILED,
             exe=exe,
             argv=argv,
             static=static,
