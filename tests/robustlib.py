@@ -44,6 +44,8 @@ _PROGRAMS: dict[str, tuple[list[str], str, list[str]]] = {
     "rtool": (["gcc"], "rtool.c", ["-pthread"]),
     "soak": (["gcc"], "soak.c", ["-pthread"]),
     "execkill": (["gcc"], "execkill.c", []),
+    "reexec": (["gcc"], "reexec.c", []),
+    "stuckld": (["gcc"], "stuckld.c", ["-nostdlib", "-static-pie", "-fPIE"]),
     "librobustmark.so": (["gcc"], "librobustmark.c", ["-shared", "-fPIC"]),
 }
 

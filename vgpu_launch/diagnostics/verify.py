@@ -8,8 +8,13 @@ stopping the process, and logs one ``verify`` event:
 - ``verified`` (info): every configured library is mapped;
 - ``unverified`` (warning): one is not, with the likely reason (static binary, setuid, wrong word
   size, no file for this ``$LIB``, musl ignoring ``$LIB``, ld.so refusal);
-- ``exited`` (debug): the program exited or exec'd another program before it could be checked
-  (short-lived helpers; nothing can be said either way, so they are only counted).
+- ``exited`` (debug): the program exited or exec'd again before it could be checked
+  (short-lived helpers; nothing can be said either way, so they are only counted). A program
+  is named by its pid *and its exec* (the tracer numbers every exec), not by its path: a
+  process that executes the same file again is a new program;
+- ``skipped`` (debug): its ld.so was still at work when vgpu-launch ended (CMD exited while it
+  was starting), so nothing can be said; also counted, without an event, when too many
+  programs wait for a check.
 
 ``/proc/PID/environ`` is no evidence here: it shows the environment the program was started
 with, never the one put in at exec time. The mapping is the truth.
@@ -251,21 +256,30 @@ class Verifier:
             self._log_internal(exc)
 
     def _attempt(self, item: _Pending, *, final: bool) -> None:
+        """One check; ``final``: vgpu-launch is ending, no later check will come."""
         o = item.outcome
-        last = final or item.attempt + 1 >= len(self.delays)
+        last = item.attempt + 1 >= len(self.delays)
         result, detail = self._check(o, last)
         if result is Result.PENDING:
-            if not last:
+            if final:
+                # Caught starting when CMD exited: its ld.so is still at work, and it will
+                # load the library or not after vgpu-launch is gone. Nothing to say.
+                result = Result.SKIPPED
+                detail = {"note": "ld.so had not finished when vgpu-launch ended"}
+            elif not last:
                 item.attempt += 1
                 item.due = item.start + self.delays[item.attempt]
                 heapq.heappush(self._heap, item)
                 return
-            result = Result.UNVERIFIED
-        self._report(o, result, detail, time.monotonic() - item.start, last)
+            else:
+                result = Result.UNVERIFIED
+        self._report(o, result, detail, time.monotonic() - item.start)
 
     def _check(self, o: Any, last: bool = False) -> tuple[Result, dict[str, Any]]:
         """The result, and its details. ``last``: no later check follows, decide now."""
         pid = o.pid
+        if o.superseded():
+            return Result.EXITED, {"note": "exec'd again or exited"}
         if o.exe:
             try:
                 now = procfs.exe(pid)
@@ -281,6 +295,8 @@ class Verifier:
             return Result.UNVERIFIED, {"reason": f"cannot read /proc/{pid}/maps: {exc.strerror}"}
         if not text:
             return Result.EXITED, {}
+        if o.superseded():  # the maps may be those of the next program
+            return Result.EXITED, {"note": "exec'd again or exited"}
         # the common case, cheaply: every library's path ends a line of the maps
         files = [self._file(lib, o.word, o.exe) for lib in self.libs]
         fast = [next((c for c in cands if f" {c}\n" in text), None) for cands in files]
@@ -320,9 +336,7 @@ class Verifier:
                 self._files[key] = found
         return found
 
-    def _report(
-        self, o: Any, result: Result, detail: dict[str, Any], after: float, last: bool
-    ) -> None:
+    def _report(self, o: Any, result: Result, detail: dict[str, Any], after: float) -> None:
         self.counts[result.value] += 1
         fields: dict[str, Any] = {
             "pid": o.pid,
@@ -332,7 +346,7 @@ class Verifier:
         }
         if result is Result.VERIFIED:
             self.log.info("verify", **fields, mapped=detail.get("mapped", []))
-        elif result is Result.EXITED:
+        elif result in (Result.EXITED, Result.SKIPPED):
             self.log.debug("verify", **fields, **detail)
         else:
             fields["bits"] = o.word * 8
@@ -341,8 +355,7 @@ class Verifier:
                 detail.setdefault(
                     "reason",
                     f"not mapped {round(after * 1000)} ms after exec"
-                    + (", when vgpu-launch ended" if last and after < self.delays[-1] else "")
-                    + " (ld.so still busy, or it refused the library: see the program's "
+                    " (ld.so still busy, or it refused the library: see the program's "
                     "stderr)",
                 )
             self.log.warning("verify", **fields, **detail)

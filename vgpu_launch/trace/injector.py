@@ -13,6 +13,7 @@ import errno
 import os
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,15 @@ class Outcome:
     note: str | None = None
     former_tid: int | None = None  # a non-leader thread exec'd: its id before the exec
     killed: bool = False  # strict mode killed it at its exec stop
+    # Which exec of the tree this was, and the tracer's table of each live process's latest
+    # exec: a program is named by pid and exec, since a pid can exec the same file again.
+    exec_seq: int = 0
+    execs: Mapping[int, int] | None = field(default=None, repr=False, compare=False)
+
+    def superseded(self) -> bool:
+        """Whether the process has exec'd again, or exited, since this exec (as far as the
+        tracer has seen: a newer exec counts once the tracer has handled its event)."""
+        return self.execs is not None and self.execs.get(self.pid) != self.exec_seq
 
     @property
     def level(self) -> str:

@@ -65,6 +65,8 @@ class Tracer:
         self.watch_signals = watch_signals if on_signal is not None else frozenset()
         self.fault_at_exec = fault_at_exec
         self.tracees: set[int] = set()
+        # pid -> the number of its latest exec (counted over the whole tree), while it lives
+        self.execs: dict[int, int] = {}
         self.stats = Stats()
 
     def seize(self, pid: int) -> None:
@@ -81,6 +83,7 @@ class Tracer:
         on_signal = self.on_signal
         watched = self.watch_signals
         execs = 0
+        exec_of = self.execs
         while True:
             try:
                 tid, status = waitpid(-1, pt.WALL)
@@ -89,6 +92,7 @@ class Tracer:
             stats.stops += 1
             if status & 0xFF != 0x7F:  # exited or killed
                 tracees.discard(tid)
+                exec_of.pop(tid, None)
                 if self.on_event is not None:
                     self.on_event("exit", pid=tid, status=status)
                 if tid == cmd_pid:
@@ -121,7 +125,7 @@ class Tracer:
                     execs += 1
                     if execs == self.fault_at_exec:
                         raise FaultInjected(f"test fault at exec #{execs} (pid {tid})")
-                    self._exec(tid)
+                    self._exec(tid, execs)
                 elif event in _CREATION:
                     # The child is counted at its own first stop; its id is needed only for
                     # the debug log.
@@ -135,13 +139,15 @@ class Tracer:
                     raise
                 # The thread died (SIGKILL, or its group exec'd) after reporting this stop.
 
-    def _exec(self, pid: int) -> None:
+    def _exec(self, pid: int, seq: int) -> None:
         former = pt.geteventmsg(pid)
         if former != pid:
             # A non-leader thread exec'd: it now has the leader's id; its old id never
             # reports again.
             self.tracees.discard(former)
+        self.execs[pid] = seq
         outcome = inject(pid, self.policy)
+        outcome.exec_seq, outcome.execs = seq, self.execs
         if former != pid:
             outcome.former_tid = former
         libs = self.unusable.get(outcome.word)
