@@ -301,12 +301,18 @@ def public_launcher() -> Path:
 
 
 def launcher_argv(
-    built: Built, args: Sequence[str], *, user: str | None = None, log_format: str = "json"
+    built: Built,
+    args: Sequence[str],
+    *,
+    user: str | None = None,
+    log_format: str = "json",
+    wrap: Sequence[str] = (),
 ) -> list[str]:
+    """``wrap``: a command that runs vgpu-launch (``capsh --drop=... -- -c 'exec "$0" "$@"'``)."""
     prefix = NOBODY if user == "nobody" else []
     launcher = public_launcher() if user == "nobody" else LAUNCHER
     fmt = ["--log-format", log_format] if log_format else []
-    return [*prefix, str(launcher), *fmt, *args]
+    return [*wrap, *prefix, str(launcher), *fmt, *args]
 
 
 def launch(
@@ -319,11 +325,12 @@ def launch(
     input: bytes | None = None,
     log_format: str = "json",
     pass_fds: Sequence[int] = (),
+    wrap: Sequence[str] = (),
 ) -> Run:
     """Run vgpu-launch to the end; assert that nothing of its session is left behind."""
     updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
     updates.update(env or {})
-    argv = launcher_argv(built, args, user=user, log_format=log_format)
+    argv = launcher_argv(built, args, user=user, log_format=log_format, wrap=wrap)
     with tempfile.NamedTemporaryFile(prefix="vgpu-robust-status-") as sf:
         proc = subprocess.Popen(
             [built.rtool, "reap", "-s", sf.name, *argv],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 from dataclasses import dataclass
 
 from . import arch, elf
@@ -67,6 +68,31 @@ def status_field(pid: int | str, name: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The real and effective user and group ids of a process."""
+
+    uid: int
+    euid: int
+    gid: int
+    egid: int
+
+    @property
+    def set_id(self) -> bool:
+        """Effective ids differ from the real ones: after an exec, the program runs setuid or
+        setgid, and so with AT_SECURE."""
+        return self.uid != self.euid or self.gid != self.egid
+
+
+def ids(pid: int | str) -> Ids | None:
+    uid = (status_field(pid, "Uid") or "").split()
+    gid = (status_field(pid, "Gid") or "").split()
+    try:
+        return Ids(int(uid[0]), int(uid[1]), int(gid[0]), int(gid[1]))
+    except (IndexError, ValueError):
+        return None
 
 
 def tracer_pid(pid: int | str) -> int | None:
@@ -136,6 +162,17 @@ def exe_or_empty(pid: int | str) -> str:
         return exe(pid)
     except OSError:
         return ""
+
+
+def stack_limit(pid: int) -> int | None:
+    """The soft RLIMIT_STACK of ``pid`` from /proc/PID/limits (readable where prlimit() on
+    another user's process is refused); resource.RLIM_INFINITY for unlimited."""
+    data = _read(f"/proc/{pid}/limits")
+    for line in (data or b"").decode(errors="replace").splitlines():
+        if line.startswith("Max stack size"):
+            soft = line[len("Max stack size") :].split()[0]
+            return resource.RLIM_INFINITY if soft == "unlimited" else int(soft)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ def ptrace(request: int, pid: int, arg1: int = 0, arg2: int = 0, check_errno: bo
         raise
 
 
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
 PTRACE_KILL = 8
 PTRACE_PEEKUSER = 3
@@ -94,6 +96,21 @@ def geteventmsg(tid: int) -> int:
     msg = ctypes.c_ulong()
     ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
     return msg.value
+
+
+WORD = ctypes.sizeof(ctypes.c_long)  # what PEEKDATA/POKEDATA move: the tracer's word
+_WORD_MASK = (1 << (8 * WORD)) - 1
+
+
+def peekdata(tid: int, addr: int) -> bytes:
+    """One word of the tracee's memory at ``addr``, as bytes in memory order."""
+    value = ptrace(PTRACE_PEEKDATA, tid, addr, 0, check_errno=True)
+    return (value & _WORD_MASK).to_bytes(WORD, "little")
+
+
+def pokedata(tid: int, addr: int, data: bytes) -> None:
+    """Write one word (``WORD`` bytes, in memory order) at ``addr``."""
+    ptrace(PTRACE_POKEDATA, tid, addr, int.from_bytes(data, "little"))
 
 
 def peekuser(tid: int, offset: int) -> int:

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import privileges
 from . import ptracelib as pt
 from .injector import Outcome, inject
 from .policy import Decision, Policy
@@ -64,6 +65,10 @@ class Tracer:
         self.on_signal = on_signal
         self.watch_signals = watch_signals if on_signal is not None else frozenset()
         self.fault_at_exec = fault_at_exec
+        # Without CAP_SYS_PTRACE, traced setuid/setgid and file-capability programs run
+        # without their privileges: look at every exec for what it lost (two or three
+        # system calls; none at all under root).
+        self.check_privileges = not privileges.tracer_keeps_privileges()
         self.tracees: set[int] = set()
         # pid -> the number of its latest exec (counted over the whole tree), while it lives
         self.execs: dict[int, int] = {}
@@ -152,13 +157,16 @@ class Tracer:
             outcome.former_tid = former
         libs = self.unusable.get(outcome.word)
         if libs and outcome.decision.gives_preload:
-            outcome.note = (
+            note = (
                 f"{outcome.word * 8}-bit program: ld.so will refuse {', '.join(libs)} "
                 "(no build for this word size)"
             )
+            outcome.note = f"{outcome.note}; {note}" if outcome.note else note
             if self.strict:
                 outcome.decision = Decision.FAILED
-                outcome.reason = outcome.note
+                outcome.reason = note
+        if self.check_privileges and outcome.decision is not Decision.GONE:
+            outcome.lost = privileges.lost(pid, outcome.exe)
         self.stats.counts[outcome.decision.value] += 1
         if outcome.decision is Decision.FAILED and self.strict:
             # Strict: it must not run a single instruction without the shim. SIGKILL ends
