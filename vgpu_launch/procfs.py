@@ -125,6 +125,21 @@ def tasks(pid: int) -> list[int]:
         return []
 
 
+def fd_targets(pid: int | str = "self") -> list[str]:
+    """What each open descriptor of ``pid`` refers to (paths, "pipe:[N]", "/memfd:NAME ...")."""
+    out: list[str] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
 def is_thread_of(pid: int, tid: int) -> bool:
     return tid == pid or os.path.exists(f"/proc/{pid}/task/{tid}")
 

@@ -9,8 +9,9 @@ is ignored and the start says so in a warning.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+
+from . import procfs
 
 FAULT_VAR = "VGPU_LAUNCH_TEST_FAULT"
 MEMFD_NAME = "vgpu-launch-test-hooks"
@@ -18,18 +19,7 @@ MEMFD_NAME = "vgpu-launch-test-hooks"
 
 def enabled() -> bool:
     """Whether a descriptor of the test suite's memfd is open in this process."""
-    want = f"/memfd:{MEMFD_NAME} (deleted)"
-    try:
-        fds = os.listdir("/proc/self/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == want:
-                return True
-        except OSError:
-            continue
-    return False
+    return f"/memfd:{MEMFD_NAME} (deleted)" in procfs.fd_targets()
 
 
 def fault_at_exec(environ: Mapping[str, str]) -> tuple[int, str | None]:
