@@ -12,9 +12,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import signal
 from dataclasses import dataclass
+
+from . import arch
+
+# /proc readers the signal de-duplication uses; they live in procfs.py
+from .procfs import in_ptrace_stop as in_ptrace_stop
+from .procfs import shared_pending as shared_pending
 
 SI_USER = 0
 SI_KERNEL = 0x80
@@ -103,10 +108,7 @@ _SIGINFO_SIZE = 128
 _WORD = ctypes.sizeof(ctypes.c_void_p)
 # siginfo_t: si_signo, si_errno, si_code, then the union, aligned to a pointer.
 _UNION = 16 if _WORD == 8 else 12
-_RT_SIGQUEUEINFO = {
-    "x86_64": 129, "aarch64": 138, "riscv64": 138, "loongarch64": 138, "i386": 178,
-    "i686": 178, "armv7l": 178, "armv6l": 178, "ppc64le": 177, "ppc64": 177, "s390x": 178,
-}.get(platform.machine())
+_RT_SIGQUEUEINFO = arch.NATIVE.rt_sigqueueinfo if arch.NATIVE is not None else None
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -178,34 +180,3 @@ def send(pid: int, info: SigInfo) -> None:
             raise ProcessLookupError(err, os.strerror(err))
         # EPERM or ENOSYS (a seccomp profile): a plain signal is better than none
     os.kill(pid, info.signo)
-
-
-def shared_pending(pid: int) -> frozenset[int]:
-    """The process-directed signals pending in ``pid`` (ShdPnd of /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"ShdPnd:"):
-                    bits = int(line.split()[1], 16)
-                    return frozenset(s for s in range(1, 65) if bits >> (s - 1) & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return frozenset()
-
-
-def in_ptrace_stop(pid: int) -> bool:
-    """Whether some thread of ``pid`` sits in a ptrace stop (state ``t``), waiting for the
-    tracer: a signal it just took is then not yet known to the tracer."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] == b"t":
-            return True
-    return False

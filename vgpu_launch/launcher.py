@@ -26,19 +26,16 @@ from typing import Any, NoReturn
 
 import prctl
 
-from . import __version__, forwarding, log, procfs, security
+from . import __version__, forwarding, log, procfs, security, testhooks
 from .command import execve, resolve
 from .config import Config
 from .diagnostics import libcheck
 from .errors import EXIT_CANNOT_TRACE, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, LaunchError
 from .sigstate import SignalState
 from .trace.injector import Outcome
-from .trace.policy import Decision, apply, plan
+from .trace.policy import apply, plan
 from .trace.ptracelib import PtraceError, ptrace
 from .trace.tracer import Tracer
-
-_VERIFIABLE = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
-FAULT_VAR = "VGPU_LAUNCH_TEST_FAULT"  # "exec:N": raise inside the tracer at the Nth exec
 
 # A user-sent signal that CMD may have got as well (a kill of the whole process group) while
 # a thread of CMD sits in a ptrace stop: how long to wait for the tracer to say whether CMD
@@ -511,39 +508,12 @@ class Launcher:
 
     # -- logging ----------------------------------------------------------------------------
 
-    def _log_exec(self, o: Outcome, former: int | None) -> None:
-        if self.cfg.log_level in ("warning", "error") and o.decision is not Decision.FAILED:
-            # Nothing to log: skip the /proc read and the event's construction.
-            if self.verifier is not None and o.decision in _VERIFIABLE:
-                self.verifier.schedule(o)
-            return
-        fields: dict[str, Any] = {
-            "pid": o.pid,
-            "ppid": procfs.ppid(o.pid),
-            "exe": o.exe,
-            "argv": o.argv,
-            "preload_before": o.preload_before,
-            "decision": o.decision.value,
-            "preload_after": o.preload_after,
-            "static": o.static,
-            "bits": o.word * 8,
-            "elapsed_us": o.elapsed_us,
-        }
-        if o.env_set:
-            fields["env_set"] = o.env_set
-        if former is not None:
-            fields["former_tid"] = former
-        if o.note:
-            fields["note"] = o.note
-        if o.reason:
-            fields["reason"] = o.reason
-        if self.verifier is not None and o.decision in _VERIFIABLE:
+    def _log_exec(self, o: Outcome) -> None:
+        if self.verifier is not None and o.decision.gives_preload:
             self.verifier.schedule(o)
-        if o.decision is Decision.FAILED:
-            fields["action"] = "killed (strict)" if self.cfg.strict else "runs without the preload"
-            self.log.warning("exec", **fields)
-        else:
-            self.log.info("exec", **fields)
+        if o.level == "info" and self.cfg.log_level in ("warning", "error"):
+            return  # nothing to log: skip the /proc read and the event's construction
+        getattr(self.log, o.level)("exec", **o.to_event(procfs.ppid(o.pid)))
 
     def _log_event(self, kind: str, **fields: Any) -> None:
         self.log.debug(kind, **fields)
@@ -594,9 +564,10 @@ def exit_like(status: int) -> NoReturn:
 
 
 def _fault_hook() -> int:
-    spec = os.environ.get(FAULT_VAR, "")
-    kind, _, n = spec.partition(":")
-    return int(n) if kind == "exec" and n.isdigit() else 0
+    at, ignored = testhooks.fault_at_exec(os.environ)
+    if ignored:
+        log.get().warning("test-hook-ignored", message=ignored)
+    return at
 
 
 def _getsiginfo(tid: int) -> forwarding.SigInfo:

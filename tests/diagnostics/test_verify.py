@@ -120,7 +120,8 @@ class _Log:
 
 
 def _outcome(pid: int, exe: str, word: int = 8, static: bool = False) -> Outcome:
-    return Outcome(pid, Decision.INJECTED, exe, [exe], None, "x", static, word, [], 1)
+    return Outcome(pid=pid, decision=Decision.INJECTED, exe=exe, argv=[exe], preload_after="x",
+                   static=static, word=word, elapsed_us=1)
 
 
 def test_verifier_in_process(programs: Programs) -> None:

@@ -398,6 +398,7 @@ def _fault_run(programs: Programs, pub: Path, *extra: str) -> launch.LaunchResul
     return launch.run(
         [*preload(programs), *extra, "--", "sh", "-c", script],
         env={"VGPU_LAUNCH_TEST_FAULT": "exec:2"},
+        pass_fds=[launch.test_hooks_fd()],
     )
 
 
@@ -414,6 +415,21 @@ def test_exception_in_the_tracer_leaves_the_tree_running(programs: Programs, pub
     # After the failure nothing is traced any more: no exec is logged.
     assert len(run.of("exec")) == 1, run.describe()  # sh's: the fault came at the next one
     assert run.end["cmd_exit"] == 7
+
+
+def test_fault_hook_alone_is_ignored(programs: Programs) -> None:
+    """VGPU_LAUNCH_TEST_FAULT without the test suite's memfd (say, an environment copied from
+    a test into a unit) changes nothing but a warning: the tracer keeps injecting."""
+    script = f"{programs.rprobe}; env -i {programs.rprobe}; env -i {programs.rprobe}"
+    run = launch.run(
+        [*preload(programs), "--", "sh", "-c", script],
+        env={"VGPU_LAUNCH_TEST_FAULT": "exec:2"},
+    )
+    assert run.returncode == 0, run.describe()
+    assert not run.of("tracer-failed"), run.describe()
+    (ignored,) = run.of("test-hook-ignored")
+    assert ignored["level"] == "warning" and "VGPU_LAUNCH_TEST_FAULT" in ignored["message"]
+    assert [p["marker"] for p in probes(run.stdout)] == ["1", "1", "1"], run.describe()
 
 
 def test_after_a_tracer_failure_the_end_event_reports_no_tracees(

@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -190,11 +190,13 @@ def _beats(pub: Path) -> list[str]:
         return []
 
 
-def heartbeat_tree(programs: Programs, pub: Path, env: Mapping[str, str | None]) -> launch.Tree:
+def heartbeat_tree(programs: Programs, pub: Path, env: Mapping[str, str | None],
+                   pass_fds: Sequence[int] = ()) -> launch.Tree:
     return launch.Tree(
         ["--strict", "--preload", programs.librobustmark, "--", programs.rtool, "reap",
          programs.rtool, "heartbeat", str(pub / "beats"), programs.rprobe, "60"],
         env=env,
+        pass_fds=pass_fds,
     )
 
 
@@ -209,7 +211,8 @@ def _assert_tree_died(tree: launch.Tree, pub: Path, tree_pids: list[int]) -> Non
 def test_tracer_exception_kills_the_tree(programs: Programs, pub: Path) -> None:
     """Fault at the 4th exec (heartbeat's second child): the tracer thread dies, EXITKILL
     kills every tracee, CMD included, and vgpu-launch dies of CMD's SIGKILL."""
-    with heartbeat_tree(programs, pub, {"VGPU_LAUNCH_TEST_FAULT": "exec:4"}) as tree:
+    with heartbeat_tree(programs, pub, {"VGPU_LAUNCH_TEST_FAULT": "exec:4"},
+                        pass_fds=[launch.test_hooks_fd()]) as tree:
         tree.tracer_ready()
         procs.wait_for("the first child",
                        lambda: sum(b.startswith("child") for b in _beats(pub)) >= 1, 20)

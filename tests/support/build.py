@@ -84,6 +84,9 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "rprobe32": ("rprobe32", "cc32", "rprobe.c", []),
     "rtool": ("rtool", "cc", "rtool.c", ["-pthread"]),
     "soak": ("soak", "cc", "soak.c", ["-pthread"]),
+    "execkill": ("execkill", "cc", "execkill.c", []),
+    "reexec": ("reexec", "cc", "reexec.c", []),
+    "stuckld": ("stuckld", "cc", "stuckld.c", ["-nostdlib", "-static-pie", "-fPIE"]),
     "librobustmark": ("librobustmark.so", "cc", "librobustmark.c", SO),
     "librobustmark32": ("librobustmark32.so", "cc32", "librobustmark.c", SO),
     # doctor, status, the load verifier (tests/diagnostics)

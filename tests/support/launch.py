@@ -85,9 +85,11 @@ def public_launcher() -> Path:
 
 
 def launcher_argv(args: Sequence[Arg], *, user: str | None = None,
-                  log_format: str | None = "json", module: bool = False) -> list[str]:
+                  log_format: str | None = "json", module: bool = False,
+                  wrap: Sequence[str] = ()) -> list[str]:
     """``vgpu-launch [--log-format FORMAT] ARGS``: through bin/vgpu-launch (a copy that nobody
-    can read, with ``user``), or with ``module`` as ``python -m vgpu_launch``."""
+    can read, with ``user``), or with ``module`` as ``python -m vgpu_launch``. ``wrap``: a
+    command that runs vgpu-launch (``capsh --drop=... -- -c 'exec "$0" "$@"'``)."""
     words = [os.fspath(a) for a in args]
     options = words[: words.index("--")] if "--" in words else words
     fmt: list[str] = []
@@ -100,7 +102,7 @@ def launcher_argv(args: Sequence[Arg], *, user: str | None = None,
         head = [*NOBODY, str(public_launcher())]
     else:
         head = [str(LAUNCHER)]
-    return [*head, *fmt, *words]
+    return [*wrap, *head, *fmt, *words]
 
 
 def launch_argv(lib: Arg, *cmd: Arg, options: Sequence[str] = (),
@@ -395,15 +397,17 @@ class Tree(Started):
     def __init__(self, args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
                  user: str | None = None, stdin: Any = subprocess.DEVNULL,
                  stderr_path: Arg | None = None, log_format: str | None = "json",
-                 cwd: Arg | None = None) -> None:
+                 cwd: Arg | None = None, pass_fds: Sequence[int] = (),
+                 wrap: Sequence[str] = ()) -> None:
         updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
         updates.update(env or {})
         # Closed in close(): the tree outlives this constructor.
         self.status_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="vgpu-launch-tests-status-")
-        self.launch_argv = launcher_argv(args, user=user, log_format=log_format)
+        self.launch_argv = launcher_argv(args, user=user, log_format=log_format, wrap=wrap)
         super().__init__([build_rtool(), "reap", "-s", self.status_file.name, *self.launch_argv],
-                         env=clean_env(updates), cwd=cwd, stdin=stdin, stderr_path=stderr_path)
+                         env=clean_env(updates), cwd=cwd, stdin=stdin, stderr_path=stderr_path,
+                         pass_fds=tuple(pass_fds))
         self.sid = self.proc.pid
         self._launcher = 0
 
@@ -484,15 +488,24 @@ class Tree(Started):
 
 def run(args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
         timeout: float = 120, user: str | None = None, input: bytes | None = None,
-        log_format: str | None = "json", cwd: Arg | None = None) -> LaunchResult:
+        log_format: str | None = "json", cwd: Arg | None = None,
+        pass_fds: Sequence[int] = (), wrap: Sequence[str] = ()) -> LaunchResult:
     """Run ``vgpu-launch [--log-format json] ARGS`` to the end; check that nothing of its
     session is left behind.  ``env`` updates ``clean_env()``."""
     with Tree(args, env=env, user=user, log_format=log_format, cwd=cwd,
+              pass_fds=pass_fds, wrap=wrap,
               stdin=subprocess.DEVNULL if input is None else subprocess.PIPE) as tree:
         if input is not None:
             assert tree.proc.stdin is not None
             tree.proc.stdin.write(input)
         return tree.wait(timeout)
+
+
+@functools.cache
+def test_hooks_fd() -> int:
+    """The memfd that makes vgpu-launch honour VGPU_LAUNCH_TEST_FAULT (vgpu_launch/testhooks.py):
+    pass it with ``pass_fds``."""
+    return os.memfd_create("vgpu-launch-test-hooks", 0)
 
 
 @functools.cache

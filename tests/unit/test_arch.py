@@ -1,10 +1,19 @@
-"""aarch64 register access, which no machine here can run: the NT_PRSTATUS layouts."""
+"""The architecture seam: aarch64 register access (which no machine here can run: the
+NT_PRSTATUS layouts), and each machine's table checked against what gcc builds here."""
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
+import pytest
+
+from vgpu_launch import arch, elf
 from vgpu_launch.arch import aarch64
+
+PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
 
 
 def test_sp_of_a_64_bit_tracee() -> None:
@@ -21,3 +30,63 @@ def test_sp_of_a_compat_tracee() -> None:
     regs = struct.pack("<18I", *range(13), 0xBEEF0000, 14, 15, 16, 17)
     assert aarch64.sp_from_prstatus(regs) == (0xBEEF0000, 4)
     assert aarch64.sp_from_prstatus(aarch64.prstatus_with_sp(regs, 0xBEEE0000)) == (0xBEEE0000, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine's table, against the C library's own headers
+
+
+def _build_archinfo(tmp_path: Path, *flags: str) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed (apt-get install gcc gcc-multilib)", pytrace=False)
+    out = tmp_path / ("archinfo" + "".join(flags))
+    cmd = ["gcc", *flags, "-O2", "-Wall", "-o", str(out), str(PROGRAMS / "archinfo.c")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed (gcc-multilib?):\n{proc.stderr}", pytrace=False)
+    return out
+
+
+def _archinfo(program: Path) -> dict[str, int]:
+    line = subprocess.run([program], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in (item.split("=") for item in line.split())}
+
+
+@pytest.mark.parametrize("flags", [(), ("-m32",)], ids=["native", "compat"])
+def test_abi_matches_the_system_headers(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """Word size, ELF machine, ptrace syscall, AUDIT_ARCH and loader of each ABI are the ones
+    a program built here for that ABI has."""
+    program = _build_archinfo(tmp_path, *flags)
+    info = _archinfo(program)
+    native = arch.current()
+    abi = native.abi(info["word"])
+    assert abi is (native.compat if flags else native.native)
+    assert (abi.elf_machine, abi.ptrace_syscall, abi.audit_arch) == (
+        info["elf_machine"],
+        info["ptrace"],
+        info["audit_arch"],
+    )
+    if not flags:  # the tracer's own process forwards signals with this syscall
+        assert native.rt_sigqueueinfo == info["rt_sigqueueinfo"]
+    with open(program, "rb") as f:
+        header = elf.parse_header(f.read(elf.HEADER_SIZE))
+        assert header is not None and header.machine_name == abi.name
+        assert elf.interp(f, header) == abi.loader
+    assert native.word_of_loader(abi.loader) == abi.word
+
+
+def test_this_interpreter_runs_on_the_native_abi() -> None:
+    """arch.NATIVE is the machine of the running Python: its ELF header says so."""
+    info = elf.elf_info("/proc/self/exe")
+    assert info is not None and arch.NATIVE is not None
+    assert (info.word, info.machine) == (8, arch.NATIVE.native.elf_machine)
+
+
+def test_every_machine_is_found_by_its_names() -> None:
+    """uname -m spellings select the machine; an unknown one selects none."""
+    for a in arch.ALL:
+        for name in (a.name, *a.aliases):
+            assert arch.for_machine(name) is a
+    assert arch.for_machine("sparc64") is None
+    assert arch.machine_name(183) == "aarch64" and arch.machine_name(40) == "arm"
+    assert arch.machine_name(243) == "machine 243"

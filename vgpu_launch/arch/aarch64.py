@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from ..trace.ptracelib import getregset, setregset
+from .model import Abi, Arch
 
 PRSTATUS64_SIZE = 34 * 8
 PRSTATUS32_SIZE = 18 * 4
@@ -41,3 +42,32 @@ def read_sp(tid: int) -> tuple[int, int]:
 
 def write_sp(tid: int, sp: int) -> None:
     setregset(tid, prstatus_with_sp(getregset(tid, PRSTATUS64_SIZE), sp))
+
+
+ARCH = Arch(
+    name="aarch64",
+    aliases=("arm64",),
+    native=Abi(
+        word=8,
+        name="aarch64",
+        elf_machine=183,  # EM_AARCH64
+        loader="/lib/ld-linux-aarch64.so.1",
+        lib="lib/aarch64-linux-gnu",
+        platform="aarch64",
+        ptrace_syscall=117,
+        audit_arch=0xC00000B7,  # AUDIT_ARCH_AARCH64
+    ),
+    compat=Abi(
+        word=4,
+        name="arm",
+        elf_machine=40,  # EM_ARM
+        loader="/lib/ld-linux-armhf.so.3",
+        lib="lib/arm-linux-gnueabihf",
+        platform="v7l",
+        ptrace_syscall=26,  # EABI
+        audit_arch=0x40000028,  # AUDIT_ARCH_ARM
+    ),
+    rt_sigqueueinfo=138,
+    read_sp=read_sp,
+    write_sp=write_sp,
+)

@@ -7,6 +7,7 @@ segment selector tells them apart (0x23: 32-bit user code, 0x33: 64-bit).
 from __future__ import annotations
 
 from ..trace.ptracelib import peekuser, pokeuser
+from .model import Abi, Arch
 
 # Offsets in struct user_regs_struct (arch/x86/include/asm/user_64.h).
 CS_OFFSET = 17 * 8
@@ -27,3 +28,32 @@ def read_sp(tid: int) -> tuple[int, int]:
 
 def write_sp(tid: int, sp: int) -> None:
     pokeuser(tid, RSP_OFFSET, sp)
+
+
+ARCH = Arch(
+    name="x86_64",
+    aliases=("amd64",),
+    native=Abi(
+        word=8,
+        name="x86_64",
+        elf_machine=62,  # EM_X86_64
+        loader="/lib64/ld-linux-x86-64.so.2",
+        lib="lib/x86_64-linux-gnu",
+        platform="x86_64",
+        ptrace_syscall=101,
+        audit_arch=0xC000003E,  # AUDIT_ARCH_X86_64
+    ),
+    compat=Abi(
+        word=4,
+        name="i386",
+        elf_machine=3,  # EM_386
+        loader="/lib/ld-linux.so.2",
+        lib="lib/i386-linux-gnu",
+        platform="i686",
+        ptrace_syscall=26,
+        audit_arch=0x40000003,  # AUDIT_ARCH_I386
+    ),
+    rt_sigqueueinfo=129,
+    read_sp=read_sp,
+    write_sp=write_sp,
+)

@@ -60,33 +60,19 @@ class Proc:
 
 
 def _read_proc(pid: int) -> Proc | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
+    stat = procfs.stat(pid)
+    argv = procfs.cmdline(pid)
+    if stat is None or argv is None:
         return None
-    try:
-        close = stat.rindex(b")")
-        comm = stat[stat.index(b"(") + 1 : close].decode(errors="replace")
-        rest = stat[close + 2 :].split()
-        state, ppid = rest[0].decode(), int(rest[1])
-    except (ValueError, IndexError):
-        return None
-    argv = [a.decode(errors="replace") for a in cmdline.split(b"\0")]
-    if argv and argv[-1] == "":
-        argv.pop()
-    return Proc(pid, ppid, comm, state, argv)
+    return Proc(pid, stat.ppid, stat.comm, stat.state, argv)
 
 
 def scan() -> dict[int, Proc]:
     procs: dict[int, Proc] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            p = _read_proc(int(name))
-            if p is not None:
-                procs[p.pid] = p
+    for pid in procfs.pids():
+        p = _read_proc(pid)
+        if p is not None:
+            procs[p.pid] = p
     for p in procs.values():
         parent = procs.get(p.ppid)
         if parent is not None and p.pid != p.ppid:
@@ -137,44 +123,6 @@ def launcher_args(argv: Sequence[str]) -> list[str] | None:
     return args
 
 
-def environ_of(pid: int) -> dict[str, str] | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    out: dict[str, str] = {}
-    for entry in data.split(b"\0"):
-        name, eq, value = entry.partition(b"=")
-        if eq:
-            out.setdefault(name.decode(errors="replace"), value.decode(errors="replace"))
-    return out
-
-
-def cgroup_members(cgroup: str) -> set[int]:
-    """Every process whose systemd cgroup (the unified hierarchy's, or the legacy name=systemd
-    one) is ``cgroup`` or below it. Read from /proc/PID/cgroup: no cgroupfs mount needed."""
-    cg = cgroup.rstrip("/") or "/"
-    members: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            hid, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if not ((hid == "0" and controllers == "") or controllers == "name=systemd"):
-                continue
-            if path == cg or path.startswith(cg.rstrip("/") + "/"):
-                members.add(int(name))
-                break
-    return members
-
-
 # ---------------------------------------------------------------------------------------------
 # which libraries
 
@@ -189,7 +137,7 @@ def preload_of_launcher(pid: int, args: Sequence[str]) -> tuple[list[str], str] 
     libs = list(values.get("preload") or [])
     if libs:
         return libs, f"--preload of vgpu-launch pid {pid}"
-    env = environ_of(pid) or {}
+    env = procfs.environ(pid) or {}
     for var in ("VGPU_LAUNCH_PRELOAD", "LD_PRELOAD"):
         value = env.get(var)
         if value:
@@ -238,7 +186,7 @@ class Row:
 def inspect(proc: Proc, depth: int, libs: list[str], *, launcher: bool) -> Row:
     row = Row(proc.pid, proc.ppid, depth, proc.command, proc.argv,
               "launcher" if launcher else "process", list(libs))
-    env = environ_of(proc.pid)
+    env = procfs.environ(proc.pid)
     if env is None:
         row.environ_readable = False
     else:
@@ -251,7 +199,7 @@ def inspect(proc: Proc, depth: int, libs: list[str], *, launcher: bool) -> Row:
         row.state, row.counted, row.note = "zombie", False, "exited (zombie, not yet reaped)"
         return row
     try:
-        maps = verify.read_maps(proc.pid)
+        maps = procfs.read_maps(proc.pid)
     except OSError as exc:
         row.state, row.ok = "unreadable", False
         row.note = f"cannot read /proc/{proc.pid}/maps ({exc.strerror}): run as root"
@@ -259,13 +207,13 @@ def inspect(proc: Proc, depth: int, libs: list[str], *, launcher: bool) -> Row:
     if maps is None:
         row.state, row.counted, row.note = "gone", False, "exited while being looked at"
         return row
-    word, static = verify.exe_word(proc.pid, maps)
+    word, static = procfs.exe_word(proc.pid, maps)
     row.bits = word * 8 if word else None
     row.static = static
-    row.secure = verify.read_secure(proc.pid, word or 8)
+    row.secure = procfs.secure(proc.pid, word or 8)
     if row.secure is None:  # auxv unreadable: compare the real and effective ids
         row.secure = _ids_differ(proc.pid)
-    exe = _readlink(f"/proc/{proc.pid}/exe")
+    exe = procfs.exe_or_empty(proc.pid)
     root = f"/proc/{proc.pid}/root"
     for lib in libs:
         file = verify.expand(lib, word or 8, exe)
@@ -300,13 +248,6 @@ def inspect(proc: Proc, depth: int, libs: list[str], *, launcher: bool) -> Row:
     if len(libs) > 1:
         row.note = f"missing {', '.join(missing)}: {row.note}"
     return row
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
 
 
 def _ids_differ(pid: int) -> bool | None:
@@ -393,7 +334,7 @@ def collect(pid: int | None, unit_cgroup: str | None, libs: list[str] | None,
         roots = [pid]
         scope = f"the tree under pid {pid}"
     elif unit_cgroup is not None:
-        members = cgroup_members(unit_cgroup) - {own}
+        members = procfs.cgroup_members(unit_cgroup) - {own}
         if not members:
             raise StatusError(f"no process in cgroup {unit_cgroup} (is the unit running?)")
         roots = sorted(m for m in members if procs.get(m) and procs[m].ppid not in members)

@@ -8,29 +8,37 @@ stopping the process, and logs one ``verify`` event:
 - ``verified`` (info): every configured library is mapped;
 - ``unverified`` (warning): one is not, with the likely reason (static binary, setuid, wrong word
   size, no file for this ``$LIB``, musl ignoring ``$LIB``, ld.so refusal);
-- ``exited`` (debug): the program exited or exec'd another program before it could be checked
-  (short-lived helpers; nothing can be said either way, so they are only counted).
+- ``exited`` (debug): the program exited or exec'd again before it could be checked
+  (short-lived helpers; nothing can be said either way, so they are only counted). A program
+  is named by its pid *and its exec* (the tracer numbers every exec), not by its path: a
+  process that executes the same file again is a new program;
+- ``skipped`` (debug): its ld.so was still at work when vgpu-launch ended (CMD exited while it
+  was starting), so nothing can be said; also counted, without an event, when too many
+  programs wait for a check.
 
 ``/proc/PID/environ`` is no evidence here: it shows the environment the program was started
 with, never the one put in at exec time. The mapping is the truth.
 
-The module also holds the /proc readers that ``vgpu-launch status`` shares.
+``vgpu-launch status`` shares the reasons (``reason_missing``) and the lookups of a library
+in a process's mappings (``find_mapped``); /proc is read through procfs.py.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import heapq
 import itertools
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from .. import elf, procfs
+from ..procfs import DELETED, Maps, parse_maps
 from ..trace import preload
 from . import libcheck
 
@@ -40,137 +48,17 @@ from . import libcheck
 DELAYS = (0.005, 0.02, 0.1, 0.5, 2.0)
 MAX_PENDING = 4096  # programs waiting for a check; beyond that they are counted as skipped
 
-AT_SECURE = 23
-# glibc's libc, which ld.so maps (not the kernel) after the LD_PRELOAD objects
-_LIBC = re.compile(r"libc(?:\.so\.6|-\d[.\d]*\.so)$")
-# the dynamic loader, mapped by the kernel at exec; musl's is its libc (ld-musl-*.so.1 is a
-# link to .../x86_64-linux-musl/libc.so, and the maps show the link's target)
-_INTERP = re.compile(r"ld-linux[-.\w]*\.so|ld-musl-[-\w]+\.so|ld(?:64)?\.so\.\d")
-_DELETED = " (deleted)"
 _REFUSED = "ld.so refused it"
 
 
-# ---------------------------------------------------------------------------------------------
-# reading a process
+class Result(str, enum.Enum):
+    """The outcome of checking one program (the ``result`` field of its verify event)."""
 
-
-@dataclass(frozen=True)
-class Maps:
-    """The file-backed mappings of one process."""
-
-    paths: frozenset[str]
-    inodes: frozenset[tuple[int, int]]  # (st_dev, st_ino)
-    interp: str | None  # the dynamic loader mapped into it, if any
-    libc: bool  # glibc's libc is mapped: ld.so has dealt with LD_PRELOAD
-
-    @property
-    def musl(self) -> bool:
-        return self.interp is not None and "musl" in self.interp
-
-    def by_basename(self, name: str) -> list[str]:
-        return sorted(p for p in self.paths if os.path.basename(p) == name)
-
-
-def parse_maps(text: str) -> Maps:
-    paths: set[str] = set()
-    inodes: set[tuple[int, int]] = set()
-    interp: str | None = None
-    libc = False
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6 or not parts[5].startswith("/"):
-            continue
-        path = parts[5]
-        if path.endswith(_DELETED):
-            path = path[: -len(_DELETED)]
-        paths.add(path)
-        ino = int(parts[4])
-        if ino:
-            major, _, minor = parts[3].partition(":")
-            with contextlib.suppress(ValueError):
-                inodes.add((os.makedev(int(major, 16), int(minor, 16)), ino))
-        base = os.path.basename(path)
-        if interp is None and (_INTERP.match(base) or (base == "libc.so" and "musl" in path)):
-            interp = path
-        if _LIBC.match(base):
-            libc = True
-    return Maps(frozenset(paths), frozenset(inodes), interp, libc)
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def read_maps(pid: int | str) -> Maps | None:
-    """The mappings of ``pid``; None if it is gone or a zombie (which has none).
-
-    Raises PermissionError where this user may not read them."""
-    text = _read_text(f"/proc/{pid}/maps")
-    return parse_maps(text) if text else None
-
-
-def read_secure(pid: int | str, word: int) -> bool | None:
-    """AT_SECURE from the auxiliary vector: the program runs setuid/setgid or with file
-    capabilities, and ld.so ignores LD_PRELOAD entries that contain a slash. None: unreadable."""
-    try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    if not data:
-        return None
-    step = 2 * word
-    for off in range(0, len(data) - step + 1, step):
-        key = int.from_bytes(data[off : off + word], "little")
-        if key == 0:
-            break
-        if key == AT_SECURE:
-            return int.from_bytes(data[off + word : off + step], "little") != 0
-    return False
-
-
-def exe_word(pid: int | str, maps: Maps | None = None) -> tuple[int | None, bool | None]:
-    """(word size, static) of the program ``pid`` runs; None where it cannot be told."""
-    word: int | None = None
-    static: bool | None = None
-    try:
-        with open(f"/proc/{pid}/exe", "rb") as f:
-            head = f.read(64)
-            if head[:4] == b"\x7fELF" and head[4] in (1, 2):
-                word = 4 if head[4] == 1 else 8
-                static = not _has_interp(f, head, word)
-    except OSError:
-        pass
-    if maps is not None:
-        if static is None:
-            static = maps.interp is None
-        if word is None and maps.interp is not None:
-            base = os.path.basename(maps.interp)
-            word = 4 if base in ("ld-linux.so.2", "ld-linux-armhf.so.3") else 8
-    return word, static
-
-
-def _has_interp(f: Any, head: bytes, word: int) -> bool:
-    """Whether the ELF file has a PT_INTERP program header (a dynamically linked program)."""
-    order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
-    if word == 8:
-        phoff = int.from_bytes(head[32:40], order)
-        phentsize = int.from_bytes(head[54:56], order)
-        phnum = int.from_bytes(head[56:58], order)
-    else:
-        phoff = int.from_bytes(head[28:32], order)
-        phentsize = int.from_bytes(head[42:44], order)
-        phnum = int.from_bytes(head[44:46], order)
-    f.seek(phoff)
-    table = f.read(phentsize * min(phnum, 256))
-    for i in range(0, len(table) - 3, phentsize):
-        if int.from_bytes(table[i : i + 4], order) == 3:  # PT_INTERP
-            return True
-    return False
+    VERIFIED = "verified"  # every configured library is mapped (info)
+    UNVERIFIED = "unverified"  # one is not (warning, with the likely reason)
+    EXITED = "exited"  # it exited or exec'd another program first (debug, counted only)
+    SKIPPED = "skipped"  # not checked: too many were waiting (counted only)
+    PENDING = "pending"  # ld.so may still be busy: check again (never logged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,16 +104,27 @@ def find_mapped(maps: Maps, file: str | None, root: str = "") -> str | None:
     return None
 
 
-def reason_missing(lib: str, word: int, exe: str = "", *, static: bool = False,
-                   secure: bool = False, maps: Maps | None = None) -> str:
+def reason_missing(
+    lib: str,
+    word: int,
+    exe: str = "",
+    *,
+    static: bool = False,
+    secure: bool = False,
+    maps: Maps | None = None,
+) -> str:
     """The likely reason a ``word``-byte program does not have ``lib`` mapped."""
     bits = word * 8
     if static:
-        return ("static binary: no dynamic loader runs in it, so LD_PRELOAD has no effect "
-                "(the programs it starts still get the preload)")
+        return (
+            "static binary: no dynamic loader runs in it, so LD_PRELOAD has no effect "
+            "(the programs it starts still get the preload)"
+        )
     if secure:
-        return ("setuid/setgid or file capabilities (AT_SECURE): ld.so ignores LD_PRELOAD "
-                "entries that contain a slash")
+        return (
+            "setuid/setgid or file capabilities (AT_SECURE): ld.so ignores LD_PRELOAD "
+            "entries that contain a slash"
+        )
     if maps is not None and maps.musl and preload.has_tokens(lib):
         return f"musl's dynamic loader does not expand $LIB/$PLATFORM/$ORIGIN in {lib}"
     file = expand(lib, word, exe)
@@ -233,7 +132,7 @@ def reason_missing(lib: str, word: int, exe: str = "", *, static: bool = False,
         return f"no {bits}-bit dynamic loader on this host to expand {lib}"
     tokens = preload.has_tokens(lib)
     try:
-        info = libcheck.elf_info(file)
+        info = elf.elf_info(file)
     except FileNotFoundError:
         if tokens:
             return f"missing file for this $LIB: {file} not found ({bits}-bit program)"
@@ -244,17 +143,21 @@ def reason_missing(lib: str, word: int, exe: str = "", *, static: bool = False,
         return f"{file}: {exc.strerror}"
     if info is None:
         return f"{file} is not an ELF file"
-    if info.type != libcheck.ET_DYN:
+    if info.type != elf.ET_DYN:
         return f"{file} is not a shared object"
     if info.word != word:
-        return (f"wrong word size: {file} is a {info.word * 8}-bit library, "
-                f"this is a {bits}-bit program")
+        return (
+            f"wrong word size: {file} is a {info.word * 8}-bit library, "
+            f"this is a {bits}-bit program"
+        )
     if maps is not None:
         same = [p for p in maps.by_basename(os.path.basename(file)) if p != file]
         if same:
             return f"another copy is mapped instead: {same[0]}"
-    return (_REFUSED + " (its reason, 'ERROR: ld.so: object ... cannot be preloaded', "
-            "is on the program's stderr), or LD_PRELOAD was removed before it ran")
+    return (
+        _REFUSED + " (its reason, 'ERROR: ld.so: object ... cannot be preloaded', "
+        "is on the program's stderr), or LD_PRELOAD was removed before it ran"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,13 +177,19 @@ class Verifier:
     """Checks, without stopping anything, that each injected program really mapped the
     configured libraries, and logs the result. Never raises into its caller."""
 
-    def __init__(self, libs: Sequence[str], log: Any, *, delays: Sequence[float] = DELAYS,
-                 max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self,
+        libs: Sequence[str],
+        log: Any,
+        *,
+        delays: Sequence[float] = DELAYS,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
         self.libs = list(libs)
         self.log = log
         self.delays = tuple(delays)
         self.max_pending = max_pending
-        self.counts = {"verified": 0, "unverified": 0, "exited": 0, "skipped": 0}
+        self.counts = {r.value: 0 for r in Result if r is not Result.PENDING}
         self._incoming: collections.deque[tuple[float, Any]] = collections.deque()
         self._heap: list[_Pending] = []
         self._seq = itertools.count()
@@ -305,7 +214,7 @@ class Verifier:
             if self._closed or not self.libs:
                 return
             if len(self._incoming) + len(self._heap) >= self.max_pending:
-                self.counts["skipped"] += 1
+                self.counts[Result.SKIPPED.value] += 1
                 return
             self._incoming.append((time.monotonic(), outcome))
             if self._thread is None:
@@ -347,42 +256,52 @@ class Verifier:
             self._log_internal(exc)
 
     def _attempt(self, item: _Pending, *, final: bool) -> None:
+        """One check; ``final``: vgpu-launch is ending, no later check will come."""
         o = item.outcome
-        last = final or item.attempt + 1 >= len(self.delays)
+        last = item.attempt + 1 >= len(self.delays)
         result, detail = self._check(o, last)
-        if result == "pending":
-            if not last:
+        if result is Result.PENDING:
+            if final:
+                # Caught starting when CMD exited: its ld.so is still at work, and it will
+                # load the library or not after vgpu-launch is gone. Nothing to say.
+                result = Result.SKIPPED
+                detail = {"note": "ld.so had not finished when vgpu-launch ended"}
+            elif not last:
                 item.attempt += 1
                 item.due = item.start + self.delays[item.attempt]
                 heapq.heappush(self._heap, item)
                 return
-            result = "unverified"
-        self._report(o, result, detail, time.monotonic() - item.start, last)
+            else:
+                result = Result.UNVERIFIED
+        self._report(o, result, detail, time.monotonic() - item.start)
 
-    def _check(self, o: Any, last: bool = False) -> tuple[str, dict[str, Any]]:
-        """("verified" | "unverified" | "exited" | "pending", details). ``last``: no later
-        check follows, decide now."""
+    def _check(self, o: Any, last: bool = False) -> tuple[Result, dict[str, Any]]:
+        """The result, and its details. ``last``: no later check follows, decide now."""
         pid = o.pid
+        if o.superseded():
+            return Result.EXITED, {"note": "exec'd again or exited"}
         if o.exe:
             try:
-                now = os.readlink(f"/proc/{pid}/exe")
+                now = procfs.exe(pid)
             except (FileNotFoundError, ProcessLookupError):
-                return "exited", {}
+                return Result.EXITED, {}
             except OSError:
                 now = o.exe
-            if now.removesuffix(_DELETED) != o.exe.removesuffix(_DELETED):
-                return "exited", {"note": f"now runs {now}"}
+            if now.removesuffix(DELETED) != o.exe.removesuffix(DELETED):
+                return Result.EXITED, {"note": f"now runs {now}"}
         try:
-            text = _read_text(f"/proc/{pid}/maps")
+            text = procfs.maps_text(pid)
         except OSError as exc:
-            return "unverified", {"reason": f"cannot read /proc/{pid}/maps: {exc.strerror}"}
+            return Result.UNVERIFIED, {"reason": f"cannot read /proc/{pid}/maps: {exc.strerror}"}
         if not text:
-            return "exited", {}
+            return Result.EXITED, {}
+        if o.superseded():  # the maps may be those of the next program
+            return Result.EXITED, {"note": "exec'd again or exited"}
         # the common case, cheaply: every library's path ends a line of the maps
         files = [self._file(lib, o.word, o.exe) for lib in self.libs]
         fast = [next((c for c in cands if f" {c}\n" in text), None) for cands in files]
         if all(fast):
-            return "verified", {"mapped": sorted({f for f in fast if f})}
+            return Result.VERIFIED, {"mapped": sorted({f for f in fast if f})}
         maps = parse_maps(text)
         mapped: dict[str, str] = {}
         missing: list[str] = []
@@ -393,18 +312,18 @@ class Verifier:
             else:
                 mapped[lib] = found
         if not missing:
-            return "verified", {"mapped": sorted(mapped.values())}
-        secure = bool(read_secure(pid, o.word))
+            return Result.VERIFIED, {"mapped": sorted(mapped.values())}
+        secure = bool(procfs.secure(pid, o.word))
         done = o.static or secure or maps.libc  # ld.so has dealt with LD_PRELOAD
         if not (done or last):
-            return "pending", {}
+            return Result.PENDING, {}
         reasons = {
             lib: reason_missing(lib, o.word, o.exe, static=o.static, secure=secure, maps=maps)
             for lib in missing
         }
         if not done and all(r.startswith(_REFUSED) for r in reasons.values()):
-            return "unverified", {"missing": missing}  # no reason known: _report says when
-        return "unverified", {"missing": missing, "reason": _one_reason(reasons)}
+            return Result.UNVERIFIED, {"missing": missing}  # no reason known: _report says when
+        return Result.UNVERIFIED, {"missing": missing, "reason": _one_reason(reasons)}
 
     def _file(self, lib: str, word: int, exe: str) -> tuple[str, ...]:
         """The paths under which ``lib`` shows in the maps of a ``word``-byte ``exe``."""
@@ -417,15 +336,17 @@ class Verifier:
                 self._files[key] = found
         return found
 
-    def _report(self, o: Any, result: str, detail: dict[str, Any], after: float,
-                last: bool) -> None:
-        self.counts[result] += 1
+    def _report(self, o: Any, result: Result, detail: dict[str, Any], after: float) -> None:
+        self.counts[result.value] += 1
         fields: dict[str, Any] = {
-            "pid": o.pid, "exe": o.exe, "result": result, "after_ms": round(after * 1000, 1)
+            "pid": o.pid,
+            "exe": o.exe,
+            "result": result.value,
+            "after_ms": round(after * 1000, 1),
         }
-        if result == "verified":
+        if result is Result.VERIFIED:
             self.log.info("verify", **fields, mapped=detail.get("mapped", []))
-        elif result == "exited":
+        elif result in (Result.EXITED, Result.SKIPPED):
             self.log.debug("verify", **fields, **detail)
         else:
             fields["bits"] = o.word * 8
@@ -434,8 +355,7 @@ class Verifier:
                 detail.setdefault(
                     "reason",
                     f"not mapped {round(after * 1000)} ms after exec"
-                    + (", when vgpu-launch ended" if last and after < self.delays[-1] else "")
-                    + " (ld.so still busy, or it refused the library: see the program's "
+                    " (ld.so still busy, or it refused the library: see the program's "
                     "stderr)",
                 )
             self.log.warning("verify", **fields, **detail)

@@ -26,6 +26,12 @@ class Decision(str, enum.Enum):
     EXCLUDED = "excluded"  # matched an --exclude pattern: left exactly as it is
     SETUID = "setuid"  # runs with AT_SECURE: ld.so would ignore the preload, so it is left alone
     FAILED = "failed"  # the environment could not be read or written
+    GONE = "gone"  # killed while its exec event was handled: it never ran an instruction
+
+    @property
+    def gives_preload(self) -> bool:
+        """The program starts with every configured library in LD_PRELOAD."""
+        return self in (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ died between ``waitpid`` and the request) and is the caller's to ignore.
 from __future__ import annotations
 
 import ctypes
+import errno
 import re
 
 from ptrace.binding import func as _func
@@ -34,6 +35,8 @@ def ptrace(request: int, pid: int, arg1: int = 0, arg2: int = 0, check_errno: bo
         raise
 
 
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
 PTRACE_KILL = 8
 PTRACE_PEEKUSER = 3
@@ -60,11 +63,24 @@ PTRACE_EVENT_STOP = 128
 
 NT_PRSTATUS = 1
 
+# waitpid flag: wait for every child, clones and tracees included (__WALL)
+WALL = 0x40000000
+
 FOLLOW = PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 
 
 def seize(pid: int, options: int) -> None:
     ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def try_seize(pid: int, options: int) -> int:
+    """PTRACE_SEIZE that reports instead of raising: 0, or the error number (EPERM where
+    the kernel's answer cannot be told)."""
+    try:
+        seize(pid, options)
+    except PtraceError as exc:
+        return exc.errno or errno.EPERM
+    return 0
 
 
 def cont(tid: int, sig: int = 0) -> None:
@@ -80,6 +96,21 @@ def geteventmsg(tid: int) -> int:
     msg = ctypes.c_ulong()
     ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
     return msg.value
+
+
+WORD = ctypes.sizeof(ctypes.c_long)  # what PEEKDATA/POKEDATA move: the tracer's word
+_WORD_MASK = (1 << (8 * WORD)) - 1
+
+
+def peekdata(tid: int, addr: int) -> bytes:
+    """One word of the tracee's memory at ``addr``, as bytes in memory order."""
+    value = ptrace(PTRACE_PEEKDATA, tid, addr, 0, check_errno=True)
+    return (value & _WORD_MASK).to_bytes(WORD, "little")
+
+
+def pokedata(tid: int, addr: int, data: bytes) -> None:
+    """Write one word (``WORD`` bytes, in memory order) at ``addr``."""
+    ptrace(PTRACE_POKEDATA, tid, addr, int.from_bytes(data, "little"))
 
 
 def peekuser(tid: int, offset: int) -> int:

@@ -14,20 +14,17 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import privileges
 from . import ptracelib as pt
 from .injector import Outcome, inject
 from .policy import Decision, Policy
 
-WALL = 0x40000000
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _CREATION = {
     pt.PTRACE_EVENT_FORK: "fork",
     pt.PTRACE_EVENT_VFORK: "vfork",
     pt.PTRACE_EVENT_CLONE: "clone",
 }
-
-
-_GIVEN = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
 
 
 class FaultInjected(RuntimeError):
@@ -49,7 +46,7 @@ class Tracer:
         *,
         strict: bool,
         unusable: dict[int, tuple[str, ...]] | None = None,
-        on_exec: Callable[[Outcome, int | None], None],
+        on_exec: Callable[[Outcome], None],
         on_event: Callable[..., None] | None = None,
         on_cmd_stopped: Callable[[int], None] | None = None,
         on_signal: Callable[[int, int], None] | None = None,
@@ -68,7 +65,13 @@ class Tracer:
         self.on_signal = on_signal
         self.watch_signals = watch_signals if on_signal is not None else frozenset()
         self.fault_at_exec = fault_at_exec
+        # Without CAP_SYS_PTRACE, traced setuid/setgid and file-capability programs run
+        # without their privileges: look at every exec for what it lost (two or three
+        # system calls; none at all under root).
+        self.check_privileges = not privileges.tracer_keeps_privileges()
         self.tracees: set[int] = set()
+        # pid -> the number of its latest exec (counted over the whole tree), while it lives
+        self.execs: dict[int, int] = {}
         self.stats = Stats()
 
     def seize(self, pid: int) -> None:
@@ -85,14 +88,16 @@ class Tracer:
         on_signal = self.on_signal
         watched = self.watch_signals
         execs = 0
+        exec_of = self.execs
         while True:
             try:
-                tid, status = waitpid(-1, WALL)
+                tid, status = waitpid(-1, pt.WALL)
             except ChildProcessError:
                 raise RuntimeError("no tracee left before CMD's exit was seen") from None
             stats.stops += 1
             if status & 0xFF != 0x7F:  # exited or killed
                 tracees.discard(tid)
+                exec_of.pop(tid, None)
                 if self.on_event is not None:
                     self.on_event("exit", pid=tid, status=status)
                 if tid == cmd_pid:
@@ -125,7 +130,7 @@ class Tracer:
                     execs += 1
                     if execs == self.fault_at_exec:
                         raise FaultInjected(f"test fault at exec #{execs} (pid {tid})")
-                    self._exec(tid)
+                    self._exec(tid, execs)
                 elif event in _CREATION:
                     # The child is counted at its own first stop; its id is needed only for
                     # the debug log.
@@ -139,30 +144,38 @@ class Tracer:
                     raise
                 # The thread died (SIGKILL, or its group exec'd) after reporting this stop.
 
-    def _exec(self, pid: int) -> None:
+    def _exec(self, pid: int, seq: int) -> None:
         former = pt.geteventmsg(pid)
         if former != pid:
             # A non-leader thread exec'd: it now has the leader's id; its old id never
             # reports again.
             self.tracees.discard(former)
+        self.execs[pid] = seq
         outcome = inject(pid, self.policy)
+        outcome.exec_seq, outcome.execs = seq, self.execs
+        if former != pid:
+            outcome.former_tid = former
         libs = self.unusable.get(outcome.word)
-        if libs and outcome.decision in _GIVEN:
-            outcome.note = (
+        if libs and outcome.decision.gives_preload:
+            note = (
                 f"{outcome.word * 8}-bit program: ld.so will refuse {', '.join(libs)} "
                 "(no build for this word size)"
             )
+            outcome.note = f"{outcome.note}; {note}" if outcome.note else note
             if self.strict:
                 outcome.decision = Decision.FAILED
-                outcome.reason = outcome.note
+                outcome.reason = note
+        if self.check_privileges and outcome.decision is not Decision.GONE:
+            outcome.lost = privileges.lost(pid, outcome.exe)
         self.stats.counts[outcome.decision.value] += 1
         if outcome.decision is Decision.FAILED and self.strict:
             # Strict: it must not run a single instruction without the shim. SIGKILL ends
             # the exec stop; its exit is reported like any other.
             os.kill(pid, signal.SIGKILL)
-            self.on_exec(outcome, former if former != pid else None)
+            outcome.killed = True
+            self.on_exec(outcome)
             return
         try:
             pt.cont(pid, 0)
         finally:  # logged even if it was killed meanwhile (ESRCH)
-            self.on_exec(outcome, former if former != pid else None)
+            self.on_exec(outcome)

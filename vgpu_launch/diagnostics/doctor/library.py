@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ... import security
+from ... import arch, elf, procfs, security
 from ...config import Config
 from ...errors import ConfigError
 from ...trace import preload
@@ -118,9 +118,8 @@ def unreadable_by(path: str, user: ServiceUser) -> str | None:
 
 
 def _loader32() -> str | None:
-    machine = platform.machine()
-    entry = libcheck._LOADERS.get((machine, 4))
-    return entry[0] if entry and os.path.exists(entry[0]) else None
+    abi = arch.native_abi(4)
+    return abi.loader if abi and os.path.exists(abi.loader) else None
 
 
 def check_library(
@@ -317,7 +316,7 @@ def check_loads_64(checks: Checks, lib: str, file: str, user: ServiceUser, cfg: 
             "fix the library (every program of the service would crash)",
         )
         return
-    maps = verify.parse_maps(proc.stdout)
+    maps = procfs.parse_maps(proc.stdout)
     if verify.find_mapped(maps, file):
         extra = f" (exit status {proc.returncode})" if proc.returncode else ""
         checks.add(
@@ -341,7 +340,7 @@ def _libc32() -> str | None:
         return None
     for path in (f"/{values[0]}/libc.so.6", f"/usr/{values[0]}/libc.so.6"):
         try:
-            info = libcheck.elf_info(path)
+            info = elf.elf_info(path)
         except OSError:
             continue
         if info is not None and info.word == 4:

@@ -8,8 +8,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from ... import elf
 from ...options import split_command
-from .. import libcheck, verify
 from ..effective import launcher_argv
 from ..systemd import Unit
 from .result import FAIL, NOTE, OK, WARN, Checks
@@ -34,12 +34,11 @@ class Program:
 
 def _elf(path: str) -> tuple[int, bool] | None:
     """(word size, statically linked) of an ELF program, or None if it is not one."""
-    info = libcheck.elf_info(path)
+    info = elf.elf_info(path)
     if info is None:
         return None
     with open(path, "rb") as f:
-        head = f.read(64)
-        return info.word, not verify._has_interp(f, head, info.word)
+        return info.word, not elf.has_interp(f, info)
 
 
 def _interpreter(path: str, search: str) -> str | None:

@@ -4,7 +4,6 @@ does it, and what could refuse it (Yama, seccomp, a tracer above, capabilities) 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import pwd
@@ -13,21 +12,16 @@ import sys
 import time
 from typing import Any
 
-from ... import procfs
+from ... import arch, procfs
 from ...trace import ptracelib as pt
 from ..systemd import Unit
 from .result import FAIL, NOTE, OK, WARN, Checks
 
 CAP_SYS_PTRACE = 19
-WALL = 0x40000000
 
 
 def _yama() -> str | None:
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return procfs.yama_ptrace_scope()
 
 
 def _has_cap(cap: int, field: str = "CapEff", pid: int | str = "self") -> bool:
@@ -43,19 +37,6 @@ def _true_program() -> list[str]:
         if os.access(path, os.X_OK):
             return [path]
     return [sys.executable, "-c", ""]
-
-
-def _seize(pid: int, options: int) -> int:
-    """PTRACE_SEIZE through libc, for a reliable errno (python-ptrace's C extension does not
-    hand it over): 0 or the error number."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.ptrace
-    fn.restype = ctypes.c_long
-    fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    ctypes.set_errno(0)
-    if fn(pt.PTRACE_SEIZE, pid, None, ctypes.c_void_p(options)) == -1:
-        return ctypes.get_errno() or errno.EPERM
-    return 0
 
 
 def trace_child() -> tuple[bool, str, dict[str, Any]]:
@@ -74,7 +55,7 @@ def trace_child() -> tuple[bool, str, dict[str, Any]]:
             os._exit(0)
     os.close(r)
     try:
-        err = _seize(pid, pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_EXITKILL)
+        err = pt.try_seize(pid, pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_EXITKILL)
         if err:
             facts["errno"] = errno.errorcode.get(err, str(err))
             tracer = procfs.status_field(pid, "TracerPid")
@@ -91,9 +72,7 @@ def trace_child() -> tuple[bool, str, dict[str, Any]]:
             return False, f"the traced child stopped unexpectedly (wait status {status:#x})", facts
         steps = ["PTRACE_SEIZE", "exec stop"]
         try:
-            from ... import arch
-
-            arch.read_sp(pid)
+            arch.current().read_sp(pid)
             steps.append("registers")
             fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
             os.close(fd)
@@ -112,7 +91,7 @@ def _wait(pid: int, timeout: float) -> int | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            got, status = os.waitpid(pid, os.WNOHANG | WALL)
+            got, status = os.waitpid(pid, os.WNOHANG | pt.WALL)
         except ChildProcessError:
             return None
         if got == pid:
@@ -125,7 +104,7 @@ def _reap(pid: int) -> None:
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         try:
-            got, status = os.waitpid(pid, os.WNOHANG | WALL)
+            got, status = os.waitpid(pid, os.WNOHANG | pt.WALL)
         except ChildProcessError:
             return
         if got == pid and status & 0xFF != 0x7F:
