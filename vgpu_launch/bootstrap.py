@@ -51,9 +51,12 @@ BOOT = """
 import sys
 if sys.path and sys.path[0] in ("", "."):
     del sys.path[0]
-if sys.argv[1]:
+checkout, pythons = sys.argv[1], sys.argv[2]
+del sys.argv[1]
+del sys.argv[1]
+if checkout:
     import os.path
-    sys.path.insert(0, os.path.abspath(sys.argv[1]))
+    sys.path.insert(0, os.path.abspath(checkout))
 try:
     from vgpu_launch.bootstrap import start
 except ImportError as exc:
@@ -61,8 +64,10 @@ except ImportError as exc:
           "VGPU_LAUNCH_PYTHON to the python3 it is installed for" % (sys.executable, exc),
           file=sys.stderr)
     sys.exit(125)
-start()
+start(checkout, pythons)
 """
+# (One "del sys.argv[1]" a slot: that is how "vgpu-launch status" finds vgpu-launch's own
+# arguments in the command line of a vgpu-launch process.)
 
 # What a candidate runs to say whether it would do (exit status 0).
 PROBE = f"""
@@ -166,10 +171,9 @@ def _usable(python: str) -> bool:
         return False
 
 
-def start() -> NoReturn:
+def start(checkout: str, candidates: str) -> NoReturn:
     """Run vgpu-launch here, or in the next interpreter that can, or say what is missing."""
-    checkout, pythons = sys.argv[1], sys.argv[2].split("\n")
-    del sys.argv[1:3]
+    pythons = candidates.split("\n")
     version = (sys.version_info[0], sys.version_info[1])
     missing = missing_dependencies(version)
     if not missing and version >= MIN_PYTHON:

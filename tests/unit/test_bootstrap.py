@@ -76,3 +76,13 @@ def test_every_message_is_one_line() -> None:
         for path in (DEBIAN_PATH, FEDORA_PATH, VENV_PATH):
             line = problem("/x/python3", True, version, list(DEPENDENCIES), path, has())
             assert "\n" not in line
+
+
+def test_status_finds_the_arguments_of_a_launcher_process() -> None:
+    """`vgpu-launch status` reads a launcher's own arguments from its command line, which the
+    wrapper and a hand-over both give as python -E -c BOOT CHECKOUT PYTHONS ARGS..."""
+    from vgpu_launch.diagnostics.status import launcher_args
+
+    argv = ["/usr/bin/python3", "-E", "-c", bootstrap.BOOT, "/src/bin/..", "/usr/bin/python3\n",
+            "--preload", "/opt/libvgpu.so", "--", "ollama", "serve"]
+    assert launcher_args(argv) == ["--preload", "/opt/libvgpu.so", "--", "ollama", "serve"]
