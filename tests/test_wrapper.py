@@ -73,9 +73,9 @@ def test_python3_first_in_path_without_the_libraries(programs: Any, tmp_path: Pa
     assert "marker=1" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("args", [["--version"], ["--help"], ["doctor"],
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["doctor"], ["status"],
                                   ["--preload", "/nonexistent.so", "--", "true"]],
-                         ids=["version", "help", "doctor", "run"])
+                         ids=["version", "help", "doctor", "status", "run"])
 def test_interpreter_without_the_libraries_gives_one_line(tmp_path: Path,
                                                           args: list[str]) -> None:
     """VGPU_LAUNCH_PYTHON naming a python3 without the libraries: one line that names them and
