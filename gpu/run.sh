@@ -2,7 +2,7 @@
 # vgpu-launch on a real GPU with the real NVIDIA driver (not part of CI: CI has no GPU).
 #
 #   gpu/run.sh [--runs N] [--seconds S] [--size N] [--devices N] [--no-overhead]
-#              [--results DIR] [--backend torch|stub]
+#              [--results DIR] [--backend torch|stub] [--dry-run]
 #
 # Needs: an NVIDIA GPU and driver, gcc, a python3 with PyTorch (CUDA build) for the worker
 # (PYTHON, default python3 from PATH), and vgpu-launch's own Python packages (python-ptrace,
@@ -22,6 +22,9 @@
 #        (LD_PRELOAD=shim python3 gpu/worker.py) against the whole tree under vgpu-launch,
 #        alternating, N runs each; medians, ratio, and a Markdown table.
 # --backend stub checks the scripts on a machine without a GPU (see gpu/worker.py).
+# --dry-run (what CI runs): builds the shim, checks the Python scripts and the launcher, prints
+# the commands of every step, then does the same for gpu/hami.sh (HAMi-core's memory limit);
+# nothing runs on a GPU.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,6 +35,7 @@ size=8192
 devices=""
 overhead=1
 backend=torch
+dry=0
 build=${GPU_BUILD_DIR:-$repo/.cache/gpu}
 results=""
 while [ $# -gt 0 ]; do
@@ -43,6 +47,7 @@ while [ $# -gt 0 ]; do
     --no-overhead) overhead=0; shift ;;
     --results) results=$2; shift 2 ;;
     --backend) backend=$2; shift 2 ;;
+    --dry-run) dry=1; shift ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -78,6 +83,25 @@ v = json.loads(lines[-1]).get(sys.argv[2]) if lines else None
 print("" if v is None else v)
 EOF
 }
+
+if [ "$dry" = 1 ]; then
+    heading "dry run: nothing is run on a GPU"
+    mkdir -p "$build"
+    show gcc -O2 -Wall -shared -fPIC -o "$shim" gpu/cuda-count-shim.c -ldl -lpthread
+    gcc -O2 -Wall -Werror -shared -fPIC -o "$shim" "$here/cuda-count-shim.c" -ldl -lpthread
+    "$PYTHON" -m py_compile "$here/parent.py" "$here/worker.py"
+    "$PYTHON" "$here/worker.py" --help >/dev/null
+    "$launch" --version
+    devices=${devices:-1}
+    show LD_PRELOAD="$shim" python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
+    show bin/vgpu-launch --preload "$shim" --env VGPU_SHIM_DEVICES="$devices" -- python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
+    show bin/vgpu-launch status --preload "$shim" PARENT_PID
+    show bin/vgpu-launch --preload "$shim" --env VGPU_SHIM_DEVICES=0 -- python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
+    show LD_PRELOAD="$shim" VGPU_SHIM_DEVICES="$devices" python3 gpu/worker.py --seconds "$seconds" "${worker_args[@]}"
+    show bin/vgpu-launch --preload "$shim" --env VGPU_SHIM_DEVICES="$devices" -- python3 gpu/parent.py --no-probe --seconds "$seconds" "${worker_args[@]}"
+    echo "($runs runs of each of the last two, alternating)"
+    exec "$here/hami.sh" --dry-run
+fi
 
 # ---- what is here ----
 heading "Machine"

@@ -2,6 +2,7 @@
 """The GPU worker that gpu/parent.py starts: counts the devices, then times a matmul loop.
 
     python3 gpu/worker.py [--seconds S] [--size N] [--hold-file PATH] [--backend torch|stub]
+                          [--alloc GIB[,GIB...]] [--shim-name NAME]
 
 torch backend (the default): the CUDA runtime's device count (cudaGetDeviceCount, through
 `torch._C._cuda_getDeviceCount()`: the runtime reaches the driver's cuDeviceGetCount through
@@ -13,6 +14,13 @@ stub backend: for checking the scripts on a machine without a GPU or PyTorch. It
 libcuda.so.1 with ctypes (a real driver or a stand-in found on LD_LIBRARY_PATH), fetches
 cuDeviceGetCount through cuGetProcAddress_v2 as the runtime does, and times a float32 numpy
 matrix product on the CPU instead (the "tflops" field is then CPU TFLOP/s).
+
+With --alloc (torch backend), before the timed loop: the device memory the worker is shown
+(`torch.cuda.mem_get_info()`, which is cudaMemGetInfo; the device's total_memory; NVML's total),
+then one allocation of each size in GiB, freed again, each reported as "ok" or the error: a
+memory-limiting shim such as HAMi-core's libvgpu.so shows its limit and refuses what is over it.
+--seconds 0 skips the timed loop. --shim-name: the library file name whose mapping in
+/proc/self/maps is reported as shim_mapped (default cuda-count-shim).
 
 With --hold-file, once the device is initialised and warmed up the worker writes
 {"pid": ..., "ppid": ...} to PATH and waits (at most 120 s) until PATH is removed, so that its
@@ -30,15 +38,16 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 T0 = time.perf_counter()
 SHIM_NAME = "cuda-count-shim"
 
 
-def shim_mapped() -> bool:
+def shim_mapped(name: str = SHIM_NAME) -> bool:
     try:
         with open("/proc/self/maps") as f:
-            return any(SHIM_NAME in line for line in f)
+            return any(name in line for line in f)
     except OSError:
         return False
 
@@ -74,6 +83,10 @@ def run_torch(args: argparse.Namespace, out: dict) -> None:
         return
     dev = torch.device("cuda", 0)
     out["device_name"] = torch.cuda.get_device_name(dev)
+    if args.alloc:
+        memory_probe(torch, dev, args.alloc, out)
+    if args.seconds <= 0:
+        return
     size = args.size
     dtype = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -105,6 +118,35 @@ def run_torch(args: argparse.Namespace, out: dict) -> None:
         tflops=round(2.0 * size**3 * iters / elapsed / 1e12, 2),
         checksum=float(c[0, :8].float().sum().item()),
     )
+
+
+def memory_probe(torch: Any, dev: Any, sizes: list[float], out: dict) -> None:
+    gib = 1 << 30
+    free, total = torch.cuda.mem_get_info(dev)
+    out["mem_get_info_gib"] = {"free": round(free / gib, 2), "total": round(total / gib, 2)}
+    out["total_memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / gib, 2)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+        out["nvml_total_gib"] = round(info.total / gib, 2)
+    except Exception as exc:  # NVML is a side note here: report why it is missing
+        out["nvml_total_gib"] = f"unavailable: {exc}"[:120]
+    results = {}
+    for size in sizes:
+        try:
+            block = torch.empty(int(size * gib), dtype=torch.uint8, device=dev)
+            block.fill_(1)
+            torch.cuda.synchronize(dev)
+            results[f"{size:g}"] = "ok"
+            del block
+        except torch.OutOfMemoryError as exc:
+            results[f"{size:g}"] = "out of memory: " + str(exc).splitlines()[0][:200]
+        except RuntimeError as exc:
+            results[f"{size:g}"] = "error: " + str(exc).splitlines()[0][:200]
+        torch.cuda.empty_cache()
+    out["alloc"] = results
 
 
 def run_stub(args: argparse.Namespace, out: dict) -> None:
@@ -160,6 +202,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=8192, help="matrix side")
     p.add_argument("--hold-file", help="write PATH when ready, wait until it is removed")
     p.add_argument("--backend", choices=("torch", "stub"), default="torch")
+    p.add_argument("--alloc", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                   help="GiB to allocate once each, comma-separated (torch backend)")
+    p.add_argument("--shim-name", default=SHIM_NAME, help="library reported as shim_mapped")
     args = p.parse_args()
     out: dict = {
         "worker_pid": os.getpid(),
@@ -167,9 +212,10 @@ def main() -> int:
         "backend": args.backend,
         "ld_preload": os.environ.get("LD_PRELOAD"),
         "vgpu_shim_devices": os.environ.get("VGPU_SHIM_DEVICES"),
+        "cuda_device_memory_limit": os.environ.get("CUDA_DEVICE_MEMORY_LIMIT"),
     }
     (run_torch if args.backend == "torch" else run_stub)(args, out)
-    out["shim_mapped"] = shim_mapped()
+    out["shim_mapped"] = shim_mapped(args.shim_name)
     out.setdefault("tflops", None)
     print(json.dumps(out), flush=True)
     return 0

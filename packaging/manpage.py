@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Render the vgpu-launch(1) manual page from the command line parser.
 
-The OPTIONS and COMMANDS sections are generated from
-``vgpu_launch.cli.build_parser()``, so the manual lists exactly the options
-the program accepts; the other sections (environment, files, exit status,
-examples) are kept here, next to the generator, and are checked against the
-source by tests/system/test_manpage.py.
+The OPTIONS and COMMANDS sections are generated from the option schema,
+``vgpu_launch.options`` (``build_parser()`` and ``subcommand_parser(NAME)``),
+so the manual lists exactly the options the program accepts; the other
+sections (environment, files, exit status, examples) are kept here, next to
+the generator, and are checked against the source by
+tests/system/test_manpage.py.
 
 Usage:  python3 packaging/manpage.py [--output FILE] [--date YYYY-MM-DD]
 
@@ -26,8 +27,8 @@ from pathlib import Path
 PROG = "vgpu-launch"
 
 # What the environment variables and configuration keys mean.  The lists of
-# names themselves come from vgpu_launch.config.KEYS where that exists, so a
-# new key shows up in the manual even before it is described here.
+# names themselves come from vgpu_launch.options.SETTINGS, so a new key shows
+# up in the manual even before it is described here.
 ENV_TEXT: dict[str, str] = {
     "VGPU_LAUNCH_PRELOAD":
         "Libraries to preload, separated by colons or spaces; like \\fB\\-\\-preload\\fR.",
@@ -81,9 +82,9 @@ CONFIG_TEXT: dict[str, str] = {
 }
 TABLE_KEYS = ("env", "force_env")
 
-# Subcommands that are dispatched before the main parser runs.  Where the
-# program provides their parsers (vgpu_launch.diagnostics.commands.build_parser(NAME)),
-# their options are rendered from them; otherwise this summary is shown.
+# Subcommands that are dispatched before the main parser runs.  Their options
+# are rendered from vgpu_launch.options.subcommand_parser(NAME); this summary
+# is shown only for one the program does not provide a parser for.
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("[\\fB\\-\\-preload\\fR \\fIPATH\\fR] [\\fB\\-\\-unit\\fR \\fINAME\\fR] "
                "[\\fB\\-\\-format\\fR \\fBjson\\fR]",
@@ -100,44 +101,28 @@ UNDOCUMENTED_VARS = frozenset({"VGPU_LAUNCH_TEST_FAULT", "_VGPU_LAUNCH_SIGIGN"})
 
 
 def config_keys() -> dict[str, str]:
-    """Configuration key -> environment variable, from the program if it says."""
-    try:
-        from vgpu_launch import config
-        keys = {k: v[1] for k, v in config.KEYS.items()}
-    except (ImportError, AttributeError, TypeError, IndexError):
-        keys = {k: "VGPU_LAUNCH_" + k.upper() for k in CONFIG_TEXT}
-    return keys
+    """Configuration key -> environment variable, from the option schema."""
+    from vgpu_launch import options
+
+    return {key: opt.env for key, opt in options.SETTINGS.items()}
 
 
 def environment_vars() -> list[str]:
+    """The settings' variables, then the other options' (VGPU_LAUNCH_CONFIG), then any other
+    variable described here."""
+    from vgpu_launch import options
+
     names = list(config_keys().values())
-    try:
-        from vgpu_launch import config
-        names += [n for n in getattr(config, "NON_OPTION_VARS", ()) if n in ENV_TEXT]
-    except ImportError:
-        pass
+    names += [o.env for o in options.OPTIONS if not o.is_setting and o.env in ENV_TEXT]
     names += [n for n in ENV_TEXT if n not in names]
     return [n for n in dict.fromkeys(names) if n not in UNDOCUMENTED_VARS]
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:
-    """The parsers of the subcommands, where vgpu_launch.diagnostics provides them:
-    ``build_parser(NAME)``, or else ``_NAME_parser()``."""
-    try:
-        from vgpu_launch.diagnostics import commands as diagnostics
-    except ImportError:
-        return {}
-    parsers = {}
-    for name in COMMANDS:
-        build = getattr(diagnostics, "build_parser", None)
-        try:
-            if build is not None:
-                parsers[name] = build(name)
-            elif callable(getattr(diagnostics, f"_{name}_parser", None)):
-                parsers[name] = getattr(diagnostics, f"_{name}_parser")()
-        except (KeyError, ValueError, TypeError):
-            continue
-    return parsers
+    """The parsers of the subcommands, from the option schema."""
+    from vgpu_launch import options
+
+    return {name: options.subcommand_parser(name) for name in options.SUBCOMMANDS}
 
 
 EXIT_STATUS: Sequence[tuple[str, str]] = (
@@ -593,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import vgpu_launch
-    from vgpu_launch.cli import build_parser
+    from vgpu_launch.options import build_parser
 
     page = render(build_parser(), version=vgpu_launch.__version__, date=build_date(args.date))
     if args.output:

@@ -10,6 +10,7 @@ VGPU_LAUNCH_PYTHON=$PWD/.venv-pypi/bin/python .venv-pypi/bin/python -m pytest -q
   tests/unit tests/test_shapes.py
 # A smoke run of the benchmark: every workload in every mode must run (no timing thresholds).
 VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python .venv/bin/python bench/run.py --quick --idle-seconds 2 >/dev/null
+PYTHON=$PWD/.venv/bin/python VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python gpu/run.sh --dry-run >/dev/null
 # Missing root or tools must fail the system tests here, not skip them.
 export VGPU_TEST_REQUIRE_SYSTEM=1
 VGPU_LAUNCH_PYTHON=$PWD/.venv/bin/python exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

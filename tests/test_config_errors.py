@@ -67,8 +67,8 @@ def test_bad_configuration_file(built: rl.Built, tmp_path: Path, case: str) -> N
     text, expect = FILE_CASES[case]
     path = write_config(tmp_path, text.replace("{lib}", built.lib))
     line = refused(built, tmp_path, ["--config", path], expect=expect)
-    if case != "preload path with a colon":
-        assert path in line or case.startswith(("preload", "empty")), line
+    # every message about the file starts the same way, whichever check refused it
+    assert line.startswith(f"vgpu-launch: configuration file {path}: "), line
 
 
 def test_configuration_file_not_utf8(built: rl.Built, tmp_path: Path) -> None:

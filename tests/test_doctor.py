@@ -173,9 +173,10 @@ def test_good_64bit_library(libs: dict[str, str]) -> None:
     assert r.status_of(f"library {libs['lib']}: permissions") == "ok"
     loads = r.one(f"library {libs['lib']}: loads (64-bit)")
     assert loads["status"] == "ok" and "mapped" in loads["why"], r.describe()
-    if libs["has32"]:  # a 32-bit loader exists: a 64-bit-only library is worth a warning
+    if libs["has32"]:  # a 32-bit loader exists, but no 32-bit program was found: a note
         w = r.one(f"library {libs['lib']}: 32-bit")
-        assert w["status"] == "warn" and "$LIB" in w["fix"]
+        assert w["status"] == "note" and "$LIB" in w["fix"], r.describe()
+        assert "no 32-bit program was found" in w["why"]
     cfg = r.one("config: preload")
     assert cfg["status"] == "ok" and "command line" in cfg["why"]
 
@@ -197,8 +198,8 @@ def test_text_format(libs: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("ok    ptrace ")
-    assert all(ln.split()[0] in ("ok", "warn", "fail") for ln in lines[:-1])
-    assert lines[-1].startswith("0 failed")
+    assert all(ln.split()[0] in ("ok", "note", "warn", "fail") for ln in lines[:-1])
+    assert lines[-1].startswith("0 failed, 0 warnings, ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_configuration_sources(libs: dict[str, str], tmp_path: Path) -> None:
     assert r.rc == 0, r.describe()
     assert "from VGPU_LAUNCH_PRELOAD" in r.one("config: preload")["why"]
     assert f"from file {conf}" in r.one("config: exclude")["why"]
-    assert "CUDA_DEVICE_SM_LIMIT=50" in r.one("config: env")["why"]
+    assert "CUDA_DEVICE_SM_LIMIT" in r.one("config: env")["why"]
     assert str(conf) in r.one("config: file")["why"]
 
 
@@ -487,3 +488,159 @@ def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
     checks = json.loads(proc.stdout)["checks"]
     unit = [c for c in checks if c["what"] == "unit ollama"]
     assert unit and unit[0]["status"] == "fail" and "systemctl not found" in unit[0]["why"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the programs that will run: --check PROGRAM and the unit's CMD
+
+MAIN = "int main(void) { return 0; }\n"
+
+
+@pytest.fixture(scope="module")
+def progs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("progs")
+    (d / "main.c").write_text(MAIN)
+    _cc(["-o", str(d / "prog64"), str(d / "main.c")])
+    _cc(["-m32", "-o", str(d / "prog32"), str(d / "main.c")])
+    _cc(["-static", "-o", str(d / "static64"), str(d / "main.c")])
+    script = d / "script32"
+    script.write_text(f"#!{d / 'prog32'}\n")
+    script.chmod(0o755)
+    return {name: str(d / name) for name in ("prog64", "prog32", "static64", "script32")}
+
+
+def test_32bit_program_turns_the_note_into_a_warning(libs: dict[str, str],
+                                                     progs: dict[str, str]) -> None:
+    """--check names a 32-bit program: the missing 32-bit build is now a warning naming it."""
+    if not libs["has32"]:
+        pytest.skip("no 32-bit loader on this host")
+    r = doctor("--preload", libs["lib"], "--check", progs["prog32"], "--check", progs["prog64"])
+    assert r.rc == 0, r.describe()
+    p = r.one(f"program {progs['prog32']}")
+    assert p["status"] == "ok" and "32-bit, dynamically linked" in p["why"], r.describe()
+    assert "64-bit, dynamically linked" in r.one(f"program {progs['prog64']}")["why"]
+    w = r.one(f"library {libs['lib']}: 32-bit")
+    assert w["status"] == "warn", r.describe()
+    assert f"found 32-bit: {progs['prog32']} (--check)" in w["why"]
+    assert progs["prog64"] not in w["why"]
+
+
+def test_64bit_programs_leave_it_a_note(libs: dict[str, str], progs: dict[str, str]) -> None:
+    """Only 64-bit and static programs checked: no 32-bit program, so only a note."""
+    if not libs["has32"]:
+        pytest.skip("no 32-bit loader on this host")
+    r = doctor("--preload", libs["lib"], "--check", progs["prog64"], "--check", progs["static64"])
+    assert r.status_of(f"library {libs['lib']}: 32-bit") == "note", r.describe()
+    s = r.one(f"program {progs['static64']}")
+    assert s["status"] == "note" and "statically linked" in s["why"], r.describe()
+
+
+def test_a_script_is_judged_by_its_interpreter(libs: dict[str, str],
+                                               progs: dict[str, str]) -> None:
+    """A #! script whose interpreter is 32-bit counts as a 32-bit program."""
+    if not libs["has32"]:
+        pytest.skip("no 32-bit loader on this host")
+    r = doctor("--preload", libs["lib"], "--check", progs["script32"])
+    p = r.one(f"program {progs['script32']}")
+    assert f"a script run by {progs['prog32']}, 32-bit" in p["why"], r.describe()
+    assert r.status_of(f"library {libs['lib']}: 32-bit") == "warn"
+
+
+def test_check_a_missing_program(libs: dict[str, str]) -> None:
+    """A program that does not exist is a failure, with where it was looked for."""
+    r = doctor("--preload", libs["lib"], "--check", "no-such-program-here")
+    assert r.rc == 1
+    c = r.one("program no-such-program-here")
+    assert c["status"] == "fail" and "not found on PATH" in c["why"], r.describe()
+
+
+def test_unit_execstart_32bit_program_warns(libs: dict[str, str], progs: dict[str, str],
+                                            tmp_path: Path) -> None:
+    """The CMD of the unit's ExecStart is 32-bit: the missing 32-bit build is a warning."""
+    if not libs["has32"]:
+        pytest.skip("no 32-bit loader on this host")
+    env = _unit_env(tmp_path, {"old.service": {
+        "LoadState": "loaded", "KillMode": "mixed", "User": "root",
+        "ExecStart": _exec(f"{LAUNCHER} --preload {libs['lib']} -- {progs['prog32']} serve"),
+    }})
+    r = doctor("--unit", "old", env=env)
+    assert r.status_of(f"program {progs['prog32']}") == "ok", r.describe()
+    w = r.one(f"library {libs['lib']}: 32-bit")
+    assert w["status"] == "warn" and "ExecStart of old" in w["why"], r.describe()
+
+
+# ---------------------------------------------------------------------------------------------
+# setuid programs under a tracer without CAP_SYS_PTRACE
+
+
+def test_setuid_note_without_cap_sys_ptrace(libs: dict[str, str]) -> None:
+    """Run where vgpu-launch would lack CAP_SYS_PTRACE, doctor notes that setuid and
+    file-capability programs lose their privileges; with it, it says they keep them."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop CAP_SYS_PTRACE")
+    with_cap = doctor("--preload", libs["lib"]).one("ptrace: setuid programs")
+    assert with_cap["status"] == "ok" and "keep their privileges" in with_cap["why"]
+    r = doctor("--preload", libs["lib"],
+               prefix=["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"])
+    c = r.one("ptrace: setuid programs")
+    assert c["status"] == "note", r.describe()
+    assert "lacks CAP_SYS_PTRACE" in c["why"] and "run without their privileges" in c["why"]
+    assert r.rc == 0  # a note, not a failure
+
+
+def test_setuid_note_for_a_unit_run_as_another_user(libs: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """A unit with User=nobody runs vgpu-launch without CAP_SYS_PTRACE: a note; root: ok."""
+    base = {"LoadState": "loaded", "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
+            "KillMode": "mixed"}
+    env = _unit_env(tmp_path, {"nobody.service": {**base, "User": "nobody"},
+                               "root.service": {**base, "User": "root"}})
+    c = doctor("--unit", "nobody", "--preload", libs["lib"], env=env).one(
+        "ptrace: setuid programs")
+    assert c["status"] == "note" and "run as nobody by unit nobody" in c["why"], c
+    c = doctor("--unit", "root", "--preload", libs["lib"], env=env).one(
+        "ptrace: setuid programs")
+    assert c["status"] == "ok" and "run as root by unit root" in c["why"], c
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets: --env, --force-env and [env] values are not shown unless asked
+
+SECRETS = ("s3cret-from-variable", "hunter2-from-file", "topsecret-from-execstart")
+
+
+def test_env_values_are_hidden(libs: dict[str, str], tmp_path: Path) -> None:
+    """doctor shows the names of --env/--force-env/[env] variables, not their values, in text
+    and JSON, in the configuration lines and in the unit's ExecStart."""
+    conf = tmp_path / "vgpu-launch.conf"
+    conf.write_text(f'[force_env]\nDB_PASSWORD = "{SECRETS[1]}"\n')
+    env = _unit_env(tmp_path, {"svc.service": {
+        "LoadState": "loaded", "KillMode": "mixed", "User": "root",
+        "ExecStart": _exec(f"{LAUNCHER} --env API_KEY={SECRETS[2]} --env=OTHER=x -- /bin/true"),
+        "Environment": f"VGPU_LAUNCH_ENV=TOKEN={SECRETS[0]} VGPU_LAUNCH_CONFIG={conf}",
+    }})
+    args = ["doctor", "--unit", "svc", "--preload", libs["lib"]]
+    for fmt in ("text", "json"):
+        proc = subprocess.run([str(LAUNCHER), *args, "--format", fmt], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        for secret in SECRETS:
+            assert secret not in proc.stdout + proc.stderr, (fmt, proc.stdout)
+        for name in ("API_KEY", "TOKEN", "DB_PASSWORD", "OTHER"):
+            assert name in proc.stdout, (fmt, name, proc.stdout)
+    r = doctor(*args[1:], env=env)
+    assert "--env API_KEY=(hidden) --env=OTHER=(hidden) -- /bin/true" in r.one(
+        "unit svc: ExecStart")["why"], r.describe()
+    assert "--show-values" in r.one("config: env")["why"]
+
+
+def test_show_values_shows_them(libs: dict[str, str], tmp_path: Path) -> None:
+    """--show-values: the values are shown, as asked."""
+    env = _unit_env(tmp_path, {"svc.service": {
+        "LoadState": "loaded", "KillMode": "mixed", "User": "root",
+        "ExecStart": _exec(f"{LAUNCHER} --env API_KEY={SECRETS[2]} -- /bin/true"),
+        "Environment": f"VGPU_LAUNCH_ENV=TOKEN={SECRETS[0]}",
+    }})
+    r = doctor("--unit", "svc", "--preload", libs["lib"], "--show-values", env=env)
+    assert f"TOKEN={SECRETS[0]}" in r.one("config: env")["why"], r.describe()
+    assert f"API_KEY={SECRETS[2]}" in r.one("config: env")["why"]
+    assert f"--env API_KEY={SECRETS[2]}" in r.one("unit svc: ExecStart")["why"]

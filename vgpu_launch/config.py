@@ -8,12 +8,22 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import security
 from .errors import ConfigError
+from .options import (
+    CONFIG_OPTION,
+    DEFAULT_CONFIG,
+    ENV_PREFIX,
+    KNOWN_VARS,
+    SETTINGS,
+    Kind,
+    is_variable_name,
+    parse_assignment,
+)
 from .trace.policy import Policy
 
 if sys.version_info >= (3, 11):
@@ -21,29 +31,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_CONFIG = "/etc/vgpu-launch/vgpu-launch.conf"
-LOG_FORMATS = ("json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-# key: (type, environment variable)
-KEYS: dict[str, tuple[str, str]] = {
-    "preload": ("paths", "VGPU_LAUNCH_PRELOAD"),
-    "env": ("assignments", "VGPU_LAUNCH_ENV"),
-    "force_env": ("assignments", "VGPU_LAUNCH_FORCE_ENV"),
-    "exclude": ("paths", "VGPU_LAUNCH_EXCLUDE"),
-    "log_format": ("choice", "VGPU_LAUNCH_LOG_FORMAT"),
-    "log_level": ("choice", "VGPU_LAUNCH_LOG_LEVEL"),
-    "log_file": ("path", "VGPU_LAUNCH_LOG_FILE"),
-    "no_follow": ("bool", "VGPU_LAUNCH_NO_FOLLOW"),
-    "strict": ("bool", "VGPU_LAUNCH_STRICT"),
-    "allow_insecure": ("bool", "VGPU_LAUNCH_ALLOW_INSECURE"),
-}
-# Read elsewhere: the file's path, the test hook, bin/vgpu-launch's choice of interpreter.
-NON_OPTION_VARS = ("VGPU_LAUNCH_CONFIG", "VGPU_LAUNCH_TEST_FAULT", "VGPU_LAUNCH_PYTHON")
-CHOICES = {"log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
 
 
 @dataclass
@@ -83,13 +72,6 @@ class Config:
         }
 
 
-def _assignment(text: str, where: str) -> tuple[str, str]:
-    name, eq, value = text.partition("=")
-    if not eq or not _NAME.match(name):
-        raise ConfigError(f"{where}: {text!r} is not NAME=VALUE (NAME: letters, digits, _)")
-    return name, value
-
-
 def _bool(text: str, where: str) -> bool:
     low = text.strip().lower()
     if low in _TRUE:
@@ -101,20 +83,21 @@ def _bool(text: str, where: str) -> bool:
 
 def _from_text(key: str, text: str, where: str) -> Any:
     """A value as written in an environment variable."""
-    kind = KEYS[key][0]
-    if kind == "paths":
+    kind = SETTINGS[key].kind
+    if kind is Kind.PATHS:
         return [p for p in re.split(r"[:\s]+", text) if p]
-    if kind == "assignments":
-        return dict(_assignment(t, where) for t in text.split())
-    if kind == "bool":
+    if kind is Kind.ASSIGNMENTS:
+        return dict(parse_assignment(t, where) for t in text.split())
+    if kind is Kind.BOOL:
         return _bool(text, where)
     return text
 
 
 def _check(key: str, value: Any, where: str) -> Any:
     """Validate a value of ``key`` from any source and normalise it."""
-    kind = KEYS[key][0]
-    if kind == "paths":
+    opt = SETTINGS[key]
+    kind = opt.kind
+    if kind is Kind.PATHS:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -128,22 +111,22 @@ def _check(key: str, value: Any, where: str) -> Any:
                     "reads as separators; rename the file"
                 )
         return list(value)
-    if kind == "assignments":
+    if kind is Kind.ASSIGNMENTS:
         if not isinstance(value, dict):
             raise ConfigError(f'{where}: {key} must be a table of NAME = "value"')
         for name, v in value.items():
-            if not _NAME.match(name) or not isinstance(v, str):
+            if not is_variable_name(name) or not isinstance(v, str):
                 raise ConfigError(f'{where}: {key}.{name} must be NAME = "string"')
             if name == "LD_PRELOAD":
                 raise ConfigError(f"{where}: set LD_PRELOAD with preload, not {key}")
         return dict(value)
-    if kind == "bool":
+    if kind is Kind.BOOL:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be true or false")
         return value
-    if kind == "choice":
-        if value not in CHOICES[key]:
-            raise ConfigError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}")
+    if kind is Kind.CHOICE:
+        if value not in opt.choices:
+            raise ConfigError(f"{where}: {key} must be one of {', '.join(opt.choices)}")
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where}: {key} must be a string")
@@ -168,10 +151,11 @@ def read_file(path: str, *, allow_insecure: bool = False) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path}: not UTF-8 ({exc.reason} at byte "
                           f"{exc.start})") from None
     data: dict[str, Any] = dict(loaded)
-    unknown = sorted(set(data) - set(KEYS))
+    unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ConfigError(
-            f"configuration file {path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})"
+            f"configuration file {path}: unknown key {unknown[0]!r} "
+            f"(known: {', '.join(SETTINGS)})"
         )
     return data
 
@@ -191,27 +175,22 @@ def load(
     """
     cfg = Config()
     layers: list[tuple[str, dict[str, Any]]] = []
+    source_file = ""  # the file's label in sources ("file PATH"), if one is read
 
-    path = config_path or environ.get("VGPU_LAUNCH_CONFIG") or None
+    path = config_path or environ.get(CONFIG_OPTION.env) or None
     if path or os.path.exists(DEFAULT_CONFIG):
         path = path or DEFAULT_CONFIG
         cfg.config_file = path
-        override = bool(cli.get("allow_insecure")) or _bool(
-            environ.get("VGPU_LAUNCH_ALLOW_INSECURE", ""), "VGPU_LAUNCH_ALLOW_INSECURE"
-        )
-        layers.append((f"file {path}", read_file(path, allow_insecure=override)))
+        insecure = SETTINGS["allow_insecure"].env
+        override = bool(cli.get("allow_insecure")) or _bool(environ.get(insecure, ""), insecure)
+        source_file = f"file {path}"
+        layers.append((source_file, read_file(path, allow_insecure=override)))
 
     from_env: dict[str, Any] = {}
-    for key, (_, var) in KEYS.items():
-        if var in environ:
-            from_env[key] = _from_text(key, environ[var], var)
-    unknown = sorted(
-        v
-        for v in environ
-        if v.startswith("VGPU_LAUNCH_")
-        and v not in {var for _, var in KEYS.values()}
-        and v not in NON_OPTION_VARS
-    )
+    for key, opt in SETTINGS.items():
+        if opt.env in environ:
+            from_env[key] = _from_text(key, environ[opt.env], opt.env)
+    unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in KNOWN_VARS)
     if unknown:
         raise ConfigError(f"unknown environment variable {unknown[0]} (see vgpu-launch --help)")
     layers.append(("environment", from_env))
@@ -219,9 +198,10 @@ def load(
 
     for source, values in layers:
         for key, value in values.items():
-            where = source if source != "environment" else KEYS[key][1]
-            value = _check(key, value, where)
-            if KEYS[key][0] == "assignments":
+            where = source if source != "environment" else SETTINGS[key].env
+            # an error names the file the way read_file's own errors do
+            value = _check(key, value, f"configuration {where}" if where == source_file else where)
+            if SETTINGS[key].kind is Kind.ASSIGNMENTS:
                 value = {**getattr(cfg, key), **value}  # per name: a higher source wins
             setattr(cfg, key, value)
             cfg.sources[key] = where
@@ -233,8 +213,3 @@ def load(
         )
     return cfg
 
-
-def merge_cli_lists(pairs: Sequence[str] | None, where: str) -> dict[str, str] | None:
-    if pairs is None:
-        return None
-    return dict(_assignment(p, where) for p in pairs)

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 import prctl
 
-from . import __version__, forwarding, log, procfs
+from . import __version__, forwarding, log, procfs, security
 from .command import execve, resolve
 from .config import Config
 from .diagnostics import libcheck
@@ -145,6 +145,7 @@ class Launcher:
             follow=not cfg.no_follow,
             preload_word_sizes={c.path: sorted(w * 8 for w in c.files) for c in checks},
             **cfg.summary(),
+            **security.start_fields(),
         )
         if cfg.no_follow:
             self.log.warning(

@@ -31,3 +31,23 @@ def comm(pid: int | str) -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def id_map(kind: str, pid: int | str = "self") -> list[tuple[int, int, int]]:
+    """``/proc/PID/uid_map`` or ``gid_map`` (``kind``: "uid" or "gid"): (first id inside, first
+    id outside, count) per line. Unreadable: the identity map of the initial user namespace."""
+    try:
+        with open(f"/proc/{pid}/{kind}_map") as f:
+            return [(int(a), int(b), int(c)) for a, b, c in (line.split() for line in f)]
+    except (OSError, ValueError):
+        return [(0, 0, 4294967295)]
+
+
+def overflow_id(kind: str) -> int:
+    """The id that stat() shows for an owner not mapped into the caller's user namespace
+    (``/proc/sys/kernel/overflowuid`` or ``overflowgid``; 65534 unless changed)."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65534

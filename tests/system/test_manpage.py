@@ -33,7 +33,7 @@ manpage = load_manpage()
 @pytest.fixture(scope="module")
 def parser() -> argparse.ArgumentParser:
     sys.path.insert(0, str(REPO))
-    from vgpu_launch.cli import build_parser
+    from vgpu_launch.options import build_parser
 
     return build_parser()
 
@@ -94,8 +94,11 @@ def test_subcommands_are_in_the_page(page: str) -> None:
 
 
 def test_every_setting_is_documented(page: str) -> None:
-    """Each configuration key and its environment variable (vgpu_launch.config.KEYS), and
-    every VGPU_LAUNCH_* variable the source reads, except test hooks and internal ones."""
+    """Each configuration key and its environment variable (vgpu_launch.options.SETTINGS), the
+    variable of every other option (VGPU_LAUNCH_CONFIG), and every VGPU_LAUNCH_* variable the
+    source names, except test hooks and internal ones."""
+    from vgpu_launch import options
+
     text = plain(page)
     keys = manpage.config_keys()
     assert "preload" in keys
@@ -103,7 +106,8 @@ def test_every_setting_is_documented(page: str) -> None:
         assert env in text, env
         label = f"[{key}]" if key in manpage.TABLE_KEYS else key
         assert re.search(rf"^{re.escape(label)}$", text, re.M), f"config key {key}"
-    used = set()
+    used = {o.env for o in options.OPTIONS if o.kind is not options.Kind.VERSION}
+    assert "VGPU_LAUNCH_CONFIG" in used
     for source in (REPO / "vgpu_launch").rglob("*.py"):
         used |= set(re.findall(r"\bVGPU_LAUNCH_[A-Z][A-Z_]*[A-Z]\b", source.read_text()))
     hidden = set(manpage.UNDOCUMENTED_VARS)

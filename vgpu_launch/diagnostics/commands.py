@@ -1,270 +1,37 @@
-"""``vgpu-launch doctor`` and ``vgpu-launch status``: argument parsing and what both share (a
-systemd unit's properties, the configuration in effect for the launcher or for a unit)."""
+"""``vgpu-launch doctor`` and ``vgpu-launch status``: parse the subcommand's arguments (the
+parsers are ``options.py``'s) and run it."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shlex
-import shutil
-import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from collections.abc import Sequence
 
-from ..config import Config, load
-from ..errors import LaunchError
-
-EXIT_USAGE = 2
-
-UNIT_PROPERTIES = (
-    "Id", "LoadState", "ActiveState", "FragmentPath", "DropInPaths", "Type", "ExecStart",
-    "KillMode", "NotifyAccess", "User", "Group", "DynamicUser", "SupplementaryGroups",
-    "Environment", "EnvironmentFiles", "ControlGroup", "MainPID", "SystemCallFilter",
-    "SystemCallErrorNumber", "SystemCallArchitectures", "NoNewPrivileges",
-    "CapabilityBoundingSet", "ProtectKernelTunables", "PrivateDevices", "ProtectProc",
-    "AppArmorProfile", "PrivateUsers", "ProtectHome", "PrivateTmp",
-)
-
-
-class UnitError(Exception):
-    """systemctl is missing, or could not tell about the unit."""
-
-
-@dataclass
-class Unit:
-    name: str
-    props: dict[str, list[str]] = field(default_factory=dict)
-
-    def get(self, key: str, default: str = "") -> str:
-        values = self.props.get(key)
-        return values[-1] if values else default
-
-    def flag(self, key: str) -> bool:
-        return self.get(key).lower() in ("yes", "true", "1", "on")
-
-    @property
-    def exec_start(self) -> list[list[str]]:
-        """ExecStart commands as argv lists (from ``{ path=... ; argv[]=... ; ... }``)."""
-        out = []
-        for value in self.props.get("ExecStart", []):
-            for m in re.finditer(r"argv\[\]=(.*?) ;", value):
-                out.append(m.group(1).split())
-        return out
-
-    @property
-    def environment(self) -> dict[str, str]:
-        """Environment= then EnvironmentFile= (which wins, as in systemd)."""
-        env: dict[str, str] = {}
-        for value in self.props.get("Environment", []):
-            try:
-                items = shlex.split(value)
-            except ValueError:
-                items = value.split()
-            for item in items:
-                name, eq, val = item.partition("=")
-                if eq:
-                    env[name] = val
-        for path in self.environment_files:
-            env.update(read_environment_file(path))
-        return env
-
-    @property
-    def environment_files(self) -> list[str]:
-        files = []
-        for value in self.props.get("EnvironmentFiles", []):
-            for m in re.finditer(r"(\S+) \(ignore_errors=\w+\)", value):
-                files.append(m.group(1))
-        return files
-
-
-def read_environment_file(path: str) -> dict[str, str]:
-    """A systemd EnvironmentFile: KEY=VALUE lines, # and ; comments, shell-like quoting."""
-    env: dict[str, str] = {}
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return env
-    for line in lines:
-        line = line.strip()
-        if not line or line[0] in "#;":
-            continue
-        name, eq, value = line.partition("=")
-        if not eq:
-            continue
-        try:
-            parts = shlex.split(value)
-            value = " ".join(parts)
-        except ValueError:
-            pass
-        env[name.strip()] = value
-    return env
-
-
-def systemctl() -> str | None:
-    return shutil.which("systemctl")
-
-
-def load_unit(name: str) -> Unit:
-    exe = systemctl()
-    if exe is None:
-        raise UnitError("systemctl not found on PATH: --unit needs systemd's systemctl")
-    try:
-        proc = subprocess.run(
-            [exe, "show", "--no-pager", f"--property={','.join(UNIT_PROPERTIES)}", "--", name],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise UnitError(f"systemctl show {name} failed: {exc}") from None
-    if proc.returncode != 0:
-        text = (proc.stderr or proc.stdout).strip().splitlines()
-        raise UnitError(f"systemctl show {name} failed: {text[-1] if text else proc.returncode}")
-    unit = Unit(name)
-    for line in proc.stdout.splitlines():
-        key, eq, value = line.partition("=")
-        if eq:
-            unit.props.setdefault(key, []).append(value)
-    if unit.get("LoadState") in ("not-found", "bad-setting", "error", "masked"):
-        raise UnitError(f"unit {name}: LoadState={unit.get('LoadState')}")
-    return unit
-
-
-def launcher_argv(argv: Sequence[str]) -> list[str] | None:
-    """vgpu-launch's own arguments in an ExecStart command line, or None if it does not run
-    vgpu-launch (directly, through env, or as ``python3 -m vgpu_launch``)."""
-    for i, arg in enumerate(argv):
-        if os.path.basename(arg) == "vgpu-launch":
-            return list(argv[i + 1 :])
-        if arg == "-m" and i + 1 < len(argv) and argv[i + 1] in ("vgpu_launch",
-                                                                  "vgpu_launch.cli"):
-            return list(argv[i + 2 :])
-    return None
-
-
-def cli_values(options: Sequence[str]) -> tuple[dict[str, Any], str | None]:
-    """vgpu-launch's command-line options as config.load's ``cli`` mapping, and --config."""
-    from .. import cli
-
-    parser = cli.build_parser()
-    parser.__class__ = cli._Parser
-    ns, _unknown = parser.parse_known_args(list(options))
-    return cli._cli_values(ns), ns.config
-
-
-@dataclass
-class Effective:
-    """The configuration vgpu-launch would run with, and where each value came from."""
-
-    config: Config | None
-    error: str | None
-    environment_from: str  # "this environment" or "unit NAME"
-
-
-def effective_config(preload: list[str] | None, config_path: str | None,
-                     unit: Unit | None, environ: Mapping[str, str] | None = None) -> Effective:
-    cli: dict[str, Any] = {}
-    env: Mapping[str, str] = os.environ if environ is None else environ
-    where = "this environment"
-    labels: dict[str, str] = {}
-    if unit is not None:
-        where = f"unit {unit.name}"
-        env = unit.environment
-        inline: set[str] = set()
-        for value in unit.props.get("Environment", []):
-            inline.update(item.partition("=")[0] for item in value.split())
-        for name in env:
-            labels[name] = (f"{name} (Environment= of {unit.name})" if name in inline
-                            else f"{name} (EnvironmentFile= of {unit.name})")
-        for argv in unit.exec_start:
-            args = launcher_argv(argv)
-            if args is not None:
-                from ..cli import split_command
-
-                options, _ = split_command(args)
-                try:
-                    cli, unit_config = cli_values(options)
-                except LaunchError as exc:
-                    return Effective(None, f"ExecStart of {unit.name}: {exc}", where)
-                config_path = config_path or unit_config
-                break
-    if preload:
-        cli = {**cli, "preload": list(preload)}
-    try:
-        cfg = load(cli, env, config_path=config_path)
-    except LaunchError as exc:
-        return Effective(None, str(exc), where)
-    if labels:
-        cfg.sources = {k: labels.get(v, v) for k, v in cfg.sources.items()}
-    if unit is not None:
-        cfg.sources = {k: (f"ExecStart of {unit.name}" if v == "command line" else v)
-                       for k, v in cfg.sources.items()}
-        if preload:
-            cfg.sources["preload"] = "--preload of this command"
-    return Effective(cfg, None, where)
-
-
-# ---------------------------------------------------------------------------------------------
-# the command line
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise LaunchError(f"{self.prog}: {message} (see {self.prog} --help)", EXIT_USAGE)
-
-
-def _doctor_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="vgpu-launch doctor",
-        description="Check everything that would make vgpu-launch or the preload library fail "
-        "here: ptrace, each preload library, the configuration in effect, a systemd unit. "
-        "One line per check: ok/warn/fail, what, why, how to fix. Exit status 0 only when "
-        "nothing fails.",
-    )
-    p.add_argument("--preload", action="append", metavar="PATH",
-                   help="library to check (repeatable; default: the configuration in effect)")
-    p.add_argument("--unit", metavar="NAME",
-                   help="also check this systemd unit (its ExecStart, KillMode, NotifyAccess, "
-                   "drop-ins, hardening, User=, Environment=)")
-    p.add_argument("--config", metavar="PATH", help="configuration file to read")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    return p
-
-
-def _status_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="vgpu-launch status",
-        description="Which processes really have the preload libraries mapped: one line per "
-        "process of the tree under PID (default: every vgpu-launch process's tree; --unit: the "
-        "unit's cgroup). Exit status 0 when every process has every library, 1 when one does "
-        "not, 2 when there is nothing to look at.",
-    )
-    p.add_argument("pid", nargs="?", type=int, metavar="PID")
-    p.add_argument("--unit", metavar="NAME", help="the processes of this systemd unit")
-    p.add_argument("--preload", action="append", metavar="PATH",
-                   help="library to look for (repeatable; default: the configuration, else "
-                   "what the vgpu-launch process found was given)")
-    p.add_argument("--config", metavar="PATH", help="configuration file to read")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    return p
-
-
-def build_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of subcommand ``name`` ("doctor" or "status"; KeyError otherwise)."""
-    return {"doctor": _doctor_parser, "status": _status_parser}[name]()
+from .. import deps
+from ..errors import EXIT_CANNOT_TRACE, EXIT_USAGE, LaunchError
+from ..options import subcommand_parser
+from .effective import effective_config
+from .systemd import Unit, UnitError, load_unit
 
 
 def main(name: str, args: Sequence[str]) -> int:
     try:
         if name == "doctor":
-            ns = _doctor_parser().parse_args(list(args))
+            ns = subcommand_parser(name).parse_args(list(args))
+            deps.require(f"vgpu-launch {name}")  # the ptrace probe imports python-ptrace
             from . import doctor
 
-            return doctor.run(ns.preload, ns.unit, ns.config, ns.format)
+            request = doctor.Request(
+                preload=ns.preload,
+                unit=ns.unit,
+                config=ns.config,
+                check=ns.check or [],
+                show_values=ns.show_values,
+                format=ns.format,
+            )
+            return doctor.run(request)
         if name == "status":
-            ns = _status_parser().parse_args(list(args))
+            ns = subcommand_parser(name).parse_args(list(args))
             if ns.pid is not None and ns.unit:
                 raise LaunchError("vgpu-launch status: give PID or --unit, not both", EXIT_USAGE)
             return _status(ns)
@@ -273,6 +40,12 @@ def main(name: str, args: Sequence[str]) -> int:
         return exc.code
     except BrokenPipeError:
         return 0
+    except ModuleNotFoundError as exc:  # one the up-front check could not foresee
+        dep = deps.by_module(exc.name)
+        if dep is None:
+            raise
+        sys.stderr.write(f"vgpu-launch {name}: {deps.missing_message([dep])}\n")
+        return EXIT_CANNOT_TRACE
     sys.stderr.write(f"vgpu-launch: unknown subcommand {name}\n")
     return EXIT_USAGE
 

@@ -27,10 +27,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .. import procfs
+from ..errors import EXIT_PROBLEM_FOUND, EXIT_USAGE, LaunchError
+from ..options import parse_launcher_known, split_command
 from ..trace import preload
 from . import verify
 
-EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
 _COMMAND_WIDTH = 72
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -180,12 +182,8 @@ def cgroup_members(cgroup: str) -> set[int]:
 def preload_of_launcher(pid: int, args: Sequence[str]) -> tuple[list[str], str] | None:
     """What a vgpu-launch process guarantees: its --preload options, else VGPU_LAUNCH_PRELOAD
     or LD_PRELOAD from its environment."""
-    from ..cli import split_command
-    from ..errors import LaunchError
-    from .commands import cli_values
-
     try:
-        values, _config = cli_values(split_command(list(args))[0])
+        values, _config = parse_launcher_known(split_command(list(args))[0])
     except (LaunchError, SystemExit):
         values = {}
     libs = list(values.get("preload") or [])
@@ -312,8 +310,6 @@ def _readlink(path: str) -> str:
 
 
 def _ids_differ(pid: int) -> bool | None:
-    from .. import procfs
-
     uid = procfs.status_field(pid, "Uid")
     gid = procfs.status_field(pid, "Gid")
     if uid is None or gid is None:
@@ -531,4 +527,4 @@ def run(pid: int | None, unit: str | None, libs: list[str] | None, libs_source: 
         out.write("\n")
     else:
         render_text(report, out)
-    return EXIT_OK if report.ok else EXIT_MISSING
+    return 0 if report.ok else EXIT_PROBLEM_FOUND
