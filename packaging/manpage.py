@@ -134,8 +134,8 @@ EXIT_STATUS: Sequence[tuple[str, str]] = (
     ("2", "Usage or configuration error, or an unusable preload library."),
     ("125", "vgpu-launch cannot run CMD here: ptrace is refused (\\fBcannot trace\\fR; see "
             "\\fBTROUBLESHOOTING\\fR), or the Python interpreter lacks python\\-ptrace, "
-            "python\\-prctl or structlog (one line names what is missing and the command that "
-            "installs it; every command, \\fB\\-\\-version\\fR too, exits so)."),
+            "python\\-prctl or structlog (one line names what is missing and the commands that "
+            "install it; \\fB\\-\\-version\\fR and \\fBdoctor\\fR exit so too)."),
     ("126", "CMD was found but is not executable."),
     ("127", "CMD was not found."),
 )
@@ -189,11 +189,12 @@ DECISIONS: Sequence[tuple[str, str]] = (
 
 # Symptom, then what to do: enough to operate it from this page alone.
 TROUBLESHOOTING: Sequence[tuple[str, str]] = (
-    ("vgpu\\-launch: PYTHON lacks python\\-ptrace ... (exit status 125)",
-     "The interpreter vgpu\\-launch runs lacks its libraries.  Run the command the line gives "
-     "(on Debian: \\fBapt\\-get install python3\\-ptrace python3\\-prctl "
-     "python3\\-structlog\\fR), or point \\fBVGPU_LAUNCH_PYTHON\\fR at an interpreter that "
-     "has them."),
+    ("Python modules ... missing (exit status 125)",
+     "The interpreter vgpu\\-launch runs lacks its libraries.  For \\fI/usr/bin/python3\\fR "
+     "install the distribution's packages (Debian: \\fBapt\\-get install python3\\-ptrace "
+     "python3\\-prctl python3\\-structlog\\fR), for another interpreter use its own "
+     "\\fBpip\\fR as the line says, or point \\fBVGPU_LAUNCH_PYTHON\\fR at an interpreter "
+     "that has them."),
     ("cannot trace CMD ... (exit status 125)",
      "ptrace is refused.  \\fBvgpu\\-launch doctor\\fR (in the container, or with "
      "\\fB\\-\\-unit\\fR \\fINAME\\fR for a service) really traces a child and names the "

@@ -31,10 +31,15 @@ def test_testing_paragraph_matches_setup_and_caches() -> None:
     setup = (REPO / "scripts" / "setup.sh").read_text()
     packages = re.search(r'^packages="([^"]*)"', setup, re.M | re.S)
     assert packages
-    assert f"({len(packages[1].split())} names:" in text
+    said = re.search(r"\(about (\d+) names:", text)
+    assert said, text
+    assert abs(int(said[1]) - len(packages[1].split())) <= 5, (said[1], packages[1].split())
     for venv in (".venv", ".venv-pypi"):
         assert f"{venv}/bin/python" in setup and f"`{venv}`" in text
     harness = (REPO / "tests" / "system" / "harness.py").read_text()
     cache = re.search(r'"VGPU_LAUNCH_TEST_CACHE", "([^"]+)"', harness)
     assert cache and f"`{cache[1]}/`" in text
     assert "rm -rf .venv .venv-pypi .cache " + cache[1] in text
+    podman = (REPO / "tests" / "system" / "test_podman.py").read_text()
+    user = re.search(r'^USER = "([^"]+)"', podman, re.M)
+    assert user and f"userdel -r {user[1]}" in text and f"/var/lib/{user[1]}" in text

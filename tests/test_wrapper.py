@@ -73,22 +73,22 @@ def test_python3_first_in_path_without_the_libraries(programs: Any, tmp_path: Pa
     assert "marker=1" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("args", [["--version"], ["--help"], ["doctor"], ["status"],
+@pytest.mark.parametrize("args", [["--version"], ["doctor"],
                                   ["--preload", "/nonexistent.so", "--", "true"]],
-                         ids=["version", "help", "doctor", "status", "run"])
+                         ids=["version", "doctor", "run"])
 def test_interpreter_without_the_libraries_gives_one_line(tmp_path: Path,
                                                           args: list[str]) -> None:
-    """VGPU_LAUNCH_PYTHON naming a python3 without the libraries: one line that names them and
-    the command installing them, exit status 125, whatever was asked (--version too)."""
+    """VGPU_LAUNCH_PYTHON naming a python3 without the libraries (and no other to hand over
+    to): one line that names them and the commands installing them, exit status 125, --version
+    too."""
     python = script(tmp_path / "python3", FOREIGN)
     r = run([WRAPPER, *args], env_with(VGPU_LAUNCH_PYTHON=str(python)))
     assert r.returncode == 125, (r.returncode, r.stdout, r.stderr)
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"vgpu-launch: VGPU_LAUNCH_PYTHON={python} lacks python-ptrace, "
-                               "python-prctl and structlog: "), lines[0]
-    assert f'"{python} -m pip install python-ptrace python-prctl structlog"' in lines[0]
+    assert "apt-get install python3-ptrace python3-prctl python3-structlog" in lines[0]
+    assert "-m pip install python-ptrace python-prctl structlog" in lines[0]
 
 
 def test_interpreter_that_does_not_exist_gives_one_line() -> None:
@@ -166,6 +166,6 @@ def test_a_packaged_copy_uses_only_its_pinned_python(tmp_path: Path) -> None:
     installed.chmod(0o755)
     script(tmp_path / "path" / "python3", '#!/bin/sh\nexec /usr/bin/python3 "$@"\n')
     r = run([installed, "--version"], env_with(tmp_path / "path"))
-    assert r.returncode == 125
+    assert r.returncode == 125, r.stdout
     lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"vgpu-launch: {pinned} "), r.stderr
+    assert len(lines) == 1 and "structlog" in lines[0], r.stderr
