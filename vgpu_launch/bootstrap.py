@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
 
 # Same code as deps.require(): vgpu-launch cannot run here.
 EXIT_MISSING = 125
@@ -43,6 +42,8 @@ except ImportError as exc:
           file=sys.stderr)
     sys.exit(125)
 start(checkout, pythons)
+from vgpu_launch.cli import main
+main()
 """
 # (One "del sys.argv[1]" a slot: that is how "vgpu-launch status" finds vgpu-launch's own
 # arguments in the command line of a vgpu-launch process.)
@@ -107,8 +108,9 @@ def _usable(python: str, names: list[str]) -> bool:
         return False
 
 
-def start(checkout: str, candidates: str) -> NoReturn:
-    """Run vgpu-launch here, or in the next interpreter that can."""
+def start(checkout: str, candidates: str) -> None:
+    """Return if vgpu-launch is to run in this interpreter (BOOT then calls cli.main, which
+    nothing in the package imports); else start the next interpreter that can run it."""
     pythons = candidates.split("\n")
     version = (sys.version_info[0], sys.version_info[1])
     if lacks(version):
@@ -126,6 +128,3 @@ def start(checkout: str, candidates: str) -> NoReturn:
             sys.stderr.write(too_old(me, bool(os.environ.get("VGPU_LAUNCH_PYTHON")), version)
                              + "\n")
             sys.exit(EXIT_MISSING)
-    from vgpu_launch.cli import main
-
-    main()
