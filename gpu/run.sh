@@ -91,7 +91,7 @@ if [ "$dry" = 1 ]; then
     gcc -O2 -Wall -Werror -shared -fPIC -o "$shim" "$here/cuda-count-shim.c" -ldl -lpthread
     "$PYTHON" -m py_compile "$here/parent.py" "$here/worker.py"
     "$PYTHON" "$here/worker.py" --help >/dev/null
-    "$launch" --version
+    echo "$launch_version"
     devices=${devices:-1}
     show LD_PRELOAD="$shim" python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
     show bin/vgpu-launch --preload "$shim" --env VGPU_SHIM_DEVICES="$devices" -- python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
