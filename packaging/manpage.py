@@ -131,6 +131,8 @@ EXIT_STATUS: Sequence[tuple[str, str]] = (
                   "parent (a shell, systemd, a container runtime) sees what it would have "
                   "seen for CMD; as PID 1 of a PID namespace it exits with 128 + the signal "
                   "number instead."),
+    ("1", "From \\fBdoctor\\fR: a check failed; from \\fBstatus\\fR: a process lacks a "
+          "library.  (A run exits 1 only when \\fICMD\\fR did.)"),
     ("2", "Usage or configuration error, or an unusable preload library."),
     ("125", "vgpu-launch cannot run CMD here: ptrace is refused (\\fBcannot trace\\fR; see "
             "\\fBTROUBLESHOOTING\\fR), or the Python interpreter lacks python\\-ptrace, "

@@ -48,7 +48,10 @@ def test_deb_metadata(deb_package: Path) -> None:
 
 def test_installed_files(system: harness.BootedSystem) -> None:
     version = system.run("vgpu-launch", "--version").stdout.strip()
-    assert version == f"vgpu-launch {upstream_version()}"
+    # the installed copy, on Debian's python3
+    assert version.startswith(f"vgpu-launch {upstream_version()} from "
+                              "/usr/lib/python3/dist-packages/vgpu_launch (Python 3."), version
+    assert " /usr/bin/python3;" in version, version
     assert system.run("python3", "-c", "import vgpu_launch, sys; print(vgpu_launch.__file__)"
                       ).stdout.startswith("/usr/lib/python3/dist-packages/vgpu_launch/")
     for path in (
