@@ -7,8 +7,10 @@
 #
 # PATH is HAMi-core's libvgpu.so, as HAMi's device plugin mounts it into pods (built from
 # HAMi-core's source by its own build script; this project ships no copy of it).
-# Needs: an NVIDIA GPU and driver, a python3 with PyTorch (CUDA build), and vgpu-launch's Python
-# packages for VGPU_LAUNCH_PYTHON (default: the same python3, PYTHON, default python3).
+# Needs: an NVIDIA GPU and driver, a python3 with PyTorch (CUDA build) for the worker (PYTHON,
+# default python3 from PATH), and vgpu-launch's Python packages for the python3 that
+# bin/vgpu-launch picks (docs/install.md, "From a checkout"), or for VGPU_LAUNCH_PYTHON, or else
+# for the worker's PYTHON.
 #
 # (h1) without vgpu-launch: LD_PRELOAD=libvgpu.so CUDA_DEVICE_MEMORY_LIMIT=LIMIT python3
 #      gpu/parent.py. HAMi-core limits the parent, but the parent starts its worker with
@@ -60,8 +62,20 @@ case $limit in
 esac
 
 PYTHON=$(command -v "${PYTHON:-python3}")
-export VGPU_LAUNCH_PYTHON=${VGPU_LAUNCH_PYTHON:-$PYTHON}
 launch=$repo/bin/vgpu-launch
+# bin/vgpu-launch picks an interpreter with its packages itself; failing that, the worker's one.
+if ! launch_version=$("$launch" --version 2>&1); then
+    if [ -z "${VGPU_LAUNCH_PYTHON:-}" ] &&
+        launch_version=$(VGPU_LAUNCH_PYTHON=$PYTHON "$launch" --version 2>&1); then
+        export VGPU_LAUNCH_PYTHON=$PYTHON
+    else
+        echo "$launch_version" >&2
+        echo "hami.sh: vgpu-launch cannot run here (see the line above); install what it names" \
+            "or set VGPU_LAUNCH_PYTHON to a python3 that has python-ptrace, python-prctl and" \
+            "structlog" >&2
+        exit 1
+    fi
+fi
 results=${results:-$repo/.cache/gpu/hami}
 probe=(--seconds 0 --alloc "$under,$over" --shim-name libvgpu)
 timed=(--seconds "$seconds" --size "$size" --shim-name libvgpu)
@@ -74,7 +88,7 @@ if [ $dry = 1 ]; then
     heading "dry run: nothing is run on a GPU"
     "$PYTHON" -m py_compile "$here/parent.py" "$here/worker.py"
     "$PYTHON" "$here/worker.py" --help >/dev/null
-    "$launch" --version
+    echo "$launch_version"
     show LD_PRELOAD="$lib" CUDA_DEVICE_MEMORY_LIMIT="$limit" python3 gpu/parent.py "${probe[@]}"
     show bin/vgpu-launch --preload "$lib" --env CUDA_DEVICE_MEMORY_LIMIT="$limit" -- \
         python3 gpu/parent.py "${probe[@]}"
@@ -87,11 +101,6 @@ if [ $dry = 1 ]; then
 fi
 
 [ -f "$lib" ] || { echo "hami.sh: $lib: no such file" >&2; exit 2; }
-if ! "$VGPU_LAUNCH_PYTHON" -E -c 'import ptrace, prctl, structlog' 2>/dev/null; then
-    echo "hami.sh: vgpu-launch needs python-ptrace, python-prctl and structlog for" \
-        "$VGPU_LAUNCH_PYTHON, or set VGPU_LAUNCH_PYTHON to a python3 that has them" >&2
-    exit 1
-fi
 rm -rf "$results"
 mkdir -p "$results" /tmp/vgpulock
 work=$results
@@ -102,6 +111,8 @@ heading "Machine"
         2>/dev/null || echo "(no nvidia-smi)"
     echo "kernel: $(uname -r)"
     "$PYTHON" -c 'import torch; print("torch:", torch.__version__, "CUDA", torch.version.cuda)'
+    echo "$launch_version"
+    [ -z "${VGPU_LAUNCH_PYTHON:-}" ] || echo "VGPU_LAUNCH_PYTHON=$VGPU_LAUNCH_PYTHON"
     echo "libvgpu.so: $lib ($(stat -c %s "$lib") bytes, sha256 $(sha256sum "$lib" | cut -c1-16))"
     echo "limit: CUDA_DEVICE_MEMORY_LIMIT=$limit; allocations tried: $under GiB and $over GiB"
 } | indent

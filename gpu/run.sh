@@ -4,9 +4,10 @@
 #   gpu/run.sh [--runs N] [--seconds S] [--size N] [--devices N] [--no-overhead]
 #              [--results DIR] [--backend torch|stub] [--dry-run]
 #
-# Needs: an NVIDIA GPU and driver, gcc, a python3 with PyTorch (CUDA build), and vgpu-launch's
-# own Python packages (python-ptrace, python-prctl, structlog) for the same or another python3
-# (VGPU_LAUNCH_PYTHON, default: the one running the worker, PYTHON, default python3).
+# Needs: an NVIDIA GPU and driver, gcc, a python3 with PyTorch (CUDA build) for the worker
+# (PYTHON, default python3 from PATH), and vgpu-launch's own Python packages (python-ptrace,
+# python-prctl, structlog) for the python3 that bin/vgpu-launch picks (docs/install.md, "From a
+# checkout"), or for VGPU_LAUNCH_PYTHON, or else for the worker's PYTHON.
 #
 # 1. builds gpu/cuda-count-shim.c into .cache/gpu/libcuda-count-shim.so;
 # 2. (a) without vgpu-launch: LD_PRELOAD=shim python3 gpu/parent.py. The parent's own
@@ -54,8 +55,20 @@ done
 results=${results:-$build/results}
 
 PYTHON=$(command -v "${PYTHON:-python3}")
-export VGPU_LAUNCH_PYTHON=${VGPU_LAUNCH_PYTHON:-$PYTHON}
 launch=$repo/bin/vgpu-launch
+# bin/vgpu-launch picks an interpreter with its packages itself; failing that, the worker's one.
+if ! launch_version=$("$launch" --version 2>&1); then
+    if [ -z "${VGPU_LAUNCH_PYTHON:-}" ] &&
+        launch_version=$(VGPU_LAUNCH_PYTHON=$PYTHON "$launch" --version 2>&1); then
+        export VGPU_LAUNCH_PYTHON=$PYTHON
+    else
+        echo "$launch_version" >&2
+        echo "run.sh: vgpu-launch cannot run here (see the line above); install what it names" \
+            "or set VGPU_LAUNCH_PYTHON to a python3 that has python-ptrace, python-prctl and" \
+            "structlog" >&2
+        exit 1
+    fi
+fi
 shim=$build/libcuda-count-shim.so
 worker_args=(--size "$size" --backend "$backend")
 
@@ -78,7 +91,7 @@ if [ "$dry" = 1 ]; then
     gcc -O2 -Wall -Werror -shared -fPIC -o "$shim" "$here/cuda-count-shim.c" -ldl -lpthread
     "$PYTHON" -m py_compile "$here/parent.py" "$here/worker.py"
     "$PYTHON" "$here/worker.py" --help >/dev/null
-    "$launch" --version
+    echo "$launch_version"
     devices=${devices:-1}
     show LD_PRELOAD="$shim" python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
     show bin/vgpu-launch --preload "$shim" --env VGPU_SHIM_DEVICES="$devices" -- python3 gpu/parent.py --seconds 2 "${worker_args[@]}"
@@ -105,16 +118,9 @@ echo "GPU, driver: $gpu" | indent
     if [ "$backend" = torch ]; then
         "$PYTHON" -c 'import torch; print("torch:", torch.__version__, "CUDA", torch.version.cuda)'
     fi
-    echo "vgpu-launch python: $VGPU_LAUNCH_PYTHON"
+    echo "$launch_version"
+    [ -z "${VGPU_LAUNCH_PYTHON:-}" ] || echo "VGPU_LAUNCH_PYTHON=$VGPU_LAUNCH_PYTHON"
 } | indent
-# -E as bin/vgpu-launch runs it: PYTHONPATH does not count
-if ! "$VGPU_LAUNCH_PYTHON" -E -c 'import ptrace, prctl, structlog' 2>/dev/null; then
-    echo "run.sh: vgpu-launch needs python-ptrace, python-prctl and structlog for" \
-        "$VGPU_LAUNCH_PYTHON: pip install python-ptrace python-prctl structlog" \
-        "(python-prctl builds against libcap's headers: apt-get install libcap-dev)," \
-        "or set VGPU_LAUNCH_PYTHON to a python3 that has them" >&2
-    exit 1
-fi
 
 # ---- build ----
 heading "Building the shim"

@@ -50,7 +50,19 @@ ENV_TEXT: dict[str, str] = {
     "VGPU_LAUNCH_ALLOW_INSECURE":
         "1 for \\fB\\-\\-allow\\-insecure\\fR, 0 to turn it off.",
     "VGPU_LAUNCH_CONFIG": "The configuration file to read instead of the default one.",
+    "VGPU_LAUNCH_PYTHON":
+        "The Python interpreter that \\fI/usr/bin/vgpu\\-launch\\fR runs (default: "
+        "\\fI/usr/bin/python3\\fR, whatever \\fBPATH\\fR says); it needs python\\-ptrace, "
+        "python\\-prctl and structlog.  Not a setting: it is not read from the configuration "
+        "file, and \\fICMD\\fR inherits it like any other variable.",
 }
+
+# Variables of the environment vgpu-launch is started with that are not its own settings.
+OTHER_ENV_TEXT: Sequence[tuple[str, str]] = (
+    ("LD_PRELOAD",
+     "Kept: \\fICMD\\fR gets the configured libraries first, then the entries the variable "
+     "already had, each once."),
+)
 
 CONFIG_TEXT: dict[str, str] = {
     "preload": "List of library paths; \\fB$LIB\\fR, \\fB$PLATFORM\\fR and \\fB$ORIGIN\\fR are "
@@ -119,11 +131,118 @@ EXIT_STATUS: Sequence[tuple[str, str]] = (
                   "parent (a shell, systemd, a container runtime) sees what it would have "
                   "seen for CMD; as PID 1 of a PID namespace it exits with 128 + the signal "
                   "number instead."),
+    ("1", "From \\fBdoctor\\fR: a check failed; from \\fBstatus\\fR: a process lacks a "
+          "library.  (A run exits 1 only when \\fICMD\\fR did.)"),
     ("2", "Usage or configuration error, or an unusable preload library."),
-    ("125", "vgpu-launch cannot run CMD here (for example, ptrace is refused, or a Python "
-            "module it needs is missing: \\fB\\-\\-version\\fR names it)."),
+    ("125", "vgpu-launch cannot run CMD here: ptrace is refused (\\fBcannot trace\\fR; see "
+            "\\fBTROUBLESHOOTING\\fR), or the Python interpreter lacks python\\-ptrace, "
+            "python\\-prctl or structlog (one line names what is missing and the commands that "
+            "install it; \\fB\\-\\-version\\fR and \\fBdoctor\\fR exit so too)."),
     ("126", "CMD was found but is not executable."),
     ("127", "CMD was not found."),
+)
+
+
+# The decision log (docs/configuration.md, "The decision log", says the same in Markdown;
+# tests/system/test_manpage.py checks that every event there is here).
+EVENTS: Sequence[tuple[str, str, str]] = (
+    ("start", "info",
+     "Once, first: \\fBversion\\fR, \\fBpid\\fR, \\fBcmd\\fR, \\fBexecutable\\fR, "
+     "\\fBfollow\\fR, the configuration in effect (\\fBpreload\\fR, \\fBenv\\fR, "
+     "\\fBforce_env\\fR, \\fBexclude\\fR, \\fBstrict\\fR, \\fBno_follow\\fR, "
+     "\\fBconfig_file\\fR), \\fBsources\\fR (where each value came from) and "
+     "\\fBpreload_word_sizes\\fR."),
+    ("exec", "info; warning when failed",
+     "At every exec in the tree: \\fBpid\\fR, \\fBppid\\fR, \\fBexe\\fR (\\fI/proc/PID/exe\\fR), "
+     "\\fBargv\\fR (the first 16), \\fBpreload_before\\fR (the \\fBLD_PRELOAD\\fR the program "
+     "was executed with), \\fBdecision\\fR, \\fBpreload_after\\fR (the one it runs with), "
+     "\\fBstatic\\fR, \\fBbits\\fR, \\fBelapsed_us\\fR and, where they apply, \\fBenv_set\\fR "
+     "(the variables put back), \\fBformer_tid\\fR, \\fBnote\\fR (for example a 32\\-bit program "
+     "without a 32\\-bit build of the library), \\fBreason\\fR and \\fBaction\\fR."),
+    ("verify", "info, warning or debug",
+     "Shortly after each injected, merged or present exec, whether the libraries really got "
+     "mapped (\\fI/proc/PID/maps\\fR): \\fBresult\\fR (verified, at info; unverified, at "
+     "warning; exited, at debug: the program ended before it could be looked at), \\fBmapped\\fR "
+     "or \\fBmissing\\fR, \\fBbits\\fR, \\fBreason\\fR, \\fBafter_ms\\fR."),
+    ("fork, vfork, clone, exit", "debug",
+     "Every process and thread created or ended: \\fBpid\\fR, \\fBparent\\fR, \\fBstatus\\fR."),
+    ("no\\-follow", "warning",
+     "With \\fB\\-\\-no\\-follow\\fR: \\fICMD\\fR runs untraced."),
+    ("tracer\\-failed", "error",
+     "An internal error of the tracer: \\fBerror\\fR, \\fBtraceback\\fR.  The tree runs on "
+     "untraced (in strict mode it is killed)."),
+    ("end", "info",
+     "Once, when \\fICMD\\fR has exited: \\fBcounts\\fR per decision, \\fBspawned\\fR, "
+     "\\fBtracees_left\\fR, \\fBseconds\\fR, \\fBcmd_exit\\fR or \\fBcmd_signal\\fR, "
+     "\\fBverification\\fR (verified, unverified, exited, skipped) and \\fBtracer_failed\\fR "
+     "after a tracer failure."),
+)
+
+DECISIONS: Sequence[tuple[str, str]] = (
+    ("injected", "The program had no \\fBLD_PRELOAD\\fR; it now has the configured one."),
+    ("merged", "It had one without (all of) the configured libraries: they were merged into it."),
+    ("present", "It already had every configured library: nothing written."),
+    ("excluded", "It matched \\fB\\-\\-exclude\\fR: left exactly as it is."),
+    ("setuid", "It runs with \\fBAT_SECURE\\fR (setuid, setgid, file capabilities), where "
+               "ld.so ignores the preload: left alone."),
+    ("failed", "Its memory could not be read or written (\\fBreason\\fR says why): it runs "
+               "without the preload, or is killed in strict mode (\\fBaction\\fR)."),
+)
+
+# Symptom, then what to do: enough to operate it from this page alone.
+TROUBLESHOOTING: Sequence[tuple[str, str]] = (
+    ("Python modules ... missing (exit status 125)",
+     "The interpreter vgpu\\-launch runs lacks its libraries.  For \\fI/usr/bin/python3\\fR "
+     "install the distribution's packages (Debian: \\fBapt\\-get install python3\\-ptrace "
+     "python3\\-prctl python3\\-structlog\\fR), for another interpreter use its own "
+     "\\fBpip\\fR as the line says, or point \\fBVGPU_LAUNCH_PYTHON\\fR at an interpreter "
+     "that has them."),
+    ("cannot trace CMD ... (exit status 125)",
+     "ptrace is refused.  \\fBvgpu\\-launch doctor\\fR (in the container, or with "
+     "\\fB\\-\\-unit\\fR \\fINAME\\fR for a service) really traces a child and names the "
+     "cause: a seccomp profile without \\fBptrace\\fR (allow it), Yama's "
+     "\\fBkernel.yama.ptrace_scope\\fR 2 (needs \\fBCAP_SYS_PTRACE\\fR) or 3, another tracer "
+     "such as \\fBstrace \\-f\\fR, a unit's \\fBSystemCallFilter=\\fR without "
+     "\\fBptrace\\fR (add \\fBSystemCallFilter=ptrace\\fR in a drop\\-in).  Where ptrace "
+     "cannot be allowed, \\fB\\-\\-no\\-follow\\fR sets the variables for \\fICMD\\fR only."),
+    ("The service's helper processes (ollama's runners) find no GPU",
+     "\\fBvgpu\\-launch doctor \\-\\-unit\\fR \\fIUNIT\\fR checks the set\\-up: the "
+     "drop\\-in in effect, \\fBKillMode\\fR, \\fBNotifyAccess\\fR, the library readable by "
+     "the unit's \\fBUser=\\fR and not hidden by \\fBPrivateTmp=\\fR or "
+     "\\fBProtectHome=\\fR.  Then the log (\\fBLOG\\fR): each helper needs an \\fBexec\\fR "
+     "event with decision injected, merged or present, and no \\fBverify\\fR warning.  "
+     "\\fBvgpu\\-launch status \\-\\-unit\\fR \\fIUNIT\\fR shows which running processes "
+     "have the library mapped.  If all have it, look at the shim and the driver."),
+    ("A verify warning: injected, but not loaded",
+     "Its \\fBreason\\fR says why ld.so did not load the library: a 32\\-bit program and a "
+     "64\\-bit library (name a build per word size with \\fB$LIB\\fR in the path), no file "
+     "at the \\fB$LIB\\fR expansion, a static program (its children still get the preload), "
+     "or ld.so's own refusal, whose message is on the program's standard error."),
+    ("/proc/PID/environ does not show LD_PRELOAD",
+     "Expected: the variable is put in at the exec, after the kernel made the area that file "
+     "shows.  \\fI/proc/PID/maps\\fR (\\fBvgpu\\-launch status\\fR \\fIPID\\fR) says "
+     "whether the library is loaded."),
+    ("Some processes of the unit are marked escaped",
+     "They were not started from vgpu\\-launch's tree: \\fBExecStartPre=\\fR, "
+     "\\fBExecReload=\\fR, \\fBExecStop=\\fR commands, processes moved into the cgroup, "
+     "\\fBdocker exec\\fR.  Put vgpu\\-launch in front of them too."),
+    ("refusing preload library ...: writable by ... (exit status 2)",
+     "Users other than root or the file's owner can change the library, the configuration file "
+     "or a directory above it.  \\fBchown root:\\fR and \\fBchmod go\\-w\\fR them as the "
+     "message says, or accept the risk with \\fB\\-\\-allow\\-insecure\\fR."),
+    ("A Type=notify service never becomes active",
+     "Its readiness notification comes from \\fICMD\\fR, not from the main process: add "
+     "\\fBNotifyAccess=all\\fR to the drop\\-in."),
+)
+
+DOC_DIR = "/usr/share/doc/vgpu-launch"
+DOCS: Sequence[tuple[str, str]] = (
+    ("docs/install.md", "packages, enabling it for ollama or any service, containers"),
+    ("docs/configuration.md", "every setting, the configuration file, the decision log"),
+    ("docs/troubleshooting.md", "doctor, status, reading the log, each symptom in detail"),
+    ("docs/launcher.md", "exit status, signals, job control, reaping"),
+    ("docs/security.md", "file permission checks, setuid programs"),
+    ("docs/strict-mode.md", "what --strict guarantees and what it cannot"),
 )
 
 
@@ -247,10 +366,11 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
     out: list[str] = []
     w = out.append
     w(f'.TH VGPU\\-LAUNCH 1 "{date}" "vgpu\\-launch {version}" "User Commands"')
+    # no hyphenation anywhere: the page is full of names, paths and options to be typed
+    w(".nh")
     w(".SH NAME")
     w("vgpu\\-launch \\- start a program so that a preload library reaches every process it spawns")
     w(".SH SYNOPSIS")
-    w(".nh")
     w(".ad l")
     w(".B vgpu\\-launch")
     w("[\\fIOPTIONS\\fR] \\fB\\-\\-\\fR \\fICMD\\fR [\\fIARG\\fR...]")
@@ -259,7 +379,6 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
         w(".br")
         w(usage)
     w(".ad")
-    w(".hy")
     w(".SH DESCRIPTION")
     w(
         "\\fBvgpu\\-launch\\fR starts \\fICMD\\fR with \\fBLD_PRELOAD\\fR set to the configured "
@@ -276,12 +395,11 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
         "Signals are forwarded to \\fICMD\\fR, the standard streams, working directory, limits "
         "and environment reach it unchanged (apart from the variables vgpu\\-launch is told to "
         "set), orphaned descendants are reaped, and \\fBvgpu\\-launch\\fR exits as \\fICMD\\fR "
-        "did (see \\fBEXIT STATUS\\fR).  It writes nothing to standard output; its log goes to "
-        "standard error as JSON lines, which systemd stores in the journal."
+        "did (see \\fBEXIT STATUS\\fR).  It writes nothing to standard output; its decision "
+        "log goes to standard error, under systemd to the journal (see \\fBLOG\\fR)."
     )
-    if parser.description:
-        w(".PP")
-        w(roff_text(parser.description))
+    # The parser's description (the summary of --help) is not repeated here: it says what the
+    # first paragraph above says.
     w(".SH OPTIONS")
     w("Options come before \\fB\\-\\-\\fR; everything after it is \\fICMD\\fR and its arguments.")
     for action in visible_actions(parser):
@@ -304,6 +422,8 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
     for name in environment_vars():
         text = ENV_TEXT.get(name) or f"Sets the configuration key \\fB{key_of.get(name, '?')}\\fR."
         w(f".TP\n\\fB{name}\\fR\n{text}")
+    for name, text in OTHER_ENV_TEXT:
+        w(f".TP\n\\fB{name}\\fR\n{text}")
     w(".SH FILES")
     w(".TP\n\\fI/etc/vgpu\\-launch/vgpu\\-launch.conf\\fR")
     w(
@@ -322,9 +442,67 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
         "\\fIollama.service.d/vgpu\\-launch.conf\\fR; they take effect only once linked or "
         "copied into \\fI/etc/systemd/system/\\fR (see \\fBEXAMPLES\\fR)."
     )
+    w(".TP\n\\fI/lib/systemd/system/vgpu\\-launch@.service\\fR, "
+      "\\fI/etc/vgpu\\-launch/\\fINAME\\fI.env\\fR")
+    w(
+        "A template unit for a command without a unit of its own: "
+        "\\fBsystemctl enable \\-\\-now vgpu\\-launch@\\fINAME\\fR runs the "
+        "\\fBCOMMAND=\\fR of \\fI/etc/vgpu\\-launch/\\fINAME\\fI.env\\fR (an example is in "
+        f"\\fI{dashes(DOC_DIR)}/examples/\\fR)."
+    )
+    w(f".TP\n\\fI{dashes(DOC_DIR)}/\\fR")
+    w("The full documentation, in Markdown, uncompressed: \\fIREADME.md\\fR and")
+    w(".RS")
+    for path, what in DOCS:
+        w(f".TP\n\\fI{dashes(path)}\\fR\n{roff_text(what).replace('-', chr(92) + '-')}")
+    w(".RE")
     w(".SH EXIT STATUS")
     for code, text in EXIT_STATUS:
         w(f".TP\n\\fB{code}\\fR\n{text}")
+    w(".SH LOG")
+    w(
+        "One event per line on standard error: a JSON object when standard error is not a "
+        "terminal (under systemd it is stored in the journal as the message text) or with "
+        "\\fB\\-\\-log\\-format json\\fR, a readable line on a terminal.  "
+        "\\fB\\-\\-log\\-file\\fR also appends the JSON lines to a file.  Every event has "
+        "\\fBevent\\fR, \\fBlevel\\fR and \\fBts\\fR (UTC); \\fB\\-\\-log\\-level\\fR "
+        "drops those below it.  The events and their fields:"
+    )
+    for name, level, fields in EVENTS:
+        w(f".TP\n\\fB{name}\\fR ({level})\n{fields}")
+    w(".PP")
+    w("The \\fBdecision\\fR of an \\fBexec\\fR event:")
+    for name, text in DECISIONS:
+        w(f".TP\n\\fB{name}\\fR\n{text}")
+    w(".PP")
+    w(
+        "\\fBstatic\\fR true means the program has no ELF interpreter: the preload cannot load "
+        "into it, but the variable is kept for its children.  \\fI/proc/PID/environ\\fR of "
+        "an injected program does not show the variable (see \\fBTROUBLESHOOTING\\fR)."
+    )
+    w(".PP")
+    w(
+        "A service's own standard error lands in the same journal, so read each line as text and "
+        "keep the JSON ones (\\fBjq \\-R \\(aqfromjson?\\(aq\\fR); without it \\fBjq\\fR "
+        "stops at the first line that is not JSON:"
+    )
+    w(".PP\n.RS\n.nf")
+    w("journalctl \\-o cat \\-u ollama \\-\\-since \\-1h \\e")
+    w("  | jq \\-cR \\(aqfromjson? | select(.event==\"exec\")"
+      " | {pid, exe, decision, note}\\(aq")
+    w("journalctl \\-o cat \\-u ollama \\e")
+    w("  | jq \\-cR \\(aqfromjson? | select(.level==\"warning\" or .level==\"error\")\\(aq")
+    w(".fi\n.RE")
+    w(".SH TROUBLESHOOTING")
+    w(
+        "\\fBvgpu\\-launch doctor\\fR checks a host (and with \\fB\\-\\-unit\\fR a "
+        "service) before anything runs; \\fBvgpu\\-launch status\\fR shows which processes "
+        "of a running tree have the library mapped; the log says what was decided at each exec."
+    )
+    for symptom, what in TROUBLESHOOTING:
+        w(f".TP\n\\fB{symptom}\\fR\n{what}")
+    w(".PP")
+    w(f"Each case in detail: \\fI{dashes(DOC_DIR)}/docs/troubleshooting.md\\fR.")
     w(".SH EXAMPLES")
     w("Run a program with a library preloaded in every process it starts:")
     w(".PP\n.RS\n.nf")
@@ -377,7 +555,10 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
     )
     w(".SH SEE ALSO")
     w("\\fBld.so\\fR(8), \\fBptrace\\fR(2), \\fBsystemd.service\\fR(5), \\fBsystemd.kill\\fR(5), "
-      "\\fBsystemctl\\fR(1)")
+      "\\fBsystemd.exec\\fR(5), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1), \\fBjq\\fR(1)")
+    w(".PP")
+    w(f"\\fI{dashes(DOC_DIR)}/README.md\\fR and \\fI{dashes(DOC_DIR)}/docs/\\fR (see "
+      "\\fBFILES\\fR).")
     return "\n".join(out) + "\n"
 
 

@@ -5,17 +5,19 @@
 #   examples/ollama-like/demo.sh
 #
 # On a Debian/Ubuntu machine, run as root, it installs what is missing with apt-get (gcc, golang-go,
-# python3 and the launcher's Python packages), builds the example into .cache/demo in the checkout,
-# then runs "ollama serve --once" twice:
+# python3 and the launcher's Python packages: Debian's, for /usr/bin/python3, whatever python3
+# comes first in PATH), builds the example into .cache/demo in the checkout, then runs
+# "ollama serve --once" twice:
 #   (a) with LD_PRELOAD=libvgpu-test-shim.so set for the server only: its runners report 0 devices;
 #   (b) under bin/vgpu-launch: the preload reaches every runner, which reports 1 device, and the
 #       launcher's decision log shows one "injected" exec event per runner.
-# Exits 0 when (b) finds 1 device.
+# Each command is shown as it is run, from the top of the checkout. Exits 0 when (b) finds 1 device.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${VGPU_DEMO_CACHE:-$repo/.cache/demo}
+cd "$repo"
 
 bold=""
 plain=""
@@ -29,18 +31,24 @@ heading() {
 indent() {
     sed 's/^/    /'
 }
+# show ARGV...: the command line exactly as it is run, from the top of the checkout
+show() {
+    local line='$'
+    line+=$(printf ' %q' "$@")
+    echo "$line"
+}
 
 # ---- 1. what the demo needs ----
+# vgpu-launch's Python packages are Debian's, for /usr/bin/python3 (which bin/vgpu-launch prefers
+# to PATH's python3), so dpkg is asked, not whichever python3 comes first in PATH.
 missing=()
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
 command -v go >/dev/null 2>&1 || missing+=(golang-go)
-if command -v python3 >/dev/null 2>&1; then
-    python3 -c 'import ptrace' 2>/dev/null || missing+=(python3-ptrace)
-    python3 -c 'import prctl' 2>/dev/null || missing+=(python3-prctl)
-    python3 -c 'import structlog' 2>/dev/null || missing+=(python3-structlog)
-else
-    missing+=(python3 python3-ptrace python3-prctl python3-structlog)
+if [ -z "${VGPU_LAUNCH_PYTHON:-}" ] && command -v dpkg-query >/dev/null 2>&1; then
+    for p in python3 python3-ptrace python3-prctl python3-structlog; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     heading "Installing: ${missing[*]}"
@@ -53,12 +61,21 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# bin/vgpu-launch says itself, in one line, when no interpreter it would use has its packages.
+if ! version=$(bin/vgpu-launch --version 2>&1); then
+    echo "$version" >&2
+    echo "demo.sh: bin/vgpu-launch cannot run here; see the line above" >&2
+    exit 1
+fi
+# The decision log is formatted with the interpreter vgpu-launch itself prefers (stdlib only).
+python=${VGPU_LAUNCH_PYTHON:-/usr/bin/python3}
 
 # ---- 2. build ----
 heading "Building the example into ${cache#"$repo"/}"
 "$here/build.sh" "$cache"
 ollama=$cache/ollama
-shim=$cache/libvgpu-test-shim.so
+case $ollama in "$repo"/*) ollama=${ollama#"$repo"/} ;; esac  # shorter to show; we run from $repo
+shim=$cache/libvgpu-test-shim.so  # absolute: a preload path must be
 ls -l "$ollama" "$cache/libcuda.so.1" "$shim" | indent
 
 work=$(mktemp -d)
@@ -70,26 +87,39 @@ count_of() {
 
 # ---- 3. without vgpu-launch ----
 heading "(a) without vgpu-launch: LD_PRELOAD set for 'ollama serve' only"
-echo "\$ LD_PRELOAD=$shim VGPU_TEST_DEVICES=1 ollama serve --once"
+run_a=(env "LD_PRELOAD=$shim" VGPU_TEST_DEVICES=1 "$ollama" serve --once)
+show "${run_a[@]}"
 rc_a=0
-LD_PRELOAD=$shim VGPU_TEST_DEVICES=1 "$ollama" serve --once 2>"$work/a.err" || rc_a=$?
+"${run_a[@]}" 2>"$work/a.err" || rc_a=$?
 indent <"$work/a.err"
 count_a=$(count_of "$work/a.err")
 echo "exit status $rc_a"
 
 # ---- 4. with vgpu-launch ----
 heading "(b) with vgpu-launch"
-echo "\$ bin/vgpu-launch --preload $shim --env VGPU_TEST_DEVICES=1 -- ollama serve --once"
+run_b=(bin/vgpu-launch --log-format json --preload "$shim" --env VGPU_TEST_DEVICES=1
+    -- "$ollama" serve --once)
+show "${run_b[@]}"
 rc_b=0
-"$repo/bin/vgpu-launch" --log-format json --preload "$shim" --env VGPU_TEST_DEVICES=1 \
-    -- "$ollama" serve --once 2>"$work/b.err" || rc_b=$?
-echo "ollama's own output (stderr, the launcher's JSON lines left out):"
+"${run_b[@]}" 2>"$work/b.err" || rc_b=$?
+# stderr holds vgpu-launch's JSON lines and ollama's own lines; without vgpu-launch's "start"
+# event it never started ollama, and without its "end" event it did not see ollama to the end:
+# then the other lines are not (only) ollama's.
+events() { grep -c "^{.*\"event\": *\"$1\"" "$work/b.err" || true; }
+started=$(events start)
+if [ "$started" = 0 ]; then
+    echo "vgpu-launch did not start ollama; its output:"
+elif [ "$(events end)" = 0 ]; then
+    echo "output of ollama and of vgpu-launch, which did not finish normally (its JSON lines left out):"
+else
+    echo "ollama's own output (stderr, the launcher's JSON lines left out):"
+fi
 grep -v '^{' "$work/b.err" | indent || true
 count_b=$(count_of "$work/b.err")
 echo "exit status $rc_b"
 
 heading "(b) decision log of vgpu-launch (its JSON lines on stderr, formatted)"
-python3 - "$work/b.err" <<'PY'
+"$python" -I - "$work/b.err" <<'PY'
 import json
 import sys
 
@@ -133,5 +163,9 @@ if [ "${count_b:-}" = 1 ]; then
     exit 0
 fi
 echo
-echo "demo.sh: expected initial_count=1 under vgpu-launch, got '${count_b:-nothing}'" >&2
+if [ "$started" = 0 ]; then
+    echo "demo.sh: vgpu-launch failed (exit status $rc_b) before it started ollama: see (b)" >&2
+else
+    echo "demo.sh: expected initial_count=1 under vgpu-launch, got '${count_b:-nothing}'" >&2
+fi
 exit 1

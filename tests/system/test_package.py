@@ -50,7 +50,10 @@ def test_deb_metadata(deb_package: Path) -> None:
 def test_installed_files(system: harness.BootedSystem) -> None:
     """Installed, the package has its files, conffile and pinned interpreter, no drop-in."""
     version = system.run("vgpu-launch", "--version").stdout.strip()
-    assert version == f"vgpu-launch {upstream_version()}"
+    # the installed copy, on Debian's python3
+    assert version.startswith(f"vgpu-launch {upstream_version()} from "
+                              "/usr/lib/python3/dist-packages/vgpu_launch (Python 3."), version
+    assert " /usr/bin/python3;" in version, version
     assert system.run("python3", "-c", "import vgpu_launch, sys; print(vgpu_launch.__file__)"
                       ).stdout.startswith("/usr/lib/python3/dist-packages/vgpu_launch/")
     for path in (
@@ -70,6 +73,28 @@ def test_installed_files(system: harness.BootedSystem) -> None:
     # /usr/bin/vgpu-launch runs Debian's python3 whatever PATH says
     script = system.run("cat", "/usr/bin/vgpu-launch").stdout
     assert "/usr/bin/python3" in script
+
+
+def test_docs_are_installed(system: harness.BootedSystem) -> None:
+    """dpkg -L lists README.md and every file of docs/ in the doc directory, where the
+    README's links find them."""
+    listed = set(system.run("dpkg", "-L", "vgpu-launch").stdout.split())
+    docs = ["README.md", *(f"docs/{p.name}" for p in (REPO / "docs").iterdir() if p.is_file())]
+    for doc in docs:
+        assert f"/usr/share/doc/vgpu-launch/{doc}" in listed, doc
+    readme = system.run("cat", "/usr/share/doc/vgpu-launch/README.md").stdout
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert system.exists(f"/usr/share/doc/vgpu-launch/{link}"), link
+
+
+def test_installed_launcher_ignores_path_python3(system: harness.BootedSystem) -> None:
+    """/usr/bin/vgpu-launch runs Debian's python3 even when PATH starts with one that lacks
+    the libraries."""
+    system.write("/tmp/foreign/python3", '#!/bin/sh\nexec /usr/bin/python3 -S "$@"\n', 0o755)
+    proc = system.sh("PATH=/tmp/foreign:$PATH vgpu-launch --preload "
+                     "\"$(readlink -f /lib/x86_64-linux-gnu/libc.so.6)\" -- /bin/sh -c 'exit 5'",
+                     check=False)
+    assert proc.returncode == 5, proc.stderr
 
 
 def test_default_config_is_all_comments(system: harness.BootedSystem) -> None:

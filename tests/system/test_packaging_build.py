@@ -4,6 +4,7 @@ overridden with its reason), the RPM spec builds with rpmbuild and ships the sam
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,30 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+DOC_DIR = "/usr/share/doc/vgpu-launch/"
+
+
+def shipped_docs() -> list[str]:
+    """README.md and every file of docs/, as the packages lay them out under DOC_DIR."""
+    return ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").iterdir()
+                                 if p.is_file())]
+
+
+def link_targets(doc: str) -> list[str]:
+    """Where the relative links of the shipped document ``doc`` lead, once installed."""
+    text = (REPO / doc).read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    return [os.path.normpath(os.path.join(os.path.dirname(DOC_DIR + doc), link))
+            for link in links if "://" not in link and not link.startswith("mailto:")]
+
+
+def check_docs_shipped(paths: set[str]) -> None:
+    """Every doc is installed as it is named in the source tree, and every relative link of
+    the README and the docs leads to an installed file."""
+    missing = [DOC_DIR + d for d in shipped_docs() if DOC_DIR + d not in paths]
+    assert not missing, f"not installed: {missing}"
+    broken = [(d, t) for d in shipped_docs() for t in link_targets(d) if t not in paths]
+    assert not broken, f"links to files that are not installed: {broken}"
 
 
 def need(tool: str) -> None:
@@ -53,6 +78,7 @@ def test_deb_contents(deb_package: Path) -> None:
         "/usr/share/doc/vgpu-launch/examples/vgpu-launch.env",
     ):
         assert path in paths, path
+    check_docs_shipped(paths)
     # nothing active in systemd's search path apart from the template
     assert not [p for p in paths if ".service.d/" in p and p.startswith(("/lib/systemd",
                                                                           "/etc/systemd"))]
@@ -74,6 +100,7 @@ def test_rpm_builds(tmp_path: Path) -> None:
         assert path in files, path
     assert any(p.endswith("/vgpu_launch/cli.py") for p in files)
     assert any(p.startswith("/usr/share/man/man1/vgpu-launch.1") for p in files)
+    check_docs_shipped(set(files))
     config = subprocess.run(["rpm", "-qcp", str(rpms[0])], capture_output=True, text=True,
                             check=True).stdout.split()
     assert config == ["/etc/vgpu-launch/vgpu-launch.conf"]
