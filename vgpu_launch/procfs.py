@@ -12,7 +12,7 @@ import re
 import resource
 from dataclasses import dataclass
 
-from . import arch, elf
+from . import elf
 from .trace.stack import AT_NULL, AT_SECURE
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +352,10 @@ def exe_word(pid: int | str, maps: Maps | None = None) -> tuple[int | None, bool
         if static is None:
             static = maps.interp is None
         if word is None and maps.interp is not None:
+            # here, not at the top: register access needs python-ptrace, and procfs is
+            # imported on the way to the one-line message that says it is missing
+            from . import arch
+
             native = arch.NATIVE
             found = native.word_of_loader(maps.interp) if native is not None else None
             word = found or 8

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 
-from ..trace.ptracelib import getregset, setregset
 from .model import Abi, Arch
 
 PRSTATUS64_SIZE = 34 * 8
@@ -36,11 +35,18 @@ def prstatus_with_sp(regs: bytes, sp: int) -> bytes:
     return bytes(out)
 
 
+# The register functions import python-ptrace when first called (see x86_64.py).
+
+
 def read_sp(tid: int) -> tuple[int, int]:
+    from ..trace.ptracelib import getregset
+
     return sp_from_prstatus(getregset(tid, PRSTATUS64_SIZE))
 
 
 def write_sp(tid: int, sp: int) -> None:
+    from ..trace.ptracelib import getregset, setregset
+
     setregset(tid, prstatus_with_sp(getregset(tid, PRSTATUS64_SIZE), sp))
 
 

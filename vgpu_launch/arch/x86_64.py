@@ -6,7 +6,6 @@ segment selector tells them apart (0x23: 32-bit user code, 0x33: 64-bit).
 
 from __future__ import annotations
 
-from ..trace.ptracelib import peekuser, pokeuser
 from .model import Abi, Arch
 
 # Offsets in struct user_regs_struct (arch/x86/include/asm/user_64.h).
@@ -19,7 +18,13 @@ def word_size(cs: int) -> int:
     return 4 if cs == USER32_CS else 8
 
 
+# The register functions import python-ptrace when first called, not with this table: the
+# tables are read on the way to the one-line message that says python-ptrace is missing.
+
+
 def read_sp(tid: int) -> tuple[int, int]:
+    from ..trace.ptracelib import peekuser
+
     sp = peekuser(tid, RSP_OFFSET)
     if sp >= 1 << 32:  # no 32-bit process has an address above 4 GiB: skip the second request
         return sp, 8
@@ -27,6 +32,8 @@ def read_sp(tid: int) -> tuple[int, int]:
 
 
 def write_sp(tid: int, sp: int) -> None:
+    from ..trace.ptracelib import pokeuser
+
     pokeuser(tid, RSP_OFFSET, sp)
 
 

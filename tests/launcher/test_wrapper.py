@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "bin" / "vgpu-launch"
 
 # A real python3 that lacks the libraries, as a pyenv, conda or bare venv interpreter does.

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO
+
 README = (REPO / "README.md").read_text()
 
 

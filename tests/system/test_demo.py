@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "ollama-like" / "demo.sh"
 CACHE = Path(os.environ.get("VGPU_TEST_CACHE", REPO / ".cache" / "tests"))
 
