@@ -63,6 +63,9 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "chain": ("chain", "cc", "chain.c", []),
     "manyenv": ("manyenv", "cc", "manyenv.c", []),
     "sigspam": ("sigspam", "cc", "sigspam.c", ["-pthread"]),
+    # the machine's ABI as the C library's headers describe it (tests/unit/test_arch.py)
+    "archinfo": ("archinfo", "cc", "archinfo.c", []),
+    "archinfo32": ("archinfo32", "cc32", "archinfo.c", []),
     # preload libraries: 64-bit at the top, and one per $LIB directory glibc may use
     "libmarker": ("libmarker.so", "cc", "libmarker.c", SO),
     "libother": ("libother.so", "cc", "libmarker.c", [*SO, '-DMARKER_TAG="other"']),
