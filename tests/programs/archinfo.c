@@ -4,7 +4,7 @@
  *
  *   word=N elf_machine=N ptrace=N rt_sigqueueinfo=N audit_arch=N
  *
- * Built natively and with -m32 (the compat ABI) by tests/unit/test_arch.py.
+ * Built natively (archinfo) and with -m32, the compat ABI (archinfo32): tests/unit/test_arch.py.
  */
 #include <elf.h>
 #include <linux/audit.h>

@@ -63,6 +63,9 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "chain": ("chain", "cc", "chain.c", []),
     "manyenv": ("manyenv", "cc", "manyenv.c", []),
     "sigspam": ("sigspam", "cc", "sigspam.c", ["-pthread"]),
+    # the machine's ABI as the C library's headers describe it (tests/unit/test_arch.py)
+    "archinfo": ("archinfo", "cc", "archinfo.c", []),
+    "archinfo32": ("archinfo32", "cc32", "archinfo.c", []),
     # preload libraries: 64-bit at the top, and one per $LIB directory glibc may use
     "libmarker": ("libmarker.so", "cc", "libmarker.c", SO),
     "libother": ("libother.so", "cc", "libmarker.c", [*SO, '-DMARKER_TAG="other"']),
@@ -94,6 +97,9 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "sleeper32": ("sleeper32", "cc32", "sleeper.c", []),
     "sleeper_static": ("sleeper-static", "cc-static", "sleeper.c", []),
     "sleeper_musl": ("sleeper-musl", "musl", "sleeper.c", []),
+    "nothing64": ("nothing64", "cc", "nothing.c", []),
+    "nothing32": ("nothing32", "cc32", "nothing.c", []),
+    "nothing_static": ("nothing-static", "cc-static", "nothing.c", []),
     "libshim": ("libshim.so", "cc", "shim.c", SO),
     "libshim32": ("libshim32.so", "cc32", "shim.c", SO),
     "libaborts": ("libaborts.so", "cc", "aborts.c", SO),

@@ -3,17 +3,14 @@ NT_PRSTATUS layouts), and each machine's table checked against what gcc builds h
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
-from pathlib import Path
 
 import pytest
+from support.build import Programs
 
 from vgpu_launch import arch, elf
 from vgpu_launch.arch import aarch64
-
-PROGRAMS = Path(__file__).resolve().parent.parent / "programs"
 
 
 def test_sp_of_a_64_bit_tracee() -> None:
@@ -36,37 +33,27 @@ def test_sp_of_a_compat_tracee() -> None:
 # the machine's table, against the C library's own headers
 
 
-def _build_archinfo(tmp_path: Path, *flags: str) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is needed (apt-get install gcc gcc-multilib)", pytrace=False)
-    out = tmp_path / ("archinfo" + "".join(flags))
-    cmd = ["gcc", *flags, "-O2", "-Wall", "-o", str(out), str(PROGRAMS / "archinfo.c")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed (gcc-multilib?):\n{proc.stderr}", pytrace=False)
-    return out
-
-
-def _archinfo(program: Path) -> dict[str, int]:
+def _archinfo(program: str) -> dict[str, int]:
     line = subprocess.run([program], capture_output=True, text=True, check=True).stdout
     return {k: int(v) for k, v in (item.split("=") for item in line.split())}
 
 
-@pytest.mark.parametrize("flags", [(), ("-m32",)], ids=["native", "compat"])
-def test_abi_matches_the_system_headers(tmp_path: Path, flags: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("name", ["archinfo", "archinfo32"], ids=["native", "compat"])
+def test_abi_matches_the_system_headers(programs: Programs, name: str) -> None:
     """Word size, ELF machine, ptrace syscall, AUDIT_ARCH and loader of each ABI are the ones
     a program built here for that ABI has."""
-    program = _build_archinfo(tmp_path, *flags)
+    compat = name == "archinfo32"  # built with gcc -m32
+    program = programs[name]
     info = _archinfo(program)
     native = arch.current()
     abi = native.abi(info["word"])
-    assert abi is (native.compat if flags else native.native)
+    assert abi is (native.compat if compat else native.native)
     assert (abi.elf_machine, abi.ptrace_syscall, abi.audit_arch) == (
         info["elf_machine"],
         info["ptrace"],
         info["audit_arch"],
     )
-    if not flags:  # the tracer's own process forwards signals with this syscall
+    if not compat:  # the tracer's own process forwards signals with this syscall
         assert native.rt_sigqueueinfo == info["rt_sigqueueinfo"]
     with open(program, "rb") as f:
         header = elf.parse_header(f.read(elf.HEADER_SIZE))

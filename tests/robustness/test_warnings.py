@@ -9,26 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import robustlib as rl
-from robustlib import FAST
+from support import launch
+from support.build import PROGRAMS_SRC, Programs
 
 ATTEMPTS = 5  # runs of a racy shape before concluding that the race cannot be hit here
 
 
-def _warnings(run: rl.Run) -> list[dict[str, Any]]:
+def _warnings(run: launch.LaunchResult) -> list[dict[str, Any]]:
     return [e for e in run.events if e.get("level") in ("warning", "error")]
 
 
-def test_children_killed_at_their_exec_event_are_not_warnings(built: rl.Built) -> None:
+def test_children_killed_at_their_exec_event_are_not_warnings(programs: Programs) -> None:
     """Children SIGKILLed while the tracer handles their exec event never run a single
     instruction: they are logged at debug level as `gone`, never as `failed`."""
     for _ in range(ATTEMPTS):
-        run = rl.launch(
-            built,
-            ["--log-level", "debug", "--preload", built.lib, "--",
-             built.execkill, "60", "3000", built.rprobe],
-            env=FAST,
-        )
+        run = launch.run(["--log-level", "debug", "--preload", programs.librobustmark, "--",
+                          programs.execkill, "60", "3000", programs.rprobe])
         assert run.returncode == 0, run.describe()
         assert _warnings(run) == [], run.describe()
         assert run.end["counts"]["failed"] == 0, run.describe()
@@ -41,11 +37,11 @@ def test_children_killed_at_their_exec_event_are_not_warnings(built: rl.Built) -
                 "test is about was not reached on this machine")
 
 
-def test_a_program_executing_itself_again_is_not_a_warning(built: rl.Built) -> None:
+def test_a_program_executing_itself_again_is_not_a_warning(programs: Programs) -> None:
     """One process executes the same file 2000 times under the same pid: each check looks at
     the exec it was made for (pid and exec number), never at a later one still in ld.so, so no
     "not mapped N ms after exec" warning; every exec is accounted for."""
-    run = rl.launch(built, ["--preload", built.lib, "--", built.reexec, "2000"], env=FAST)
+    run = launch.run(["--preload", programs.librobustmark, "--", programs.reexec, "2000"])
     assert run.returncode == 0, run.describe()
     assert _warnings(run) == [], run.describe()
     verification = run.end["verification"]
@@ -54,15 +50,17 @@ def test_a_program_executing_itself_again_is_not_a_warning(built: rl.Built) -> N
 
 
 def test_a_program_still_starting_when_cmd_exits_is_not_a_warning(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
     """CMD exits while a program it started is still in its dynamic loader (one that never
-    finishes: tests/robust_programs/stuckld.c): nothing can be said about it, so it is a
+    finishes: tests/programs/stuckld.c): nothing can be said about it, so it is a
     debug `skipped` verify event, not a warning."""
+    # rprobe with stuckld as its ELF interpreter: linked here, since the interpreter's absolute
+    # path is known only once the programs are built.
     stuck = pub / "stuck"
     subprocess.run(
-        ["gcc", "-O2", f"-Wl,--dynamic-linker={built.stuckld}", "-o", str(stuck),
-         str(rl.SRC / "rprobe.c")],
+        ["gcc", "-O2", f"-Wl,--dynamic-linker={programs.stuckld}", "-o", str(stuck),
+         str(PROGRAMS_SRC / "rprobe.c")],
         check=True,
     )
     # CMD waits until the program is past its exec event (sleeping in stuckld), then exits.
@@ -71,9 +69,8 @@ def test_a_program_still_starting_when_cmd_exits_is_not_a_warning(
         'grep -q "^State:.*(sleeping)" /proc/$p/status || ! kill -0 $p 2>/dev/null; do :; done; '
         "exit 0"
     )
-    run = rl.launch(
-        built, ["--log-level", "debug", "--preload", built.lib, "--", "sh", "-c", script],
-        env=FAST,
+    run = launch.run(
+        ["--log-level", "debug", "--preload", programs.librobustmark, "--", "sh", "-c", script]
     )
     assert run.returncode == 0, run.describe()
     assert _warnings(run) == [], run.describe()
