@@ -26,7 +26,7 @@ DF_1_PIE = 0x08000000
 
 HEADER_SIZE = 64  # the 64-bit header; the 32-bit one (52 bytes) fits in it
 _MAX_PHNUM = 256  # far more than any linker writes: a bound for a corrupt file
-_IDENT = 20  # e_ident, e_type and e_machine: all that elf_info needs
+_IDENT = 20  # e_ident, e_type and e_machine: the least parse_header can tell a file by
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,10 @@ def parse_header(data: bytes) -> Header | None:
 
 
 def elf_info(path: str) -> Header | None:
-    """Class, machine and type of ``path``; None if it is not an ELF file. Raises OSError."""
+    """The header of ``path`` (whole, so that its program headers can be walked); None if it
+    is not an ELF file. Raises OSError."""
     with open(path, "rb") as f:
-        return parse_header(f.read(_IDENT))
+        return parse_header(f.read(HEADER_SIZE))
 
 
 def program_headers(f: BinaryIO, header: Header) -> Iterator[tuple[int, bytes]]:

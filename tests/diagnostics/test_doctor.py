@@ -482,13 +482,6 @@ def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # the programs that will run: --check PROGRAM and the unit's CMD
 
-# doctor/programs.py's _elf passes elf.elf_info's header (the first 20 bytes: no program header
-# table) to elf.has_interp, so every program reads as statically linked.
-ELF_HEADER_TRUNCATED = pytest.mark.xfail(
-    strict=True, reason="doctor judges every program statically linked: _elf reads a header "
-    "without its program header table")
-
-
 @pytest.fixture(scope="module")
 def progs(programs: Programs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Programs that do nothing (tests/programs/nothing.c), 64-bit, 32-bit and static, and a
@@ -500,7 +493,6 @@ def progs(programs: Programs, tmp_path_factory: pytest.TempPathFactory) -> dict[
             "static64": programs.nothing_static, "script32": str(script)}
 
 
-@ELF_HEADER_TRUNCATED
 def test_32bit_program_turns_the_note_into_a_warning(libs: dict[str, str],
                                                      progs: dict[str, str]) -> None:
     """--check names a 32-bit program: the missing 32-bit build is now a warning naming it."""
@@ -527,7 +519,6 @@ def test_64bit_programs_leave_it_a_note(libs: dict[str, str], progs: dict[str, s
     assert s["status"] == "note" and "statically linked" in s["why"], r.describe()
 
 
-@ELF_HEADER_TRUNCATED
 def test_a_script_is_judged_by_its_interpreter(libs: dict[str, str],
                                                progs: dict[str, str]) -> None:
     """A #! script whose interpreter is 32-bit counts as a 32-bit program."""
@@ -547,7 +538,6 @@ def test_check_a_missing_program(libs: dict[str, str]) -> None:
     assert c["status"] == "fail" and "not found on PATH" in c["why"], r.describe()
 
 
-@ELF_HEADER_TRUNCATED
 def test_unit_execstart_32bit_program_warns(libs: dict[str, str], progs: dict[str, str],
                                             tmp_path: Path) -> None:
     """The CMD of the unit's ExecStart is 32-bit: the missing 32-bit build is a warning."""
