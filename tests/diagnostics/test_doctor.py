@@ -482,20 +482,28 @@ def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # the programs that will run: --check PROGRAM and the unit's CMD
 
-MAIN = "int main(void) { return 0; }\n"
-
-
 @pytest.fixture(scope="module")
-def progs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def progs(programs: Programs, tmp_path_factory: pytest.TempPathFactory) -> Programs:
+    """Programs of each kind doctor tells apart (copies of the sleepers, under names none of
+    which contains another), and a script whose interpreter is 32-bit.  Without a 32-bit build
+    only the tests that use one fail, naming the package to install."""
     d = tmp_path_factory.mktemp("progs")
-    (d / "main.c").write_text(MAIN)
-    _cc(["-o", str(d / "prog64"), str(d / "main.c")])
-    _cc(["-m32", "-o", str(d / "prog32"), str(d / "main.c")])
-    _cc(["-static", "-o", str(d / "static64"), str(d / "main.c")])
-    script = d / "script32"
-    script.write_text(f"#!{d / 'prog32'}\n")
-    script.chmod(0o755)
-    return {name: str(d / name) for name in ("prog64", "prog32", "static64", "script32")}
+    kinds = {"prog64": "sleeper", "static64": "sleeper_static", "prog32": "sleeper32"}
+    found: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for name, source in kinds.items():
+        if source in programs:
+            found[name] = str(shutil.copy(programs[source], d / name))
+        else:
+            failed[name] = programs.failed.get(source, f"{source} was not built")
+    if "prog32" in found:
+        script = d / "script32"
+        script.write_text(f"#!{found['prog32']}\n")
+        script.chmod(0o755)
+        found["script32"] = str(script)
+    else:
+        failed["script32"] = failed["prog32"]
+    return Programs(found, failed)
 
 
 def test_32bit_program_turns_the_note_into_a_warning(libs: dict[str, str],
