@@ -1,5 +1,6 @@
 """Diagnostics: ``vgpu-launch doctor``, ``vgpu-launch status`` and the load verifier, against
-good and broken set-ups.  A unit under a real systemd is tests/system's; here ``--unit`` reads a
+good and broken set-ups; ``--version``, and the one line every command answers with when
+Python lacks a dependency.  A unit under a real systemd is tests/system's; here ``--unit`` reads a
 stand-in systemctl (support/systemctl.py)."""
 
 from __future__ import annotations

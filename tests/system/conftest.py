@@ -1,4 +1,7 @@
-"""Fixtures of the system tests (tests marked ``systemd``), on top of ../conftest.py.
+"""What ships, checked as it is used: the .deb in a booted Debian 12 (tests marked ``systemd``),
+its build and man page, podman containers, and the Kubernetes example (offline, no cluster).
+
+Fixtures, on top of ../conftest.py:
 
 ``bookworm_root``  (session)
     The cached clean Debian 12 root (harness.ensure_root(): debootstrap once per machine,

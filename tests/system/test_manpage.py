@@ -205,6 +205,7 @@ def test_every_event_and_decision_is_in_the_log_section(page: str) -> None:
 
 
 def test_every_exit_status_of_the_program_is_listed(page: str) -> None:
+    """EXIT STATUS lists every exit code vgpu-launch itself can end with."""
     from vgpu_launch import bootstrap, errors
 
     codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}

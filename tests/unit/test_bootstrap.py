@@ -24,6 +24,7 @@ def test_what_an_interpreter_needs() -> None:
 
 
 def test_too_old_a_python_is_one_line() -> None:
+    """A Python older than 3.10 gets one line naming it and what is needed."""
     line = bootstrap.too_old("/usr/bin/python3", False, (3, 9))
     assert "\n" not in line
     assert line.startswith("vgpu-launch: /usr/bin/python3 is Python 3.9; vgpu-launch needs "

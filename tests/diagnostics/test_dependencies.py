@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import platform
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import REPO, launch
 
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER = REPO / "bin" / "vgpu-launch"
-sys.path.insert(0, str(REPO))
-
-import vgpu_launch  # noqa: E402
+import vgpu_launch
 
 DEPENDENCIES = {"ptrace": "python-ptrace", "prctl": "python-prctl", "structlog": "structlog"}
 DEBIAN = {"ptrace": "python3-ptrace", "prctl": "python3-prctl", "structlog": "python3-structlog"}
@@ -80,31 +76,26 @@ def partial_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
-EMPTY_CONFIG = [""]
+Runner = Callable[..., tuple[int, str, str]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _empty_config(tmp_path_factory: pytest.TempPathFactory) -> None:
-    conf = tmp_path_factory.mktemp("conf") / "empty.conf"
-    conf.write_text("")
-    EMPTY_CONFIG[0] = str(conf)
+@pytest.fixture
+def vgpu(empty_config: str) -> Runner:
+    """``vgpu(python, *args)``: bin/vgpu-launch ARGS (no --log-format added) run by ``python``,
+    with no configuration of this host; (exit status, stdout, stderr)."""
+
+    def run(python: Path | str, *args: str) -> tuple[int, str, str]:
+        result = launch.run(args, log_format=None, timeout=60,
+                            env={"VGPU_LAUNCH_PYTHON": str(python),
+                                 "VGPU_LAUNCH_CONFIG": empty_config})
+        return result.returncode, result.stdout, result.stderr
+
+    return run
 
 
-def _run(python: Path | str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VGPU_LAUNCH_")}
-    environ["VGPU_LAUNCH_PYTHON"] = str(python)
-    environ["VGPU_LAUNCH_CONFIG"] = EMPTY_CONFIG[0]  # no host configuration
-    environ.update(env or {})
-    proc = subprocess.run(
-        [str(LAUNCHER), *args], env=environ, capture_output=True, text=True, timeout=60, check=False
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def test_version_names_every_version_and_where_it_runs_from() -> None:
-    """--version: one line with vgpu-launch's version and directory, Python's version and path,
-    and the version of each dependency, like pip --version."""
-    rc, out, err = _run(sys.executable, "--version")
+def test_version_names_every_version_and_where_it_runs_from(vgpu: Runner) -> None:
+    """--version: one line naming vgpu-launch's, Python's and each dependency's version."""
+    rc, out, err = vgpu(sys.executable, "--version")
     assert rc == 0 and err == "", err
     assert out.count("\n") == 1, out
     line = out.strip()
@@ -115,10 +106,10 @@ def test_version_names_every_version_and_where_it_runs_from() -> None:
         assert f"{pip_name} {importlib.metadata.version(pip_name)}" in line, line
 
 
-def test_version_with_a_missing_dependency_says_which(partial_python: Path) -> None:
-    """With structlog missing, --version fails (exit 125) with one line naming structlog and
-    both ways to install it, and nothing that is present."""
-    rc, out, err = _run(partial_python, "--version")
+def test_version_with_a_missing_dependency_says_which(partial_python: Path,
+                                                       vgpu: Runner) -> None:
+    """Without structlog, --version exits 125 with one line naming it and how to install it."""
+    rc, out, err = vgpu(partial_python, "--version")
     assert rc == 125, (out, err)
     assert out == ""
     lines = err.splitlines()
@@ -132,10 +123,10 @@ def test_version_with_a_missing_dependency_says_which(partial_python: Path) -> N
 
 
 @pytest.mark.parametrize("command", [["doctor"], ["doctor", "--unit", "ollama"]])
-def test_doctor_without_dependencies_is_one_line(bare_python: Path, command: list[str]) -> None:
-    """doctor with none of the dependencies: one line naming each Debian and pip package, exit
-    status 125, no traceback."""
-    rc, out, err = _run(bare_python, *command, "--preload", "/opt/vgpu/libvgpu.so")
+def test_doctor_without_dependencies_is_one_line(bare_python: Path, command: list[str],
+                                                 vgpu: Runner) -> None:
+    """doctor without the dependencies: exit 125, one line naming the Debian and pip packages."""
+    rc, out, err = vgpu(bare_python, *command, "--preload", "/opt/vgpu/libvgpu.so")
     assert rc == 125, (out, err)
     assert out == ""
     assert len(err.splitlines()) == 1 and err.startswith("vgpu-launch doctor: "), err
@@ -143,10 +134,11 @@ def test_doctor_without_dependencies_is_one_line(bare_python: Path, command: lis
     assert f"-m pip install {' '.join(DEPENDENCIES.values())}" in err, err
 
 
-def test_run_without_dependencies_is_one_line(bare_python: Path, tmp_path: Path) -> None:
+def test_run_without_dependencies_is_one_line(bare_python: Path, tmp_path: Path,
+                                              vgpu: Runner) -> None:
     """Running CMD with a dependency missing: one line, exit status 125, CMD never started."""
     marker = tmp_path / "ran"
-    rc, out, err = _run(
+    rc, out, err = vgpu(
         bare_python, "--preload", "/opt/vgpu/libvgpu.so", "--", "touch", str(marker)
     )
     assert rc == 125, (out, err)
@@ -165,9 +157,9 @@ def sleeper() -> Iterator[int]:
         proc.wait()
 
 
-def test_status_needs_none_of_them(bare_python: Path, sleeper: int) -> None:
+def test_status_needs_none_of_them(bare_python: Path, sleeper: int, vgpu: Runner) -> None:
     """status reads /proc only: without the dependencies it still reports on a process."""
-    rc, out, err = _run(bare_python, "status", "--preload", "/opt/vgpu/libvgpu.so", str(sleeper))
+    rc, out, err = vgpu(bare_python, "status", "--preload", "/opt/vgpu/libvgpu.so", str(sleeper))
     assert "Traceback" not in err, err
     assert rc == 1, (out, err)  # the library is not mapped in sleep: reported, not crashed
     assert f"{sleeper} " in out and "status: NOT every process has the preload" in out, out

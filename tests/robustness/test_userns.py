@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import robustlib as rl
+from support import launch, procs
+from support.build import Programs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setpriv)")
 
@@ -46,60 +47,61 @@ def _need_userns() -> None:
         pytest.fail(f"unprivileged user namespaces do not work here: {why}", pytrace=False)
 
 
-def host_dir(pub: Path, name: str, built: rl.Built, mode: int = 0o644, gid: int = 0) -> Path:
+def host_dir(pub: Path, name: str, programs: Programs, mode: int = 0o644, gid: int = 0) -> Path:
     """A root-owned directory of the host with the test shim in it (``mode``, group ``gid``)."""
     d = pub / name
     d.mkdir(mode=0o755)
     lib = d / "librobustmark.so"
-    shutil.copy(built.lib, lib)
+    shutil.copy(programs.librobustmark, lib)
     os.chown(lib, 0, gid)
     lib.chmod(mode)
     return d
 
 
-def run_in_userns(built: rl.Built, script: str, *, prefix: Sequence[str] | None = None,
-                  timeout: float = 60) -> rl.Run:
+def run_in_userns(script: str, *, prefix: Sequence[str] | None = None,
+                  timeout: float = 60) -> launch.LaunchResult:
     """``sh -c SCRIPT`` as the test user in ``unshare -Urpf --mount-proc`` (or after
     ``prefix``); $VGPU is a copy of the launcher that user can read. Nothing may be left."""
-    launcher = str(rl.public_launcher())
+    launcher = str(launch.public_launcher())
     argv = [*(prefix if prefix is not None else
               [*AS_USER, "unshare", "-Urpf", "--mount-proc"]),
             "sh", "-c", f"VGPU={shlex.quote(launcher)}\n{script}"]
-    env = rl.clean_env({"VGPU_LAUNCH_PYTHON": rl.SYSTEM_PYTHON})
+    env = launch.clean_env({"VGPU_LAUNCH_PYTHON": launch.SYSTEM_PYTHON})
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        left = rl.kill_session(proc.pid)
+        left = procs.kill_session(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"did not finish within {timeout} s; killed {left}\n"
                              + err.decode(errors="replace")) from None
-    left = rl.kill_session(proc.pid)
-    run = rl.Run(proc.returncode, out, err.decode(errors="replace"), argv)
+    left = procs.kill_session(proc.pid)
+    run = launch.LaunchResult(argv, proc.returncode, out.decode(errors="replace"),
+                              err.decode(errors="replace"))
     assert not left, f"processes left behind: {left}\n{run.describe()}"
     return run
 
 
-def start_event(run: rl.Run) -> dict[str, object]:
+def start_event(run: launch.LaunchResult) -> dict[str, object]:
     (start,) = run.of("start")
     return start
 
 
 def test_shim_bind_mounted_from_a_root_owned_host_directory_is_accepted(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
     """A non-root user's namespace accepts a shim bind-mounted from root's directory."""
-    shims = host_dir(pub, "host-shims", built)
+    shims = host_dir(pub, "host-shims", programs)
     target = pub / "mnt"
     target.mkdir(mode=0o755)
     lib = target / "librobustmark.so"
-    run = run_in_userns(built, f"""
+    run = run_in_userns(f"""
         mount --bind {shims} {target}
-        exec "$VGPU" --log-format json --preload {lib} -- {built.rprobe}
+        exec "$VGPU" --log-format json --preload {lib} -- {programs.rprobe}
     """)
     assert run.returncode == 0, run.describe()
-    assert "marker=1" in run.out and "uid=0" in run.out, run.describe()
+    assert "marker=1" in run.stdout and "uid=0" in run.stdout, run.describe()
     notes = start_event(run)["notes"]
     assert isinstance(notes, list) and len(notes) == 1, run.describe()
     assert notes[0].startswith(f"preload library {lib}: accepted /, ")
@@ -107,17 +109,17 @@ def test_shim_bind_mounted_from_a_root_owned_host_directory_is_accepted(
     assert "insecure_accepted" not in start_event(run)
 
 
-def test_configuration_file_of_the_host_is_accepted(built: rl.Built, pub: Path) -> None:
+def test_configuration_file_of_the_host_is_accepted(programs: Programs, pub: Path) -> None:
     """A root-owned configuration file read inside the namespace is accepted and noted."""
-    shims = host_dir(pub, "host-shims", built)
+    shims = host_dir(pub, "host-shims", programs)
     conf = pub / "vgpu-launch.conf"
     conf.write_text(f'preload = ["{shims / "librobustmark.so"}"]\n[env]\nVGPU_TEST_LIMIT = "8g"\n')
     conf.chmod(0o644)
-    run = run_in_userns(built, f"""
-        exec "$VGPU" --log-format json --config {conf} -- {built.rprobe} --env0
+    run = run_in_userns(f"""
+        exec "$VGPU" --log-format json --config {conf} -- {programs.rprobe} --env0
     """)
     assert run.returncode == 0, run.describe()
-    assert b"VGPU_TEST_LIMIT=8g\0" in run.stdout, run.describe()
+    assert "VGPU_TEST_LIMIT=8g\0" in run.stdout, run.describe()
     notes = start_event(run)["notes"]
     assert isinstance(notes, list)
     assert any(n.startswith(f"configuration file {conf}: accepted ") for n in notes), notes
@@ -125,17 +127,17 @@ def test_configuration_file_of_the_host_is_accepted(built: rl.Built, pub: Path) 
 
 
 def test_world_writable_shim_inside_the_namespace_is_refused(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
     """A world-writable shim is still refused, with a fix that works from inside."""
-    shims = host_dir(pub, "host-shims", built, mode=0o666)
+    shims = host_dir(pub, "host-shims", programs, mode=0o666)
     target = pub / "mnt"
     target.mkdir(mode=0o755)
     ran = pub / "ran"
     lib = target / "librobustmark.so"
-    run = run_in_userns(built, f"""
+    run = run_in_userns(f"""
         mount --bind {shims} {target}
-        exec "$VGPU" --preload {lib} -- {built.rprobe} --touch {ran}
+        exec "$VGPU" --preload {lib} -- {programs.rprobe} --touch {ran}
     """)
     assert run.returncode == 2, run.describe()
     (line,) = run.stderr.splitlines()
@@ -149,38 +151,38 @@ def test_world_writable_shim_inside_the_namespace_is_refused(
 
 
 def test_group_writable_shim_of_an_unmapped_group_is_refused(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
     """Group write on a group not mapped into the namespace is refused (root's group too)."""
-    shims = host_dir(pub, "host-shims", built, mode=0o664, gid=0)
-    run = run_in_userns(built, f'exec "$VGPU" --preload {shims}/librobustmark.so -- true')
+    shims = host_dir(pub, "host-shims", programs, mode=0o664, gid=0)
+    run = run_in_userns(f'exec "$VGPU" --preload {shims}/librobustmark.so -- true')
     assert run.returncode == 2, run.describe()
     assert "mode 0664" in run.stderr and "is writable by group" in run.stderr, run.describe()
 
 
-def test_allow_insecure_reports_what_it_accepted(built: rl.Built, pub: Path) -> None:
+def test_allow_insecure_reports_what_it_accepted(programs: Programs, pub: Path) -> None:
     """--allow-insecure still works inside, and the start event says what it let through."""
-    shims = host_dir(pub, "host-shims", built, mode=0o666)
-    run = run_in_userns(built, f"""
+    shims = host_dir(pub, "host-shims", programs, mode=0o666)
+    run = run_in_userns(f"""
         exec "$VGPU" --log-format json --allow-insecure --preload {shims}/librobustmark.so \\
-            -- {built.rprobe}
+            -- {programs.rprobe}
     """)
-    assert run.returncode == 0 and "marker=1" in run.out, run.describe()
+    assert run.returncode == 0 and "marker=1" in run.stdout, run.describe()
     accepted = start_event(run)["insecure_accepted"]
     assert isinstance(accepted, list) and "mode 0666" in accepted[0], run.describe()
 
 
-def test_doctor_inside_proposes_no_chown(built: rl.Built, pub: Path) -> None:
+def test_doctor_inside_proposes_no_chown(programs: Programs, pub: Path) -> None:
     """doctor in the namespace: the outside-owned shim passes; a writable one gets a chmod fix."""
-    good = host_dir(pub, "good", built)
-    bad = host_dir(pub, "bad", built, mode=0o666)
-    run = run_in_userns(built, f"""
+    good = host_dir(pub, "good", programs)
+    bad = host_dir(pub, "bad", programs, mode=0o666)
+    run = run_in_userns(f"""
         "$VGPU" doctor --format json --preload {good}/librobustmark.so
         echo "%%"
         "$VGPU" doctor --format json --preload {bad}/librobustmark.so
         true
     """)
-    docs = [json.loads(part) for part in run.out.split("%%\n")]
+    docs = [json.loads(part) for part in run.stdout.split("%%\n")]
     assert len(docs) == 2, run.describe()
 
     def permissions(doc: dict[str, object]) -> dict[str, str]:
@@ -204,7 +206,7 @@ def mapped_overflow_prefix(tmp: Path) -> list[str]:
     uid 65534 inside is a user of the namespace, and root's files show as 65534 too."""
     helper = tmp / "mapns.py"
     helper.write_text(MAPNS)
-    return [rl.SYSTEM_PYTHON, str(helper)]
+    return [launch.SYSTEM_PYTHON, str(helper)]
 
 
 MAPNS = r"""
@@ -235,10 +237,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def test_overflow_uid_mapped_to_a_user_is_refused(built: rl.Built, pub: Path) -> None:
+def test_overflow_uid_mapped_to_a_user_is_refused(programs: Programs, pub: Path) -> None:
     """Where a user is mapped to the overflow uid, a host file cannot be told from theirs."""
-    shims = host_dir(pub, "host-shims", built)
-    run = run_in_userns(built, f"""
+    shims = host_dir(pub, "host-shims", programs)
+    run = run_in_userns(f"""
         cat /proc/self/uid_map >&2
         exec "$VGPU" --preload {shims}/librobustmark.so -- true
     """, prefix=mapped_overflow_prefix(pub))
@@ -253,13 +255,13 @@ def test_overflow_uid_mapped_to_a_user_is_refused(built: rl.Built, pub: Path) ->
 
 
 def test_host_user_nobody_is_still_refused_outside_any_namespace(
-    built: rl.Built, pub: Path
+    programs: Programs, pub: Path
 ) -> None:
     """On the host, a file owned by nobody (the overflow uid's account) is still refused."""
-    shims = host_dir(pub, "host-shims", built)
+    shims = host_dir(pub, "host-shims", programs)
     os.chown(shims / "librobustmark.so", OVERFLOW, OVERFLOW)
-    run = rl.launch(built, ["--preload", str(shims / "librobustmark.so"), "--", "true"],
-                    env=rl.FAST, log_format="")
+    run = launch.run(["--preload", str(shims / "librobustmark.so"), "--", "true"],
+                     log_format=None)
     assert run.returncode == 2, run.describe()
     assert "is owned by nobody, not root" in run.stderr
     assert "outside this user namespace" not in run.stderr

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import robustlib as rl
+from support import REPO, launch
+from support.build import Programs
 
-REPO = Path(__file__).resolve().parent.parent
+from vgpu_launch import config
+
 MANIFESTS = sorted((REPO / "packaging" / "kubernetes").glob("*.yaml"))
 # The oldest Kubernetes release still maintained when this was written, and the newest known.
 VERSIONS = ["1.31.0", "latest"]
-
-sys.path.insert(0, str(REPO))
-from vgpu_launch import config  # noqa: E402
 
 try:
     import kubernetes_validate
@@ -133,12 +131,12 @@ def _configmap_volume(root: Path, text: str) -> Path:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace)")
-def test_configuration_mounted_as_the_manifest_does(built: rl.Built, pub: Path) -> None:
+def test_configuration_mounted_as_the_manifest_does(programs: Programs, pub: Path) -> None:
     """subPath-mounted into the image's /etc/vgpu-launch it passes; the volume's dir would not."""
-    text = f'preload = ["{built.lib}"]\n'
+    text = f'preload = ["{programs.librobustmark}"]\n'
     volume = _configmap_volume(pub / "volume", text)
-    run = rl.launch(built, ["--config", str(volume / "vgpu-launch.conf"), "--", built.rprobe],
-                    env=rl.FAST, log_format="")
+    run = launch.run(["--config", str(volume / "vgpu-launch.conf"), "--", programs.rprobe],
+                     log_format=None)
     assert run.returncode == 2 and f"directory {volume} (mode 0777" in run.stderr, run.describe()
 
     etc = pub / "etc-vgpu-launch"  # the image's directory, with the package's file in it
@@ -147,9 +145,9 @@ def test_configuration_mounted_as_the_manifest_does(built: rl.Built, pub: Path) 
     script = (f"mount --bind {volume / 'vgpu-launch.conf'} {etc / 'vgpu-launch.conf'} && "
               f'exec "$0" "$@"')
     proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                           *rl.launcher_argv(built, ["--config", str(etc / "vgpu-launch.conf"),
-                                                     "--", built.rprobe])],
-                          capture_output=True, text=True, env=rl.clean_env(rl.FAST), timeout=60,
+                           *launch.launcher_argv(["--config", str(etc / "vgpu-launch.conf"),
+                                                  "--", programs.rprobe])],
+                          capture_output=True, text=True, env=launch.clean_env(), timeout=60,
                           check=False)
     assert proc.returncode == 0 and "marker=1" in proc.stdout, proc.stderr[-3000:]
 
