@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_FORMATS,
         help="default: console when stderr is a terminal, JSON lines otherwise",
     )
-    p.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="default: info; on a terminal with no --log-format: warnings and a summary line",
+    )
     p.add_argument("--log-file", metavar="PATH", help="also append JSON lines to PATH")
     p.add_argument(
         "--config",
@@ -166,6 +170,9 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _die(message: str, code: int) -> NoReturn:
+    from . import log
+
+    log.shutdown()  # events queued before the failure come first
     sys.stderr.write(f"vgpu-launch: {message}\n")
     sys.exit(code)
 
@@ -189,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             raise LaunchError("no command given: vgpu-launch [OPTIONS] -- CMD [ARG...]")
         from . import log
 
-        log.configure(cfg.log_format, cfg.log_level, cfg.log_file)
+        log.configure(cfg.log_format, cfg.log_level, cfg.log_file,
+                      level_set="log_level" in cfg.sources)
         from .launcher import Launcher
 
         Launcher(cfg, command, sigs).run()
