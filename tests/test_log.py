@@ -241,6 +241,38 @@ def test_on_a_terminal_cmd_output_is_all_there_is(
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_on_a_terminal_v_shows_the_decisions(vgpu_launch: list[str], quiet_lib: Path) -> None:
+    """-v shows each decision on the terminal, -vv the debug events too."""
+    out, _ = on_a_terminal([*vgpu_launch, "-v", "--preload", str(quiet_lib), "--",
+                            "env", "-i", "/bin/true"])
+    assert b"[info     ] exec" in out and b"decision=injected" in out and b"[debug" not in out
+    out, _ = on_a_terminal([*vgpu_launch, "-vv", "--preload", str(quiet_lib), "--",
+                            "/bin/true"])
+    assert b"[debug    ] exit" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
+def test_on_a_terminal_a_program_without_the_preload_is_summed_up(
+    vgpu_launch: list[str], quiet_lib: Path
+) -> None:
+    """A setuid program runs without the preload: the terminal gets one summary line."""
+    out, _ = on_a_terminal([*vgpu_launch, "--preload", str(quiet_lib), "--",
+                            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "su", "--version"])
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("su from util-linux")
+    assert lines[1:] == [
+        "vgpu-launch: 1 program without the preload (1 setuid); -v shows each decision"]
+
+
+def test_v_and_log_level_together_are_refused(vgpu_launch: list[str], quiet_lib: Path) -> None:
+    """-v is --log-level info: both on one command line is a usage error, in one line."""
+    res = run(vgpu_launch, ["-v", "--log-level", "debug", "--preload", quiet_lib, "--", "true"])
+    assert res.returncode == 2
+    assert res.stderr == (b"vgpu-launch: give -v or --log-level, not both "
+                          b"(see vgpu-launch --help)\n")
+
+
 # -- start-up -------------------------------------------------------------------------------------
 
 

@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help="default: info; on a terminal with no --log-format: warnings and a summary line",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: log every decision (--log-level info), -vv: debug",
+    )
     p.add_argument("--log-file", metavar="PATH", help="also append JSON lines to PATH")
     p.add_argument(
         "--config",
@@ -162,6 +169,11 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, Any]:
         v = getattr(ns, key)
         if v is not None:
             values[key] = v
+    if ns.verbose:
+        if ns.log_level is not None:
+            raise LaunchError("give -v or --log-level, not both (see vgpu-launch --help)",
+                              EXIT_USAGE)
+        values["log_level"] = "info" if ns.verbose == 1 else "debug"
     for key, flag in (("env", "--env"), ("force_env", "--force-env")):
         pairs = merge_cli_lists(getattr(ns, key), flag)
         if pairs is not None:
