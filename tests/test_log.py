@@ -157,7 +157,7 @@ def test_odd_bytes_at_start_are_logged_not_fatal(
     assert res.stdout.endswith(b"marker=1\n")
     start = json_events(logf.read_bytes())[0]
     assert start["event"] == "start"
-    assert start["cmd"] == [f"{tmp_path}/\\xff\\xfe/probe"]
+    assert start["cmd"] == [f"{tmp_path}/\\xff\\xfe/probe"] and start["env"] == ["X"]
 
 
 # -- escape sequences ---------------------------------------------------------------------------
@@ -198,6 +198,31 @@ def test_a_huge_argv_gives_lines_under_the_cap_marked_truncated(
         assert start["cmd"][4].endswith("more characters)")
         execs = [e for e in events if e["event"] == "exec"]
         assert execs and all(e["truncated"] is True for e in execs)
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+def test_environment_values_never_reach_the_log(
+    vgpu_launch: list[str], quiet_lib: Path, tmp_path: Path
+) -> None:
+    """--env, --force-env, VGPU_LAUNCH_ENV and the file's [env]: names logged, values not."""
+    conf = tmp_path / "vgpu-launch.conf"
+    conf.write_text('[env]\nFILE_TOKEN = "s3cr3t-file"\n')
+    logf = tmp_path / "log.jsonl"
+    res = subprocess.run(
+        [*vgpu_launch, "--config", str(conf), "--log-format", "json", "--log-file", str(logf),
+         "--preload", str(quiet_lib), "--env", "API_TOKEN=s3cr3t-cli",
+         "--force-env", "FORCED=s3cr3t-force", "--", "/bin/true"],
+        capture_output=True, env=env(VGPU_LAUNCH_ENV="ENV_TOKEN=s3cr3t-env"), timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    for data in (res.stderr, logf.read_bytes()):
+        assert b"s3cr3t" not in data
+        start = json_events(data)[0]
+        assert start["env"] == ["API_TOKEN", "ENV_TOKEN", "FILE_TOKEN"]
+        assert start["force_env"] == ["FORCED"]
 
 
 # -- a terminal -----------------------------------------------------------------------------------
