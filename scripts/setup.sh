@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 packages="gcc gcc-multilib libc6-dev-i386 musl-tools golang-go libcap-dev strace procps
   python3 python3-venv python3-dev python3-pip python3-ptrace python3-prctl python3-structlog
   debootstrap dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
-  python3-setuptools lintian rpm util-linux iproute2 groff-base"
+  python3-setuptools lintian rpm util-linux iproute2 groff-base jq"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
