@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 if TYPE_CHECKING:
     from conftest import Artefacts
@@ -43,6 +45,15 @@ def quiet_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "libquiet.so"), str(d / "q.c")],
                    check=True, capture_output=True, timeout=120)
     return d / "libquiet.so"
+
+
+@pytest.fixture(scope="module")
+def silent_marker(quiet_lib: Path) -> Path:
+    """A library named libmarker.so (what probe looks for in its maps) that prints nothing."""
+    d = quiet_lib.parent / "silent"
+    d.mkdir(exist_ok=True)
+    shutil.copy(quiet_lib, d / "libmarker.so")
+    return d / "libmarker.so"
 
 
 def json_events(data: bytes) -> list[dict[str, Any]]:
@@ -158,6 +169,55 @@ def test_odd_bytes_at_start_are_logged_not_fatal(
     start = json_events(logf.read_bytes())[0]
     assert start["event"] == "start"
     assert start["cmd"] == [f"{tmp_path}/\\xff\\xfe/probe"] and start["env"] == ["X"]
+
+
+_NAME_BYTES = st.binary(min_size=1, max_size=24).filter(lambda b: b"/" not in b and b"\0" not in b
+                                                       and b not in (b".", b".."))
+_ARG_BYTES = st.binary(max_size=300).filter(lambda b: b"\0" not in b)
+_ENV_BYTES = st.tuples(
+    st.binary(min_size=1, max_size=16).filter(lambda b: b"=" not in b and b"\0" not in b),
+    _ARG_BYTES,
+)
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(name=_NAME_BYTES, args=st.lists(_ARG_BYTES, max_size=4),
+       environ=st.lists(_ENV_BYTES, max_size=4))
+def test_a_hostile_tree_cannot_break_the_log(
+    vgpu_launch: list[str], programs: Artefacts, silent_marker: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    fmt: str, name: bytes, args: list[bytes], environ: list[tuple[bytes, bytes]],
+) -> None:
+    """A program exec'd with random bytes in its path, argv and environment, under each format
+    with --log-file: the tracer lives on, a later env -i child is injected, every JSON line
+    parses and no line is over the cap."""
+    d = tmp_path_factory.mktemp("hostile")
+    odd = os.path.join(os.fsencode(d), name)
+    os.mkdir(odd)
+    prog = os.path.join(odd, b"probe")
+    shutil.copy(programs.probe, prog)
+    logf = d / "log.jsonl"
+    argv = [*map(os.fsencode, vgpu_launch), b"--log-format", fmt.encode(),
+            b"--log-file", os.fsencode(logf), b"--preload", os.fsencode(silent_marker),
+            b"--", b"sh", b"-c", b'env -i "$@"; env -i ' + os.fsencode(programs.probe), b"sh",
+            *(k + b"=" + v for k, v in environ), prog, *args]
+    res = subprocess.run(argv, capture_output=True, env=env(), stdin=subprocess.DEVNULL,
+                         timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[-1].endswith(b"marker=1"), res.stdout
+    events = json_events(logf.read_bytes())
+    names = [e["event"] for e in events]
+    assert "tracer-failed" not in names and names[-1] == "end"
+    assert events[-1]["counts"]["failed"] == 0 and events[-1]["log_errors"] == 0
+    ours = res.stderr.splitlines()
+    for line in ours:  # vgpu-launch's own lines: valid UTF-8, no control byte, capped
+        assert len(line) + 1 <= LINE_MAX
+        text = line.decode()
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text), line
+    if fmt == "json":
+        assert [json.loads(line)["event"] for line in ours] == names
 
 
 # -- escape sequences ---------------------------------------------------------------------------
