@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,3 +293,30 @@ def test_journal_stream_must_name_stderr_itself(tmp_path: Path) -> None:
     assert not sinks.journal_stream({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
     assert not sinks.journal_stream({"JOURNAL_STREAM": "garbage"})
     assert not sinks.journal_stream({})
+
+
+def test_a_loss_report_that_is_itself_refused_keeps_the_count() -> None:
+    """If journald also refuses the log-dropped event, its count goes into the next one."""
+    from vgpu_launch.log.writer import Dropped
+
+    class Refusing(_Sink):
+        refuse = 2  # the event, then the first log-dropped event
+
+        def write(self, item: Item) -> None:
+            if self.refuse:
+                self.refuse -= 1
+                raise Dropped()
+            self.items.append(item)
+
+    sink = Refusing()
+    w = Writer("journal", sink, 20)
+    w.put((0.0, "info", "exec", {"n": 1}))
+    assert w.flush(10.0)
+    deadline = time.monotonic() + 10
+    while not sink.items and time.monotonic() < deadline:  # the second log-dropped event
+        time.sleep(0.01)
+    w.put((0.0, "info", "end", {}), always=True)
+    assert w.flush(10.0)
+    assert [(it[2], it[3].get("dropped")) for it in sink.items] == [("log-dropped", 1),
+                                                                   ("end", None)]
+    assert sink.items[-1][3]["log_dropped"] == 1

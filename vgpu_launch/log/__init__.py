@@ -37,7 +37,8 @@ FLUSH_SECONDS = 2.0
 
 
 class Logger:
-    """The producers' side. Cheap, never blocks on output, never raises."""
+    """The producers' side. Cheap, never blocks on output, never raises. Fields are rendered
+    later, in a writer thread: pass values that are not changed afterwards."""
 
     def __init__(self, writers: list[Writer]) -> None:
         self.writers = writers

@@ -107,7 +107,10 @@ class Writer:
                 self.sink.write(item)
             except Dropped:
                 with self._cond:
-                    self._dropped += 1
-                    self.dropped_total += 1
+                    if item[2] == "log-dropped":  # the count goes into the next one
+                        self._dropped += item[3]["dropped"]
+                    else:
+                        self._dropped += 1
+                        self.dropped_total += 1
             except Exception:  # nothing raised here may end the writer (or reach anyone else)
                 self.errors += 1
