@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -50,7 +51,9 @@ def test_bytes_that_are_not_utf8_read_the_same_in_json_and_console() -> None:
     assert json.loads(line)["argv"] == ["/tmp/\\xff\\xfe/prog"]
     console = _console({"exe": exe, "argv": [exe]})
     assert "exe=/tmp/\\xff\\xfe/prog" in console
-    assert '["/tmp/\\xff\\xfe/prog"]' in console
+    # a list is shown as JSON (newer structlog versions quote it once more, with repr())
+    assert re.search(r'argv=\'?\["/tmp/\\{1,2}xff\\{1,2}xfe/prog"\]', console), console
+    assert console.rstrip("\n").isprintable()
 
 
 def test_json_keeps_control_characters_exactly_but_never_raw() -> None:

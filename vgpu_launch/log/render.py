@@ -104,22 +104,31 @@ def json_line(ev: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     return _fit(ev, lambda e: (_dumps(e) + "\n").encode("utf-8", "backslashreplace"))
 
 
+def _console_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return _CONSOLE_FIX.sub(_console_fix, value)
+    if isinstance(value, SCALARS):
+        return value
+    # lists and tables as JSON, escaped for the terminal like a string
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return _CONSOLE_FIX.sub(_console_fix, text)
+
+
 def console_renderer() -> Callable[[dict[str, Any]], bytes]:
     """structlog's console rendering (structlog imported here: in a writer thread, once)."""
     import structlog
 
-    renderer = structlog.dev.ConsoleRenderer(colors=False, pad_event=12, sort_keys=False)
+    try:
+        renderer = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=12, sort_keys=False)
+    except TypeError:  # structlog before 25.1
+        renderer = structlog.dev.ConsoleRenderer(colors=False, pad_event=12, sort_keys=False)
 
     def render(ev: dict[str, Any]) -> bytes:
-        d: dict[str, Any] = {"timestamp": ev["ts"], "level": ev["level"], "event": ev["event"]}
-        for k, v in ev.items():
-            if k not in ("event", "level", "ts"):
-                # as JSON; _CONSOLE_FIX below escapes for the terminal
-                d[k] = v if isinstance(v, SCALARS) else json.dumps(
-                    v, ensure_ascii=False, separators=(",", ":"), default=str
-                )
-        line = str(renderer(None, ev["level"], d))
-        line = _CONSOLE_FIX.sub(_console_fix, line)
+        # Every value escaped before structlog sees it (it quotes what it finds unprintable,
+        # in its own way); the line once more after, in case it added anything raw.
+        d: dict[str, Any] = {k: _console_text(v) for k, v in ev.items() if k != "ts"}
+        d["timestamp"] = ev["ts"]
+        line = _CONSOLE_FIX.sub(_console_fix, str(renderer(None, ev["level"], d)))
         return (line + "\n").encode("utf-8", "backslashreplace")
 
     return lambda ev: _fit(ev, render)[0]
