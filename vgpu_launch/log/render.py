@@ -118,10 +118,12 @@ def console_renderer() -> Callable[[dict[str, Any]], bytes]:
     """structlog's console rendering (structlog imported here: in a writer thread, once)."""
     import structlog
 
+    options: dict[str, Any] = {"colors": False, "sort_keys": False, "pad_event_to": 12}
     try:
-        renderer = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=12, sort_keys=False)
-    except TypeError:  # structlog before 25.1
-        renderer = structlog.dev.ConsoleRenderer(colors=False, pad_event=12, sort_keys=False)
+        renderer = structlog.dev.ConsoleRenderer(**options)
+    except TypeError:  # structlog before 25.1 calls it pad_event
+        options["pad_event"] = options.pop("pad_event_to")
+        renderer = structlog.dev.ConsoleRenderer(**options)
 
     def render(ev: dict[str, Any]) -> bytes:
         # Every value escaped before structlog sees it (it quotes what it finds unprintable,
