@@ -71,6 +71,10 @@ class Workload:
     met: Callable[[Medians], bool] | None = None
     check: Check | None = None
     note: str = ""
+    # (the monotonic clock when the command was started, CMD's stdout) -> the seconds reported,
+    # instead of the wall time of the whole run
+    measure: Callable[[float, str], float] | None = None
+    net: bool = True  # whether "net" figures (less the start-up row) make sense for it
 
 
 @dataclass
@@ -136,6 +140,11 @@ def workloads(spawn: list[str], scale: int) -> dict[str, Callable[[], Workload]]
         return Workload("go-cpu", label, argv, target="≤ 1.01 × direct", met=at_most(1.01))
 
     return {
+        "first-instruction": lambda: Workload(
+            "first-instruction", "start-up: start → CMD's first instruction",
+            [str(build_c("clock"))], target="≤ 30 ms", met=lambda m: m["vgpu-launch"] <= 0.030,
+            check=lambda mode, out: "" if "monotonic=" in out else f"no clock line: {out[-300:]}",
+            measure=first_instruction, net=False),
         "startup": lambda: Workload(
             "startup", "start-up: `CMD` = `/bin/true`", ["/bin/true"], 1, "run", "≤ 100 ms added",
             lambda m: m["vgpu-launch"] - m["direct"] <= 0.100),
@@ -155,6 +164,12 @@ def workloads(spawn: list[str], scale: int) -> dict[str, Callable[[], Workload]]
         "go-cpu": go_cpu,
         "go-fixture": fixture,
     }  # fmt: skip
+
+
+def first_instruction(started: float, output: str) -> float:
+    """CMD printed the monotonic clock first thing in main(): the time since it was started."""
+    line = next(ln for ln in output.splitlines() if ln.startswith("monotonic="))
+    return float(line.split()[0].removeprefix("monotonic=")) - started
 
 
 def check_injected(mode: str, output: str) -> str:
@@ -196,6 +211,7 @@ def run_timed(w: Workload, mode: str, preload: Path) -> Sample:
     """Wall time of one run; info["cpu_s"]: CPU time of the whole tree, tracer included."""
     cpu = _children_cpu()
     start = time.perf_counter()
+    started = time.clock_gettime(time.CLOCK_MONOTONIC)
     proc = subprocess.run(
         prefix(mode, preload) + w.argv,
         env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -206,6 +222,9 @@ def run_timed(w: Workload, mode: str, preload: Path) -> Sample:
         sample.error = f"exit status {proc.returncode}: {proc.stderr.strip()[-500:]}"
     elif w.check:
         sample.error = w.check(mode, proc.stdout + proc.stderr)
+    if w.measure is not None and not sample.error:
+        sample.info["run_s"] = sample.seconds
+        sample.seconds = w.measure(started, proc.stdout)
     return sample
 
 
@@ -434,12 +453,13 @@ def main() -> int:
             rows.append(Row(w.label, {modes[0]: w.note}))
             raw[name] = {"skipped": w.note}
             continue
-        rounds = reps * STARTUP_REPS_FACTOR if name == "startup" else reps
+        short = name in ("startup", "first-instruction")
+        rounds = reps * STARTUP_REPS_FACTOR if short else reps
         print(f"bench: {name}: {rounds} rounds of {', '.join(modes)}", file=sys.stderr)
         samples = run_alternating(w, modes, rounds, preload)
         raw[name] = {mode: [asdict(s) for s in ss] for mode, ss in samples.items()}
         med = medians(samples)
-        rows.append(timed_row(w, med, modes, startup))
+        rows.append(timed_row(w, med, modes, startup if w.net else {}))
         if name == "startup" and "direct" in med:
             startup = {mode: t - med["direct"] for mode, t in med.items() if mode != "direct"}
     tracers = tuple(m for m in modes if m != "direct")

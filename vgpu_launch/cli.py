@@ -18,6 +18,8 @@ from .options import SUBCOMMANDS, parse_launcher, split_command
 
 
 def _die(message: str, code: int) -> NoReturn:
+    if "vgpu_launch.log" in sys.modules:  # events queued before the failure come first
+        sys.modules["vgpu_launch.log"].shutdown()
     sys.stderr.write(f"vgpu-launch: {message}\n")
     sys.exit(code)
 
@@ -40,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # structlog, prctl and ptrace are imported only for a run, not for doctor or status
         from . import log
 
-        log.configure(cfg.log_format, cfg.log_level, cfg.log_file)
+        log.configure(
+            cfg.log_format, cfg.log_level, cfg.log_file, level_set="log_level" in cfg.sources
+        )
         from .launcher import Launcher
 
         Launcher(cfg, command, sigs).run()

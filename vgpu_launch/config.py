@@ -60,10 +60,11 @@ class Config:
         )
 
     def summary(self) -> dict[str, Any]:
+        # Names only: values are often credentials (API tokens); docs/security.md.
         return {
             "preload": self.preload,
-            "env": self.env,
-            "force_env": self.force_env,
+            "env": sorted(self.env),
+            "force_env": sorted(self.force_env),
             "exclude": self.exclude,
             "strict": self.strict,
             "no_follow": self.no_follow,

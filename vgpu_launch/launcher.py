@@ -150,6 +150,7 @@ class Launcher:
                 message="CMD runs without tracing: programs it starts with an environment "
                 "lacking LD_PRELOAD will run without the preload",
             )
+            log.shutdown()  # the queued events, before the exec ends this process
             self.sigs.restore()
             try:
                 execve(path, self.argv, _env_dict(env))
@@ -220,6 +221,7 @@ class Launcher:
             os.write(ready_w, b"g")
             os.close(ready_w)
             ready_w = -1
+            log.release()  # CMD runs: the log writers may take the interpreter now
             self.cmd_status = tracer.run(self.cmd_pid)
         except BaseException as exc:  # any failure here must not stop CMD
             self.tracer_error = exc
@@ -545,6 +547,7 @@ class Launcher:
 
 def exit_like(status: int) -> NoReturn:
     """Leave the way CMD did: same exit code, or death by the same signal."""
+    log.shutdown()  # the end event; bounded: a stalled reader cannot hold the exit
     # A terminal that hung up, a closed pipe: CMD's status comes first.
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()

@@ -45,6 +45,7 @@ class Kind(enum.Enum):
     BOOL = "bool"  # a flag; 1/0, true/false, yes/no in a variable; true/false in the file
     CONFIG = "config"  # --config: which file to read, not a setting of its own
     VERSION = "version"  # --version
+    VERBOSE = "verbose"  # -v, -vv: a shorthand for --log-level info, debug
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,15 @@ class Option:
     help: str
     metavar: str | None = None
     choices: tuple[str, ...] = ()
+    short: str | None = None  # "-v"
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return (self.short, self.flag) if self.short else (self.flag,)
 
     @property
     def env(self) -> str:
@@ -66,7 +72,7 @@ class Option:
     @property
     def is_setting(self) -> bool:
         """A configuration key: in the file, in a variable and on the command line."""
-        return self.kind not in (Kind.CONFIG, Kind.VERSION)
+        return self.kind not in (Kind.CONFIG, Kind.VERSION, Kind.VERBOSE)
 
 
 # In the order --help and the manual page show them.
@@ -115,7 +121,18 @@ OPTIONS: tuple[Option, ...] = (
         choices=LOG_FORMATS,
         help="default: console when stderr is a terminal, JSON lines otherwise",
     ),
-    Option("log_level", Kind.CHOICE, choices=LOG_LEVELS, help="default: info"),
+    Option(
+        "log_level",
+        Kind.CHOICE,
+        choices=LOG_LEVELS,
+        help="default: info; on a terminal with no --log-format: warnings and a summary line",
+    ),
+    Option(
+        "verbose",
+        Kind.VERBOSE,
+        short="-v",
+        help="-v: log every decision (--log-level info), -vv: debug",
+    ),
     Option("log_file", Kind.PATH, metavar="PATH", help="also append JSON lines to PATH"),
     Option(
         "config",
@@ -141,7 +158,9 @@ OPTIONS: tuple[Option, ...] = (
 SETTINGS: dict[str, Option] = {o.name: o for o in OPTIONS if o.is_setting}
 CONFIG_OPTION = next(o for o in OPTIONS if o.kind is Kind.CONFIG)
 # Every VGPU_LAUNCH_ variable vgpu-launch reads.
-KNOWN_VARS = frozenset([*(o.env for o in OPTIONS if o.kind is not Kind.VERSION), *OTHER_VARS])
+KNOWN_VARS = frozenset(
+    [*(o.env for o in OPTIONS if o.kind not in (Kind.VERSION, Kind.VERBOSE)), *OTHER_VARS]
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +290,8 @@ class _Version(argparse.Action):
 def _add(parser: argparse.ArgumentParser, opt: Option) -> None:
     if opt.kind is Kind.VERSION:
         parser.add_argument(opt.flag, action=_Version, help=opt.help)
+    elif opt.kind is Kind.VERBOSE:
+        parser.add_argument(*opt.flags, action="count", default=0, help=opt.help)
     elif opt.kind is Kind.BOOL:
         # default None: "not given", so that a lower source's value stands
         parser.add_argument(opt.flag, action="store_true", default=None, help=opt.help)
@@ -399,6 +420,11 @@ def cli_values(ns: argparse.Namespace) -> dict[str, Any]:
         if opt.kind is Kind.ASSIGNMENTS:
             v = dict(parse_assignment(p, opt.flag) for p in v)
         values[opt.name] = v
+    if ns.verbose:
+        if ns.log_level is not None:
+            raise LaunchError("give -v or --log-level, not both (see vgpu-launch --help)",
+                              EXIT_USAGE)
+        values["log_level"] = "info" if ns.verbose == 1 else "debug"
     return values
 
 

@@ -204,6 +204,27 @@ def test_decision_log_is_structured_in_the_journal(system: harness.BootedSystem)
                for e in entries), entries[:3]
 
 
+def test_journal_fields_select_the_decisions(system: harness.BootedSystem) -> None:
+    """journalctl -u ollama VGPU_LAUNCH_EVENT=exec (and VGPU_LAUNCH_DECISION=injected) select
+    vgpu-launch's decisions by journal field; -o json has every field, priority per level."""
+    run = wait_active(system)
+    initial_count(system, run)
+    execs = [e for e in system.journal("-u", "ollama", "VGPU_LAUNCH_EVENT=exec")
+             if e.get("_SYSTEMD_INVOCATION_ID") == run]
+    assert execs, system.journal_text("-u", UNIT, "-n", "40")
+    assert all(json.loads(e["MESSAGE"])["event"] == "exec" for e in execs)
+    assert all(e["PRIORITY"] == "6" and e["SYSLOG_IDENTIFIER"] == "vgpu-launch" for e in execs)
+    injected = [e for e in system.journal("-u", "ollama", "VGPU_LAUNCH_DECISION=injected")
+                if e.get("_SYSTEMD_INVOCATION_ID") == run]
+    runners = [e for e in injected if "runner" in json.loads(e["VGPU_LAUNCH_ARGV"])]
+    assert len(runners) >= 4, injected  # discovery starts four runners
+    assert all(e["VGPU_LAUNCH_EVENT"] == "exec" and SHIM in e["VGPU_LAUNCH_PRELOAD_AFTER"]
+               for e in runners), runners[:2]
+    # the service's own lines are not selected
+    assert not any("initial_count" in e["MESSAGE"] for e in execs + injected)
+
+
+
 def test_status_shows_every_process_with_the_shim(system: harness.BootedSystem) -> None:
     """`vgpu-launch status --unit ollama` shows every process with the shim."""
     wait_active(system)
