@@ -8,53 +8,30 @@ import os
 import pty
 import select
 import shutil
-import signal
 import subprocess
-import sys
 import termios
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-if TYPE_CHECKING:
-    from conftest import Artefacts
-
-from support import REPO
+from support import launch, procs
+from support.build import Programs
 
 ODD = os.fsdecode(b"\xff\xfe")  # a directory name that is not UTF-8
 LINE_MAX = 16 * 1024  # docs/configuration.md: no line of the log is longer
+# Not journald's stream: vgpu-launch would log to the journal instead of stderr.
+NO_JOURNAL: dict[str, str | None] = {"JOURNAL_STREAM": None}
 
 
 def env(**updates: str) -> dict[str, str]:
-    """This environment without LD_PRELOAD and vgpu-launch settings (but the interpreter)."""
-    out = {k: v for k, v in os.environ.items()
-           if k != "LD_PRELOAD" and k != "JOURNAL_STREAM"
-           and not (k.startswith("VGPU_LAUNCH_") and k != "VGPU_LAUNCH_PYTHON")}
-    return out | updates
-
-
-@pytest.fixture(scope="module")
-def quiet_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A preload library that prints nothing (libmarker.so writes to stderr when loaded)."""
-    d = tmp_path_factory.mktemp("quiet-lib")
-    (d / "q.c").write_text("int vgpu_launch_quiet_lib = 1;\n")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "libquiet.so"), str(d / "q.c")],
-                   check=True, capture_output=True, timeout=120)
-    return d / "libquiet.so"
-
-
-@pytest.fixture(scope="module")
-def silent_marker(quiet_lib: Path) -> Path:
-    """A library named libmarker.so (what probe looks for in its maps) that prints nothing."""
-    d = quiet_lib.parent / "silent"
-    d.mkdir(exist_ok=True)
-    shutil.copy(quiet_lib, d / "libmarker.so")
-    return d / "libmarker.so"
+    """The tests' environment (support.launch.clean_env), not connected to the journal."""
+    return launch.clean_env(NO_JOURNAL, **updates)
 
 
 def json_events(data: bytes) -> list[dict[str, Any]]:
@@ -67,16 +44,32 @@ def json_events(data: bytes) -> list[dict[str, Any]]:
     return events
 
 
-def run(vgpu_launch: list[str], args: list[Any], **kw: Any) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*vgpu_launch, *map(str, args)], capture_output=True, env=env(),
-                          stdin=subprocess.DEVNULL, timeout=120, check=False, **kw)
+@dataclass
+class Raw:
+    """A finished vgpu-launch with its output as bytes: how the log escapes bytes is what these
+    tests look at, which text decoded with replacement characters would hide."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def run(args: Sequence[Any], tmp: Path, *, env: Mapping[str, str | None] | None = None) -> Raw:
+    """``vgpu-launch ARGS`` (no --log-format added) to the end, inside ``rtool reap``
+    (support.launch.Tree: nothing of it may be left behind); its stderr goes to a file in
+    ``tmp``."""
+    err = tmp / f"stderr-{time.monotonic_ns()}"
+    with launch.Tree([str(a) for a in args], env={**NO_JOURNAL, **(env or {})},
+                     stderr_path=err, log_format=None) as tree:
+        res = tree.wait(120)
+        return Raw(res.returncode, tree.out.data, err.read_bytes())
 
 
 # -- a reader that never reads ----------------------------------------------------------------
 
 
 def test_a_stalled_stderr_reader_costs_log_lines_not_processes(
-    vgpu_launch: list[str], quiet_lib: Path, tmp_path: Path
+    programs: Programs, tmp_path: Path
 ) -> None:
     """stderr on a FIFO nobody reads: 2000 env -i runs still finish; the loss is counted."""
     fifo = tmp_path / "fifo"
@@ -85,9 +78,9 @@ def test_a_stalled_stderr_reader_costs_log_lines_not_processes(
     wfd = os.open(fifo, os.O_WRONLY)
     script = ("i=0; while [ $i -lt 2000 ]; do env -i /bin/true; i=$((i+1)); done; "
               "echo looped; read x")
+    # A direct child: support.launch.Tree takes stderr to a file, and this one is a FIFO.
     proc = subprocess.Popen(
-        [*vgpu_launch, "--log-format", "json", "--preload", str(quiet_lib), "--",
-         "sh", "-c", script],
+        launch.launcher_argv(["--preload", programs.libquiet, "--", "sh", "-c", script]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=wfd, env=env(),
         start_new_session=True,
     )
@@ -111,10 +104,10 @@ def test_a_stalled_stderr_reader_costs_log_lines_not_processes(
         assert proc.wait(timeout=120) == 0
         reader.join(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        left = procs.kill_session(proc.pid)
+        proc.wait()
         os.close(rfd)
+    assert not left, f"processes left behind: {left}"
     events = json_events(bytes(drained))
     lost = [e for e in events if e["event"] == "log-dropped"]
     assert lost and all(e["dropped"] > 0 and e["sink"] == "stderr" for e in lost)
@@ -129,19 +122,18 @@ def test_a_stalled_stderr_reader_costs_log_lines_not_processes(
 
 @pytest.mark.parametrize(("fmt", "strict"), [("json", True), ("console", False)])
 def test_a_program_path_that_is_not_utf8_does_not_stop_injection(
-    vgpu_launch: list[str], programs: Artefacts, tmp_path: Path, fmt: str, strict: bool
+    programs: Programs, tmp_path: Path, fmt: str, strict: bool
 ) -> None:
-    """A program exec'd from a non-UTF-8 path is logged escaped; the next one still gets the
-    preload, and nothing is killed (strict mode included)."""
+    """A non-UTF-8 program path is logged escaped; later programs are injected, even strict."""
     odd = tmp_path / ODD
     odd.mkdir()
     shutil.copy(programs.probe, odd / "probe")
     logf = tmp_path / "log.jsonl"
-    res = run(vgpu_launch, [
+    res = run([
         "--log-format", fmt, "--log-file", logf, "--preload", programs.libmarker,
         *(["--strict"] if strict else []), "--",
         "sh", "-c", 'env -i "$1"; env -i "$2"', "sh", odd / "probe", programs.probe,
-    ])
+    ], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     markers = [line.rsplit(b"marker=", 1)[1] for line in res.stdout.splitlines()]
     assert markers == [b"1", b"1"], res.stdout
@@ -155,16 +147,14 @@ def test_a_program_path_that_is_not_utf8_does_not_stop_injection(
         assert f"exe={escaped}".encode() in res.stderr
 
 
-def test_odd_bytes_at_start_are_logged_not_fatal(
-    vgpu_launch: list[str], programs: Artefacts, tmp_path: Path
-) -> None:
+def test_odd_bytes_at_start_are_logged_not_fatal(programs: Programs, tmp_path: Path) -> None:
     """A CMD path and an --env value that are not UTF-8: CMD runs, the start event says so."""
     odd = tmp_path / ODD
     odd.mkdir()
     shutil.copy(programs.probe, odd / "probe")
     logf = tmp_path / "log.jsonl"
-    res = run(vgpu_launch, ["--log-file", logf, "--preload", programs.libmarker,
-                            "--env", os.fsdecode(b"X=\xff"), "--", odd / "probe"])
+    res = run(["--log-file", logf, "--preload", programs.libmarker,
+               "--env", os.fsdecode(b"X=\xff"), "--", odd / "probe"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.endswith(b"marker=1\n")
     start = json_events(logf.read_bytes())[0]
@@ -188,25 +178,22 @@ _ENV_BYTES = st.tuples(
 @given(name=_NAME_BYTES, args=st.lists(_ARG_BYTES, max_size=4),
        environ=st.lists(_ENV_BYTES, max_size=4))
 def test_a_hostile_tree_cannot_break_the_log(
-    vgpu_launch: list[str], programs: Artefacts, silent_marker: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    programs: Programs, tmp_path_factory: pytest.TempPathFactory,
     fmt: str, name: bytes, args: list[bytes], environ: list[tuple[bytes, bytes]],
 ) -> None:
-    """A program exec'd with random bytes in its path, argv and environment, under each format
-    with --log-file: the tracer lives on, a later env -i child is injected, every JSON line
-    parses and no line is over the cap."""
+    """Random bytes in a program's path, argv, env: tracer lives, JSON parses, lines capped."""
     d = tmp_path_factory.mktemp("hostile")
     odd = os.path.join(os.fsencode(d), name)
     os.mkdir(odd)
     prog = os.path.join(odd, b"probe")
-    shutil.copy(programs.probe, prog)
+    shutil.copy(os.fsencode(programs.probe), prog)
     logf = d / "log.jsonl"
-    argv = [*map(os.fsencode, vgpu_launch), b"--log-format", fmt.encode(),
-            b"--log-file", os.fsencode(logf), b"--preload", os.fsencode(silent_marker),
+    # The bytes travel as str (os.fsdecode), which subprocess encodes back to the same bytes.
+    argv = [b"--log-format", fmt.encode(), b"--log-file", os.fsencode(logf),
+            b"--preload", os.fsencode(programs.libsilent_marker),
             b"--", b"sh", b"-c", b'env -i "$@"; env -i ' + os.fsencode(programs.probe), b"sh",
             *(k + b"=" + v for k, v in environ), prog, *args]
-    res = subprocess.run(argv, capture_output=True, env=env(), stdin=subprocess.DEVNULL,
-                         timeout=120, check=False)
+    res = run([os.fsdecode(a) for a in argv], d)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[-1].endswith(b"marker=1"), res.stdout
     events = json_events(logf.read_bytes())
@@ -226,14 +213,14 @@ def test_a_hostile_tree_cannot_break_the_log(
 
 
 def test_the_console_writes_no_control_bytes_from_programs(
-    vgpu_launch: list[str], quiet_lib: Path, programs: Artefacts, tmp_path: Path
+    programs: Programs, tmp_path: Path
 ) -> None:
     """A program whose path and argv hold terminal escape sequences is shown escaped."""
     odd = tmp_path / "\x1b]0;owned\x07\x1b[2J"
     odd.mkdir()
     shutil.copy(programs.probe, odd / "probe")
-    res = run(vgpu_launch, ["--log-format", "console", "--preload", quiet_lib, "--",
-                            "env", "-i", odd / "probe", "\x1b[31m\x9b"])
+    res = run(["--log-format", "console", "--preload", programs.libquiet, "--",
+               "env", "-i", odd / "probe", "\x1b[31m\x9b"], tmp_path)
     assert res.returncode == 0
     assert not any(b in res.stderr for b in (b"\x1b", b"\x07", "\x9b".encode())), res.stderr
     assert b"/\\x1b]0;owned\\x07\\x1b[2J/probe" in res.stderr
@@ -243,14 +230,14 @@ def test_the_console_writes_no_control_bytes_from_programs(
 
 
 def test_a_huge_argv_gives_lines_under_the_cap_marked_truncated(
-    vgpu_launch: list[str], quiet_lib: Path, tmp_path: Path
+    programs: Programs, tmp_path: Path
 ) -> None:
     """16 arguments of 100 KB: every line of every sink stays under 16 KiB and says so."""
     logf = tmp_path / "log.jsonl"
     big = ["x" * 100_000] * 16
-    res = run(vgpu_launch, ["--log-format", "json", "--log-file", logf,
-                            "--preload", quiet_lib, "--",
-                            "sh", "-c", 'env -i /bin/true "$@"', "sh", *big])
+    res = run(["--log-format", "json", "--log-file", logf,
+               "--preload", programs.libquiet, "--",
+               "sh", "-c", 'env -i /bin/true "$@"', "sh", *big], tmp_path)
     assert res.returncode == 0
     for data in (res.stderr, logf.read_bytes()):
         events = json_events(data)
@@ -265,19 +252,16 @@ def test_a_huge_argv_gives_lines_under_the_cap_marked_truncated(
 # -- secrets --------------------------------------------------------------------------------------
 
 
-def test_environment_values_never_reach_the_log(
-    vgpu_launch: list[str], quiet_lib: Path, tmp_path: Path
-) -> None:
+def test_environment_values_never_reach_the_log(programs: Programs, tmp_path: Path) -> None:
     """--env, --force-env, VGPU_LAUNCH_ENV and the file's [env]: names logged, values not."""
     conf = tmp_path / "vgpu-launch.conf"
     conf.write_text('[env]\nFILE_TOKEN = "s3cr3t-file"\n')
     logf = tmp_path / "log.jsonl"
-    res = subprocess.run(
-        [*vgpu_launch, "--config", str(conf), "--log-format", "json", "--log-file", str(logf),
-         "--preload", str(quiet_lib), "--env", "API_TOKEN=s3cr3t-cli",
+    res = run(
+        ["--config", conf, "--log-format", "json", "--log-file", logf,
+         "--preload", programs.libquiet, "--env", "API_TOKEN=s3cr3t-cli",
          "--force-env", "FORCED=s3cr3t-force", "--", "/bin/true"],
-        capture_output=True, env=env(VGPU_LAUNCH_ENV="ENV_TOKEN=s3cr3t-env"), timeout=120,
-        check=False,
+        tmp_path, env={"VGPU_LAUNCH_ENV": "ENV_TOKEN=s3cr3t-env"},
     )
     assert res.returncode == 0, res.stderr
     for data in (res.stderr, logf.read_bytes()):
@@ -290,9 +274,12 @@ def test_environment_values_never_reach_the_log(
 # -- a terminal -----------------------------------------------------------------------------------
 
 
-def on_a_terminal(argv: list[str], typed: bytes = b"") -> tuple[bytes, int]:
-    """Run ``argv`` on a new pseudo-terminal (no echo, no output processing), type ``typed``
-    and two end-of-files; return everything it printed and its wait status."""
+def on_a_terminal(args: list[str], typed: bytes = b"") -> tuple[bytes, int]:
+    """Run ``vgpu-launch ARGS`` (no --log-format added) on a new pseudo-terminal (no echo, no
+    output processing), in a session of its own, as a direct child (a terminal is not a file
+    for support.launch.Tree); type ``typed`` and two end-of-files; return everything it printed
+    and its wait status.  Nothing of its session may be left behind."""
+    argv = launch.launcher_argv(args, log_format=None)
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         os.execve(argv[0], argv, env())
@@ -315,35 +302,31 @@ def on_a_terminal(argv: list[str], typed: bytes = b"") -> tuple[bytes, int]:
             out.extend(chunk)
     os.close(fd)
     _, status = os.waitpid(pid, 0)
+    left = procs.kill_session(pid)  # pty.fork made the child a session leader
+    assert not left, f"processes left behind: {left}"
     return bytes(out), status
 
 
-def test_on_a_terminal_cmd_output_is_all_there_is(
-    vgpu_launch: list[str], quiet_lib: Path
-) -> None:
+def test_on_a_terminal_cmd_output_is_all_there_is(programs: Programs) -> None:
     """vgpu-launch --preload LIB -- tac on a terminal shows exactly tac's output."""
-    out, status = on_a_terminal([*vgpu_launch, "--preload", str(quiet_lib), "--", "tac"],
-                                b"1\n2\n3\n")
+    out, status = on_a_terminal(["--preload", programs.libquiet, "--", "tac"], b"1\n2\n3\n")
     assert out == b"3\n2\n1\n"
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_on_a_terminal_v_shows_the_decisions(vgpu_launch: list[str], quiet_lib: Path) -> None:
+def test_on_a_terminal_v_shows_the_decisions(programs: Programs) -> None:
     """-v shows each decision on the terminal, -vv the debug events too."""
-    out, _ = on_a_terminal([*vgpu_launch, "-v", "--preload", str(quiet_lib), "--",
+    out, _ = on_a_terminal(["-v", "--preload", programs.libquiet, "--",
                             "env", "-i", "/bin/true"])
     assert b"[info     ] exec" in out and b"decision=injected" in out and b"[debug" not in out
-    out, _ = on_a_terminal([*vgpu_launch, "-vv", "--preload", str(quiet_lib), "--",
-                            "/bin/true"])
+    out, _ = on_a_terminal(["-vv", "--preload", programs.libquiet, "--", "/bin/true"])
     assert b"[debug    ] exit" in out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
-def test_on_a_terminal_a_program_without_the_preload_is_summed_up(
-    vgpu_launch: list[str], quiet_lib: Path
-) -> None:
+def test_on_a_terminal_a_program_without_the_preload_is_summed_up(programs: Programs) -> None:
     """A setuid program runs without the preload: the terminal gets one summary line."""
-    out, _ = on_a_terminal([*vgpu_launch, "--preload", str(quiet_lib), "--",
+    out, _ = on_a_terminal(["--preload", programs.libquiet, "--",
                             "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                             "su", "--version"])
     lines = out.decode().splitlines()
@@ -352,9 +335,10 @@ def test_on_a_terminal_a_program_without_the_preload_is_summed_up(
         "vgpu-launch: 1 program without the preload (1 setuid); -v shows each decision"]
 
 
-def test_v_and_log_level_together_are_refused(vgpu_launch: list[str], quiet_lib: Path) -> None:
+def test_v_and_log_level_together_are_refused(programs: Programs, tmp_path: Path) -> None:
     """-v is --log-level info: both on one command line is a usage error, in one line."""
-    res = run(vgpu_launch, ["-v", "--log-level", "debug", "--preload", quiet_lib, "--", "true"])
+    res = run(["-v", "--log-level", "debug", "--preload", programs.libquiet, "--", "true"],
+              tmp_path)
     assert res.returncode == 2
     assert res.stderr == (b"vgpu-launch: give -v or --log-level, not both "
                           b"(see vgpu-launch --help)\n")
@@ -373,7 +357,7 @@ def test_the_way_to_cmd_imports_no_renderer() -> None:
         "log.get().info('start', cmd=['x'])\n"
         "print(sorted(m for m in ('structlog', 'json') if m in sys.modules))\n"
     )
-    python = os.environ.get("VGPU_LAUNCH_PYTHON", sys.executable)
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True,
-                         env=env(PYTHONPATH=str(REPO)), check=True)
+    environ = env()  # PYTHONPATH names this checkout
+    out = subprocess.run([environ["VGPU_LAUNCH_PYTHON"], "-c", code], capture_output=True,
+                         text=True, env=environ, check=True)
     assert out.stdout.strip() == "[]"

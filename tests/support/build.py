@@ -92,6 +92,9 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "stuckld": ("stuckld", "cc", "stuckld.c", ["-nostdlib", "-static-pie", "-fPIE"]),
     "librobustmark": ("librobustmark.so", "cc", "librobustmark.c", SO),
     "librobustmark32": ("librobustmark32.so", "cc32", "librobustmark.c", SO),
+    # preloads that print nothing (tests/robustness/test_log.py, tests/unit/test_docs_jq.py)
+    "libquiet": ("libquiet.so", "cc", "quiet.c", SO),
+    "libsilent_marker": ("silent/libmarker.so", "cc", "quiet.c", SO),
     # doctor, status, the load verifier (tests/diagnostics)
     "sleeper": ("sleeper", "cc", "sleeper.c", []),
     "sleeper32": ("sleeper32", "cc32", "sleeper.c", []),

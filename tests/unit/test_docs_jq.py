@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 
 import pytest
-from support import REPO
+from support import REPO, launch
+from support.build import Programs
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -70,22 +70,16 @@ def test_the_docs_give_jq_commands() -> None:
 
 
 @pytest.fixture(scope="module")
-def journal(vgpu_launch: list[str], tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def journal(programs: Programs) -> bytes:
     """journalctl -o cat of a service: vgpu-launch's events from a real run, with the
     service's own lines between them, plus the events the documented examples look for."""
-    d = tmp_path_factory.mktemp("jq")
-    (d / "q.c").write_text("int vgpu_launch_quiet_lib = 1;\n")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "libq.so"), str(d / "q.c")],
-                   check=True, capture_output=True, timeout=120)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "JOURNAL_STREAM")
-           and not (k.startswith("VGPU_LAUNCH_") and k != "VGPU_LAUNCH_PYTHON")}
     script = "; ".join(f"printf '%s\\n' {shlex.quote(line)} >&2" for line in SERVICE_LINES)
-    res = subprocess.run(
-        [*vgpu_launch, "--log-format", "json", "--preload", str(d / "libq.so"), "--",
-         "sh", "-c", f"{script}; env -i /bin/true"],
-        capture_output=True, env=env, timeout=120, check=True,
-    )
+    # A real run, so that the documented commands meet the fields vgpu-launch really writes
+    # (to stderr: without JOURNAL_STREAM it does not look for the journal).
+    res = launch.run(["--preload", programs.libquiet, "--",
+                      "sh", "-c", f"{script}; env -i /bin/true"],
+                     env={"JOURNAL_STREAM": None})
+    assert res.returncode == 0, res.describe()
     own = [
         {"event": "exec", "level": "warning", "ts": "2026-01-01T00:00:01.000000Z", "pid": 4301,
          "ppid": 4300, "exe": "/usr/local/bin/ollama", "argv": ["ollama", "runner"],
@@ -95,7 +89,7 @@ def journal(vgpu_launch: list[str], tmp_path_factory: pytest.TempPathFactory) ->
          "pid": 4301, "exe": "/usr/local/bin/ollama", "result": "unverified", "bits": 64,
          "reason": "not mapped"},
     ]
-    lines = res.stderr.splitlines()
+    lines = res.stderr.encode().splitlines()
     names = set()
     for line in lines:
         with contextlib.suppress(ValueError):
