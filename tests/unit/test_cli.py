@@ -65,7 +65,7 @@ def test_the_parser_is_the_schema() -> None:
     """The launcher's parser has exactly the schema's options, each spelled from its name, and
     --help; nothing is added or lost on the way."""
     flags = {s for a in _options(build_parser()) for s in a.option_strings}
-    assert flags == {o.flag for o in OPTIONS} | {"-h", "--help"}
+    assert flags == {f for o in OPTIONS for f in o.flags} | {"-h", "--help"}
     for opt in OPTIONS:
         assert opt.flag == "--" + opt.name.replace("_", "-")
         assert opt.env == "VGPU_LAUNCH_" + opt.name.upper()
