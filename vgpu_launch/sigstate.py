@@ -9,10 +9,12 @@ and the signal mask are untouched by CPython and read directly. (One is lost bef
 catches SIGCHLD and runs its commands with it at default; bash restores it.)
 
 The wrapper is a shell script, and starting Python changes the environment too: the shell
-exports ``PWD`` (bash also ``SHLVL`` and ``_``), the wrapper sets ``PYTHONPATH`` for a checkout
-and ``PYTHONCOERCECLOCALE=0`` (else CPython would export ``LC_CTYPE=C.UTF-8`` under the C
-locale). It records how each of them was in ``_VGPU_LAUNCH_ENV0``, and ``capture`` puts them
-back, so CMD's environment is the one vgpu-launch was given.
+exports ``PWD`` (bash also ``SHLVL`` and ``_``; ``OLDPWD`` is recorded as well), and CPython
+exports ``LC_CTYPE=C.UTF-8`` under the C locale. Apart from its two records, the wrapper
+sets no variable (it runs Python with ``-E`` and puts a checkout on ``sys.path`` in its ``-c``
+program). It records how each of those variables was in the environment it was given
+(``/proc/$$/environ``) in ``_VGPU_LAUNCH_ENV0``, and ``capture`` puts them back, so CMD's
+environment is the one vgpu-launch was given.
 """
 
 from __future__ import annotations
