@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vgpu_launch import command, forwarding, sigstate
+from vgpu_launch import command, forwarding, siginfo, sigstate
 from vgpu_launch.errors import LaunchError
 
 OWN, CMD, OTHER = 100, 200, 300
@@ -49,7 +49,7 @@ def test_forward_kernel_signal(sig: int, same_group: bool, leader: bool, want: b
 
 def test_parse_siginfo_keeps_the_whole_value() -> None:
     raw = struct.pack("<iii4xiiQ", 10, 0, -1, 4242, 1000, 0xDEAD_BEEF_0000_0042).ljust(128, b"\0")
-    info = forwarding.parse_siginfo(raw)
+    info = siginfo.parse_siginfo(raw)
     assert (info.signo, info.code, info.pid, info.uid, info.value) == (
         10, -1, 4242, 1000, 0xDEAD_BEEF_0000_0042)
 

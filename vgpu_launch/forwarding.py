@@ -1,25 +1,25 @@
 """Which signals vgpu-launch passes on to CMD, and how (docs/launcher.md gives every choice).
 
-The main thread blocks every signal in ``FORWARDED`` and takes them one at a time with
-``sigwaitinfo``, through libc so that the whole ``siginfo_t`` comes back (Python's
-``signal.sigwaitinfo`` drops the upper half of a queued pointer value). A signal sent with
-``sigqueue`` is passed on with ``rt_sigqueueinfo`` and that same ``siginfo_t``: CMD sees the
-original sender's pid and uid and the full value, as if it had been sent to CMD directly.
+The main thread blocks every signal in ``FORWARDED`` and takes them one at a time
+(siginfo.SignalWaiter); ``Forwarder.on_signal`` decides for each whether CMD must get it from
+us: not when it came from the kernel for the whole terminal's group, from CMD itself, or from a
+kill of the whole process group that reached CMD as well. The last case needs the tracer's help
+and is kept in ``GroupSignalLedger``, whose docstring tells the whole protocol.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
+import collections
+import contextlib
 import os
-import platform
 import signal
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
-SI_USER = 0
-SI_KERNEL = 0x80
-SI_QUEUE = -1
-SI_TKILL = -6
+from .jobcontrol import STOP_SIGNALS, JobControl
+from .siginfo import SI_QUEUE, SigInfo, SignalWaiter, getsiginfo, send
 
 # Never forwarded: SIGCHLD is about vgpu-launch's own children; SIGKILL/SIGSTOP can't be caught.
 NOT_FORWARDED = frozenset({signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP})
@@ -28,33 +28,42 @@ WAKE = signal.SIGRTMAX
 # 32 and 33 are glibc's own (thread cancellation, setxid); Python's SIGRTMIN is 34.
 FORWARDED = frozenset(range(1, signal.NSIG)) - NOT_FORWARDED - {32, 33}
 
-STOP_SIGNALS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 # What the kernel sends to a whole process group on behalf of a terminal: keys (INT, QUIT,
 # TSTP), window size (WINCH), background access (TTIN, TTOU), hang-up (HUP, CONT; to the
 # session leader only) and orphaned process groups (HUP, CONT).
 TERMINAL_SIGNALS = frozenset(
-    {signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGWINCH, signal.SIGTTIN,
-     signal.SIGTTOU, signal.SIGHUP, signal.SIGCONT}
+    {
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGTSTP,
+        signal.SIGWINCH,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGHUP,
+        signal.SIGCONT,
+    }
 )
 # Signals a shell or a service manager sends to whole process groups (`kill %1`, `fg`, `bg`,
 # `kill 0`): CMD's tracer notes every one CMD takes, so that one that reached both vgpu-launch
 # and CMD is not forwarded a second time. High-rate signals (SIGURG for Go's preemption,
 # profiling timers) stay off this list: the tracer's hot path does not stop for them.
 GROUP_SIGNALS = frozenset(
-    {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGUSR1,
-     signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT, signal.SIGTSTP, signal.SIGTTIN,
-     signal.SIGTTOU, signal.SIGWINCH, signal.SIGPWR}
+    {
+        signal.SIGHUP,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGABRT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGTERM,
+        signal.SIGCONT,
+        signal.SIGTSTP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGWINCH,
+        signal.SIGPWR,
+    }
 )
-
-
-@dataclass(frozen=True)
-class SigInfo:
-    signo: int
-    code: int
-    pid: int
-    uid: int
-    value: int  # sival, as an unsigned machine word (SI_QUEUE)
-    raw: bytes  # the whole siginfo_t, as the kernel filled it in
 
 
 # -- where a signal comes from ----------------------------------------------------------------
@@ -97,87 +106,312 @@ def forward_kernel_signal(sig: int, *, same_group: bool, session_leader: bool) -
     return session_leader and sig in (signal.SIGHUP, signal.SIGCONT)
 
 
-# -- libc: sigwaitinfo with the whole siginfo_t, rt_sigqueueinfo --------------------------------
-
-_SIGINFO_SIZE = 128
-_WORD = ctypes.sizeof(ctypes.c_void_p)
-# siginfo_t: si_signo, si_errno, si_code, then the union, aligned to a pointer.
-_UNION = 16 if _WORD == 8 else 12
-_RT_SIGQUEUEINFO = {
-    "x86_64": 129, "aarch64": 138, "riscv64": 138, "loongarch64": 138, "i386": 178,
-    "i686": 178, "armv7l": 178, "armv6l": 178, "ppc64le": 177, "ppc64": 177, "s390x": 178,
-}.get(platform.machine())
-
-_libc = ctypes.CDLL(None, use_errno=True)
+def signame(sig: int) -> str:
+    if signal.SIGRTMIN < sig < signal.SIGRTMAX:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIG{sig}"
 
 
-class _SigSet(ctypes.Structure):
-    _fields_ = [("val", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong))))]
+@dataclass
+class Cmd:
+    """CMD as both threads see it: its pid once forked, its wait status once reaped."""
+
+    pid: int = 0
+    status: int | None = None
+    traced: bool = True  # false once the tracer thread has failed: nothing passes through it
 
 
-def parse_siginfo(raw: bytes) -> SigInfo:
-    signo, _errno, code = (int.from_bytes(raw[i : i + 4], "little", signed=True)
-                           for i in (0, 4, 8))
-    pid = int.from_bytes(raw[_UNION : _UNION + 4], "little", signed=True)
-    uid = int.from_bytes(raw[_UNION + 4 : _UNION + 8], "little")
-    value = int.from_bytes(raw[_UNION + 8 : _UNION + 8 + _WORD], "little")
-    return SigInfo(signo, code, pid, uid, value, raw)
+# -- the group-signal ledger -------------------------------------------------------------------
+
+# A user-sent signal that CMD may have got as well (a kill of the whole process group) while
+# a thread of CMD sits in a ptrace stop: how long to wait for the tracer to say whether CMD
+# took it, before forwarding it anyway.
+DEDUP_WAIT = 0.1
+# How long a signal CMD took stays available to match the same signal reaching vgpu-launch.
+TAKEN_TTL = 2.0
+
+_Entry = tuple[float, int, int]  # (when, signal, sender)
 
 
-class SignalWaiter:
-    """``sigwaitinfo`` on a fixed set of (blocked) signals.
+class GroupSignalLedger:
+    """Which copies of ours a kill of the whole process group already delivered to CMD.
 
-    The kernel writes the siginfo into the buffer as it dequeues the signal; the buffer is
-    cleared when the caller is done with that signal (``done()``) and when the next wait begins:
-    ``taken()`` tells another thread which signal the waiting thread has taken and is still
-    handling (even before that thread runs again).
+    The problem. ``kill -TERM -PGID`` (``kill %1``, ``fg``, ``kill 0`` from a descendant) puts
+    one copy of the signal in vgpu-launch and one in CMD, with the same siginfo (``SI_USER``,
+    the sender's pid) as a ``kill`` of vgpu-launch alone. CMD must get it once, so our copy may
+    be forwarded only if CMD did not get its own. The main thread (``Forwarder``) looks for
+    CMD's copy in three places, in this order:
+
+    1. an entry in this ledger: the tracer saw CMD take the same signal from the same sender;
+    2. CMD's shared pending set (``ShdPnd`` of /proc/CMD/status): not taken yet;
+    3. a thread of CMD sitting in a ptrace stop: it may have taken it and the tracer not yet
+       seen it; then the main thread waits (``wait``) for an entry, at most ``DEDUP_WAIT``.
+
+    Entries (tracer thread, ``note``). The tracer calls ``note`` for every signal in
+    ``GROUP_SIGNALS`` a thread of CMD takes from another process (``SI_USER``/``SI_QUEUE``,
+    not from vgpu-launch: a forwarded ``kill`` carries our pid, a relayed ``sigqueue`` is
+    recognised by ``relayed``). It writes an entry only if, at that moment, our own copy of
+    the same signal from the same sender is *pending* (in our ``ShdPnd``) or *being decided
+    on* (the main thread's ``SignalWaiter`` buffer, filled by the kernel as it dequeues and
+    cleared by ``settle``). That is what makes the two copies one kill: a signal sent to CMD
+    alone a moment before or after ours does not count. The kernel moves our copy from pending
+    to the buffer between two looks, so the tracer looks at the buffer, the pending set, and
+    the buffer again. Two kills of the group whose copies merged into one pending for us are
+    one copy to explain: an entry is added only while fewer entries for (signal, sender) exist
+    than copies of ours are outstanding.
+
+    Each entry explains exactly one copy of ours (main thread):
+
+    - ``take`` consumes the oldest matching entry when the main thread decides on a copy
+      (then that copy is not forwarded), and clears the buffer: the copy is settled;
+    - ``settle``, once the main thread has decided, consumes an entry the tracer added while
+      it was deciding (CMD took its copy of the same kill meanwhile): else it would stand for
+      a later copy. Both run under the ledger's lock, as ``note`` does, so an entry is either
+      added before the copy is settled and consumed by it, or not added at all;
+    - ``forget`` drops entries for copies the kernel discarded before we took them: sending a
+      stop signal discards a pending SIGCONT and SIGCONT discards pending stop signals, so an
+      entry noted for such a copy (before the signal now being handled was taken) never gets
+      its copy;
+    - entries older than ``TAKEN_TTL`` are dropped: a safety net, they are normally consumed
+      within milliseconds.
+
+    Queued signals we pass on ourselves (``rt_sigqueueinfo`` keeps the original sender, so CMD
+    taking one looks like a group kill) are remembered by ``relayed`` and recognised by
+    ``note``.
     """
 
-    def __init__(self, signals: frozenset[int] | set[int]) -> None:
-        self._set = _SigSet()
-        _libc.sigemptyset(ctypes.byref(self._set))
-        for sig in signals:
-            _libc.sigaddset(ctypes.byref(self._set), sig)
-        self._buf = ctypes.create_string_buffer(_SIGINFO_SIZE)
+    def __init__(self, own_pid: int) -> None:
+        self._pid = own_pid
+        self._cond = threading.Condition()
+        self._taken: collections.deque[_Entry] = collections.deque(maxlen=256)
+        # Queued signals we passed on in their sender's name: (when, signal, sender, value).
+        self._relayed: collections.deque[tuple[float, int, int, int]] = collections.deque(
+            maxlen=256
+        )
+        self._waiter: SignalWaiter | None = None
+        self._dequeued = 0.0  # when the main thread took the signal it is deciding on
 
-    def wait(self) -> SigInfo:
-        while True:
-            ctypes.memset(self._buf, 0, _SIGINFO_SIZE)
-            if _libc.sigwaitinfo(ctypes.byref(self._set), self._buf) > 0:
-                return parse_siginfo(self._buf.raw)
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                raise OSError(err, os.strerror(err))
+    # -- main thread ----------------------------------------------------------------------
 
-    def done(self) -> None:
-        ctypes.memset(self._buf, 0, _SIGINFO_SIZE)
+    def attach(self, waiter: SignalWaiter | None) -> None:
+        """The main thread's waiter, whose buffer shows the copy being decided on (None: no
+        signal is being decided on through it)."""
+        self._waiter = waiter
 
-    def taken(self) -> tuple[int, int]:
-        """(signal, sender) of the signal the waiting thread has taken, (0, 0) while waiting."""
-        head = ctypes.string_at(self._buf, _UNION + 4)
-        return (int.from_bytes(head[0:4], "little"),
-                int.from_bytes(head[_UNION : _UNION + 4], "little", signed=True))
+    def began(self) -> None:
+        """The main thread has just taken a signal."""
+        self._dequeued = time.monotonic()
+
+    def take(self, sig: int, sender: int) -> bool:
+        """Whether CMD took ``sig`` from ``sender`` while our own copy of it was pending or
+        being decided on: the same kill of the group. If so, our copy is settled."""
+        with self._cond:
+            if self._consume(sig, sender):
+                if self._waiter is not None:
+                    self._waiter.done()
+                return True
+        return False
+
+    def settle(self, sig: int, sender: int) -> None:
+        """The main thread has decided on its copy of ``sig``: from now on CMD taking ``sig``
+        is another kill. An entry the tracer added meanwhile is this copy's: consume it."""
+        with self._cond:
+            waiter = self._waiter
+            if waiter is not None and waiter.taken() == (sig, sender):
+                self._consume(sig, sender)
+                waiter.done()
+
+    def forget(self, sigs: frozenset[int]) -> None:
+        """Drop entries for ``sigs`` noted before the signal being handled was taken."""
+        before = self._dequeued
+        with self._cond:
+            for entry in [e for e in self._taken if e[1] in sigs and e[0] < before]:
+                self._taken.remove(entry)
+
+    def relayed(self, info: SigInfo) -> None:
+        """A queued signal is being passed on in its sender's name."""
+        with self._cond:
+            now = time.monotonic()
+            while self._relayed and self._relayed[0][0] < now - TAKEN_TTL:
+                self._relayed.popleft()
+            self._relayed.append((now, info.signo, info.pid, info.value))
+
+    def wait(self, timeout: float) -> None:
+        """Until the tracer notes something, at most ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def _consume(self, sig: int, sender: int) -> bool:
+        # With self._cond held.
+        taken = self._taken
+        old = time.monotonic() - TAKEN_TTL
+        while taken and taken[0][0] < old:
+            taken.popleft()
+        for entry in taken:
+            if entry[1] == sig and entry[2] == sender:
+                taken.remove(entry)  # the oldest: one copy of ours explains one of CMD's
+                return True
+        return False
+
+    # -- tracer thread --------------------------------------------------------------------
+
+    def note(self, sig: int, info: SigInfo) -> bool:
+        """CMD took ``sig`` (``info``: from another process): whether it is the twin of a
+        copy of ours, now written down."""
+        waiter = self._waiter
+        mine = (sig, info.pid)
+        with self._cond:
+            if info.code == SI_QUEUE:
+                for entry in self._relayed:
+                    if entry[1:] == (sig, info.pid, info.value):
+                        self._relayed.remove(entry)  # one we passed on
+                        return False
+            taken_before = waiter is not None and waiter.taken() == mine
+            pending = sig in shared_pending(self._pid)
+            taken_after = waiter is not None and waiter.taken() == mine
+            copies = pending + taken_before + (taken_after and not taken_before and not pending)
+            held = sum(1 for e in self._taken if e[1:3] == mine)
+            if held >= copies:
+                return False
+            self._taken.append((time.monotonic(), sig, info.pid))
+            self._cond.notify_all()
+            return True
 
 
-def send(pid: int, info: SigInfo) -> None:
-    """Pass ``info`` on to ``pid``: ``rt_sigqueueinfo`` for a queued signal (sender and value
-    kept), ``kill`` for anything else (CMD sees vgpu-launch as the sender, SI_USER).
-    Raises ProcessLookupError when ``pid`` is gone."""
-    if info.code == SI_QUEUE:
-        buf = ctypes.create_string_buffer(info.raw, _SIGINFO_SIZE)
-        if _RT_SIGQUEUEINFO is not None:
-            r = _libc.syscall(ctypes.c_long(_RT_SIGQUEUEINFO), ctypes.c_int(pid),
-                              ctypes.c_int(info.signo), buf)
-        else:
-            r = _libc.sigqueue(ctypes.c_int(pid), ctypes.c_int(info.signo),
-                               ctypes.c_void_p(info.value))
-        if r == 0:
+# -- the main thread's decision ------------------------------------------------------------------
+
+
+class Forwarder:
+    """One signal that reached vgpu-launch: pass it on to CMD unless CMD has it already."""
+
+    def __init__(self, cmd: Cmd, jobs: JobControl, log: Any, *, debug: bool) -> None:
+        self.cmd = cmd
+        self.jobs = jobs
+        self.log = log
+        self.debug = debug
+        self.pid = os.getpid()
+        self.ledger = GroupSignalLedger(self.pid)
+
+    def on_signal(self, info: SigInfo) -> None:
+        """Main thread, for each signal it takes (after ``ledger.began()``)."""
+        sig = info.signo
+        source = origin(info.code, info.pid, self.pid, self.cmd.pid)
+        if source == OWN:
             return
-        err = ctypes.get_errno()
-        if err == errno.ESRCH:
-            raise ProcessLookupError(err, os.strerror(err))
-        # EPERM or ENOSYS (a seccomp profile): a plain signal is better than none
-    os.kill(pid, info.signo)
+        ledger = self.ledger
+        if source != USER:
+            ledger.take(sig, info.pid)  # explained by this copy: not for a later one
+        if sig == signal.SIGCONT:
+            self.jobs.continued()
+        why = ""
+        if source == FROM_CMD:
+            why = "sent by CMD"
+        elif source == KERNEL:
+            if not forward_kernel_signal(
+                sig,
+                same_group=self._cmd_in_our_group(),
+                session_leader=os.getsid(0) == self.pid,
+            ):
+                why = "from the kernel: CMD got it too, or it is about vgpu-launch"
+        else:
+            why = self._cmd_has_it(info)
+        ledger.settle(sig, info.pid)
+        if not why:
+            self._forward(info)
+        if self.debug:
+            self.log.debug(
+                "signal",
+                signal=signame(sig),
+                code=info.code,
+                sender=info.pid,
+                action=f"not forwarded: {why}" if why else "forwarded",
+            )
+        # The kernel discards a pending SIGCONT when a stop signal is sent, and pending stop
+        # signals when SIGCONT is sent: see GroupSignalLedger.forget.
+        if sig in STOP_SIGNALS:
+            ledger.forget(frozenset({signal.SIGCONT}))
+            self.jobs.stop_reached_us()  # may stop us here, until a SIGCONT
+        elif sig == signal.SIGCONT:
+            ledger.forget(STOP_SIGNALS)
+
+    def cmd_took(self, tid: int, sig: int) -> None:
+        """Tracer thread, before ``sig`` is re-injected into ``tid``: note the signals CMD takes
+        from other processes, so that one sent to the whole group is not forwarded again."""
+        with contextlib.suppress(Exception):  # never disturb the tracer
+            cmd = self.cmd.pid
+            if tid != cmd and not os.path.exists(f"/proc/{cmd}/task/{tid}"):
+                return  # a descendant, not a thread of CMD
+            if sig == signal.SIGCONT:
+                self.jobs.cmd_continued()
+            info = getsiginfo(tid)
+            if info.code > 0 or info.pid == self.pid:
+                return  # the kernel's, or one we forwarded with kill
+            group_kill = self.ledger.note(sig, info)
+            if self.debug:
+                self.log.debug(
+                    "cmd-took", signal=signame(sig), tid=tid, sender=info.pid, group_kill=group_kill
+                )
+
+    def _cmd_in_our_group(self) -> bool:
+        try:
+            return os.getpgid(self.cmd.pid) == os.getpgrp()
+        except OSError:
+            return True
+
+    def _cmd_has_it(self, info: SigInfo) -> str:
+        """Whether a user-sent signal reached CMD as well as us, and how we know: a ``kill`` of
+        the process group. Only a standard signal can tell (GroupSignalLedger). Forwarding a
+        standard signal that is still pending in CMD would change nothing anyway."""
+        sig = info.signo
+        ledger = self.ledger
+        if ledger.take(sig, info.pid):
+            return "CMD took it too (sent to the process group)"
+        if sig >= signal.SIGRTMIN or not self.cmd.traced:
+            return ""  # real-time signals queue: each one sent is one to deliver
+        cmd = self.cmd.pid
+        if not self._cmd_in_our_group():
+            return ""
+        deadline = 0.0
+        while True:
+            if ledger.take(sig, info.pid):
+                return "CMD took it too (sent to the process group)"
+            if sig in shared_pending(cmd):
+                return "pending in CMD already (sent to the process group)"
+            # Taken, but the tracer has not seen it yet: CMD waits in a ptrace stop.
+            waiting = sig in GROUP_SIGNALS and in_ptrace_stop(cmd)
+            if ledger.take(sig, info.pid):
+                return "CMD took it too (sent to the process group)"
+            if not waiting:
+                return ""
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + DEDUP_WAIT
+            if now >= deadline:
+                return ""
+            ledger.wait(min(0.005, deadline - now))
+
+    def _forward(self, info: SigInfo) -> None:
+        if self.cmd.status is not None:
+            return  # CMD has been reaped: its pid may name another process already
+        if info.code == SI_QUEUE and info.signo in GROUP_SIGNALS:
+            self.ledger.relayed(info)
+        try:
+            send(self.cmd.pid, info)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            self.log.warning(
+                "signal",
+                signal=signame(info.signo),
+                error=exc.strerror,
+                action="could not forward it to CMD",
+            )
+
+
+# -- /proc --------------------------------------------------------------------------------------
 
 
 def shared_pending(pid: int) -> frozenset[int]:
