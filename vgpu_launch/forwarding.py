@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,57 +127,69 @@ class Cmd:
 
 # -- the group-signal ledger -------------------------------------------------------------------
 
-# A user-sent signal that CMD may have got as well (a kill of the whole process group) while
-# a thread of CMD sits in a ptrace stop: how long to wait for the tracer to say whether CMD
-# took it, before forwarding it anyway.
-DEDUP_WAIT = 0.1
-# How long a signal CMD took stays available to match the same signal reaching vgpu-launch.
-TAKEN_TTL = 2.0
+# While the main thread waits for the tracer (a thread of CMD sits in a stop the tracer has
+# not dealt with yet), how often it looks again; an entry wakes it at once.
+POLL = 0.005
+# How long a queued signal we passed on stays recognisable when CMD takes it.
+RELAYED_TTL = 2.0
 
-_Entry = tuple[float, int, int]  # (when, signal, sender)
+
+@dataclass
+class _Entry:
+    epoch: int  # which copy of ours (of this signal) it explains: see GroupSignalLedger
+    sig: int
+    sender: int
+    when: float
 
 
 class GroupSignalLedger:
     """Which copies of ours a kill of the whole process group already delivered to CMD.
 
     The problem. ``kill -TERM -PGID`` (``kill %1``, ``fg``, ``kill 0`` from a descendant) puts
-    one copy of the signal in vgpu-launch and one in CMD, with the same siginfo (``SI_USER``,
+    one copy of the signal in CMD and one in vgpu-launch, with the same siginfo (``SI_USER``,
     the sender's pid) as a ``kill`` of vgpu-launch alone. CMD must get it once, so our copy may
-    be forwarded only if CMD did not get its own. The main thread (``Forwarder``) looks for
-    CMD's copy in three places, in this order:
+    be forwarded only if CMD did not get its own. When the main thread (``Forwarder``) decides
+    on a copy, CMD's twin, if any, is in exactly one of three places, and it looks in each:
 
-    1. an entry in this ledger: the tracer saw CMD take the same signal from the same sender;
-    2. CMD's shared pending set (``ShdPnd`` of /proc/CMD/status): not taken yet;
-    3. a thread of CMD sitting in a ptrace stop: it may have taken it and the tracer not yet
-       seen it; then the main thread waits (``wait``) for an entry, at most ``DEDUP_WAIT``.
+    1. taken by CMD and seen by the tracer: an entry in this ledger (``take``);
+    2. pending in CMD (``ShdPnd`` of /proc/CMD/status): not taken yet;
+    3. taken by a thread of CMD that sits in the signal-delivery-stop the tracer has not dealt
+       with yet. The main thread then waits (``wait``) until the tracer has dealt with every
+       such stop (``owed_stop``): the tracer writes the entry before it lets the thread go on.
+       There is no time limit: a tracer that is not scheduled for a while (a loaded host, a
+       paused VM) delays the decision, it does not make it wrong.
+
+    The kernel moves CMD's copy from 2 to 3 atomically (dequeue and ptrace stop under one
+    lock), and from 3 to 1 only once the entry is written, so looking at 1, 2, 3, then 1 again
+    cannot miss it.
 
     Entries (tracer thread, ``note``). The tracer calls ``note`` for every signal in
     ``GROUP_SIGNALS`` a thread of CMD takes from another process (``SI_USER``/``SI_QUEUE``,
     not from vgpu-launch: a forwarded ``kill`` carries our pid, a relayed ``sigqueue`` is
-    recognised by ``relayed``). It writes an entry only if, at that moment, our own copy of
-    the same signal from the same sender is *pending* (in our ``ShdPnd``) or *being decided
-    on* (the main thread's ``SignalWaiter`` buffer, filled by the kernel as it dequeues and
-    cleared by ``settle``). That is what makes the two copies one kill: a signal sent to CMD
-    alone a moment before or after ours does not count. The kernel moves our copy from pending
-    to the buffer between two looks, so the tracer looks at the buffer, the pending set, and
-    the buffer again. Two kills of the group whose copies merged into one pending for us are
-    one copy to explain: an entry is added only while fewer entries for (signal, sender) exist
-    than copies of ours are outstanding.
+    recognised by ``relayed``). It writes an entry only if, at that moment, a copy of ours of
+    the same signal is *being decided on* (the main thread's ``SignalWaiter`` buffer, filled
+    by the kernel as it dequeues, cleared once the copy is settled) with the same sender, or
+    is *pending* (our ``ShdPnd``). That is what makes the two copies one kill: a signal sent
+    to CMD alone a moment before or after ours does not count. The kernel moves our copy from
+    pending to the buffer between two looks, so the tracer looks at the buffer, the pending
+    set, and the buffer again.
 
-    Each entry explains exactly one copy of ours (main thread):
+    Epochs. A standard signal has at most one copy pending and one being decided at a time, so
+    the copies of one signal that the main thread decides on are numbered in order: copy
+    ``settled[sig]`` is the one being decided, or the next to be. Each entry names the copy it
+    explains: the one being decided (same sender), else the pending one (its sender is not
+    known yet: the first kill's, if several merged). One entry per (copy, sender).
 
-    - ``take`` consumes the oldest matching entry when the main thread decides on a copy
-      (then that copy is not forwarded), and clears the buffer: the copy is settled;
-    - ``settle``, once the main thread has decided, consumes an entry the tracer added while
-      it was deciding (CMD took its copy of the same kill meanwhile): else it would stand for
-      a later copy. Both run under the ledger's lock, as ``note`` does, so an entry is either
-      added before the copy is settled and consumed by it, or not added at all;
-    - ``forget`` drops entries for copies the kernel discarded before we took them: sending a
-      stop signal discards a pending SIGCONT and SIGCONT discards pending stop signals, so an
-      entry noted for such a copy (before the signal now being handled was taken) never gets
-      its copy;
-    - entries older than ``TAKEN_TTL`` are dropped: a safety net, they are normally consumed
-      within milliseconds.
+    Settling (main thread). ``take`` consumes the entry of the copy being decided, if there is
+    one (the copy is not forwarded); else ``settle``, once decided. Either way the copy is
+    settled: ``settled[sig]`` moves on, the buffer is cleared, and every entry for an earlier
+    or this copy is dropped (one from another sender, or of kills that merged into this copy,
+    has nothing left to explain). Both run under the ledger's lock, as ``note`` does: an
+    entry is either written before the copy is settled, or it is for a later copy.
+
+    ``forget``: sending a stop signal discards a pending SIGCONT, and SIGCONT discards pending
+    stop signals. An entry noted for such a copy (before the signal now being decided was
+    taken) never gets its copy, and would stand for the next one: it is dropped.
 
     Queued signals we pass on ourselves (``rt_sigqueueinfo`` keeps the original sender, so CMD
     taking one looks like a group kill) are remembered by ``relayed`` and recognised by
@@ -186,7 +199,8 @@ class GroupSignalLedger:
     def __init__(self, own_pid: int) -> None:
         self._pid = own_pid
         self._cond = threading.Condition()
-        self._taken: collections.deque[_Entry] = collections.deque(maxlen=256)
+        self._entries: list[_Entry] = []
+        self._settled: dict[int, int] = collections.defaultdict(int)  # signal -> copies
         # Queued signals we passed on in their sender's name: (when, signal, sender, value).
         self._relayed: collections.deque[tuple[float, int, int, int]] = collections.deque(
             maxlen=256
@@ -206,36 +220,34 @@ class GroupSignalLedger:
         self._dequeued = time.monotonic()
 
     def take(self, sig: int, sender: int) -> bool:
-        """Whether CMD took ``sig`` from ``sender`` while our own copy of it was pending or
-        being decided on: the same kill of the group. If so, our copy is settled."""
+        """Whether CMD took ``sig`` from ``sender`` while our copy of it being decided on was
+        pending or being decided on: the same kill of the group. If so, the copy is settled."""
         with self._cond:
-            if self._consume(sig, sender):
-                if self._waiter is not None:
-                    self._waiter.done()
-                return True
+            epoch = self._settled[sig]
+            for e in self._entries:
+                if e.epoch == epoch and e.sig == sig and e.sender == sender:
+                    self._advance(sig)
+                    return True
         return False
 
     def settle(self, sig: int, sender: int) -> None:
-        """The main thread has decided on its copy of ``sig``: from now on CMD taking ``sig``
-        is another kill. An entry the tracer added meanwhile is this copy's: consume it."""
+        """The main thread has decided on its copy of ``sig`` (unless ``take`` settled it)."""
         with self._cond:
             waiter = self._waiter
             if waiter is not None and waiter.taken() == (sig, sender):
-                self._consume(sig, sender)
-                waiter.done()
+                self._advance(sig)
 
     def forget(self, sigs: frozenset[int]) -> None:
-        """Drop entries for ``sigs`` noted before the signal being handled was taken."""
+        """Drop entries for ``sigs`` noted before the signal being decided on was taken."""
         before = self._dequeued
         with self._cond:
-            for entry in [e for e in self._taken if e[1] in sigs and e[0] < before]:
-                self._taken.remove(entry)
+            self._entries = [e for e in self._entries if e.sig not in sigs or e.when >= before]
 
     def relayed(self, info: SigInfo) -> None:
         """A queued signal is being passed on in its sender's name."""
         with self._cond:
             now = time.monotonic()
-            while self._relayed and self._relayed[0][0] < now - TAKEN_TTL:
+            while self._relayed and self._relayed[0][0] < now - RELAYED_TTL:
                 self._relayed.popleft()
             self._relayed.append((now, info.signo, info.pid, info.value))
 
@@ -244,17 +256,13 @@ class GroupSignalLedger:
         with self._cond:
             self._cond.wait(timeout)
 
-    def _consume(self, sig: int, sender: int) -> bool:
-        # With self._cond held.
-        taken = self._taken
-        old = time.monotonic() - TAKEN_TTL
-        while taken and taken[0][0] < old:
-            taken.popleft()
-        for entry in taken:
-            if entry[1] == sig and entry[2] == sender:
-                taken.remove(entry)  # the oldest: one copy of ours explains one of CMD's
-                return True
-        return False
+    def _advance(self, sig: int) -> None:
+        # With self._cond held: the copy being decided on is settled.
+        epoch = self._settled[sig]
+        self._settled[sig] = epoch + 1
+        self._entries = [e for e in self._entries if e.sig != sig or e.epoch > epoch]
+        if self._waiter is not None:
+            self._waiter.done()
 
     # -- tracer thread --------------------------------------------------------------------
 
@@ -262,23 +270,39 @@ class GroupSignalLedger:
         """CMD took ``sig`` (``info``: from another process): whether it is the twin of a
         copy of ours, now written down."""
         waiter = self._waiter
-        mine = (sig, info.pid)
         with self._cond:
             if info.code == SI_QUEUE:
-                for entry in self._relayed:
-                    if entry[1:] == (sig, info.pid, info.value):
-                        self._relayed.remove(entry)  # one we passed on
+                for relayed in self._relayed:
+                    if relayed[1:] == (sig, info.pid, info.value):
+                        self._relayed.remove(relayed)  # one we passed on
                         return False
-            taken_before = waiter is not None and waiter.taken() == mine
+            before = waiter.taken() if waiter is not None else (0, 0)
             pending = sig in shared_pending(self._pid)
-            taken_after = waiter is not None and waiter.taken() == mine
-            copies = pending + taken_before + (taken_after and not taken_before and not pending)
-            held = sum(1 for e in self._taken if e[1:3] == mine)
-            if held >= copies:
-                return False
-            self._taken.append((time.monotonic(), sig, info.pid))
-            self._cond.notify_all()
-            return True
+            after = waiter.taken() if waiter is not None else (0, 0)
+            epoch = self._settled[sig]
+            # The copies of ours that CMD's may be the twin of: (epoch, sender or None).
+            copies: list[tuple[int, int | None]] = []
+            if before[0] == sig:
+                copies.append((epoch, before[1]))
+                if pending:  # a later one
+                    copies.append((epoch + 1, None))
+            elif after[0] == sig:  # dequeued between the looks: the pending one, if any
+                copies.append((epoch, after[1]))
+            elif pending:
+                copies.append((epoch, None))
+            for n, sender in copies:
+                if sender not in (None, info.pid):
+                    continue
+                if any(
+                    e.epoch == n and e.sig == sig and e.sender == info.pid for e in self._entries
+                ):
+                    continue  # that copy is explained already
+                if len(self._entries) >= 256:  # never more than a few: a bound, not a rule
+                    del self._entries[0]
+                self._entries.append(_Entry(n, sig, info.pid, time.monotonic()))
+                self._cond.notify_all()
+                return True
+            return False
 
 
 # -- the main thread's decision ------------------------------------------------------------------
@@ -294,14 +318,17 @@ class Forwarder:
         self.debug = debug
         self.pid = os.getpid()
         self.ledger = GroupSignalLedger(self.pid)
+        # The tracer's set of threads parked in PTRACE_LISTEN (Tracer.parked), once it exists.
+        self.parked: Collection[int] = frozenset()
 
     def on_signal(self, info: SigInfo) -> None:
         """Main thread, for each signal it takes (after ``ledger.began()``)."""
         sig = info.signo
         source = origin(info.code, info.pid, self.pid, self.cmd.pid)
-        if source == OWN:
-            return
         ledger = self.ledger
+        if source == OWN:
+            ledger.settle(sig, info.pid)
+            return
         if source != USER:
             ledger.take(sig, info.pid)  # explained by this copy: not for a later one
         if sig == signal.SIGCONT:
@@ -363,8 +390,8 @@ class Forwarder:
 
     def _cmd_has_it(self, info: SigInfo) -> str:
         """Whether a user-sent signal reached CMD as well as us, and how we know: a ``kill`` of
-        the process group. Only a standard signal can tell (GroupSignalLedger). Forwarding a
-        standard signal that is still pending in CMD would change nothing anyway."""
+        the process group. Only a standard signal can tell (GroupSignalLedger gives the
+        protocol). Forwarding a standard signal still pending in CMD would change nothing."""
         sig = info.signo
         ledger = self.ledger
         if ledger.take(sig, info.pid):
@@ -374,24 +401,18 @@ class Forwarder:
         cmd = self.cmd.pid
         if not self._cmd_in_our_group():
             return ""
-        deadline = 0.0
         while True:
             if ledger.take(sig, info.pid):
                 return "CMD took it too (sent to the process group)"
             if sig in shared_pending(cmd):
                 return "pending in CMD already (sent to the process group)"
-            # Taken, but the tracer has not seen it yet: CMD waits in a ptrace stop.
-            waiting = sig in GROUP_SIGNALS and in_ptrace_stop(cmd)
+            # Taken by a thread that waits for the tracer: the entry comes before it goes on.
+            owed = sig in GROUP_SIGNALS and owed_stop(cmd, sig, self.parked)
             if ledger.take(sig, info.pid):
                 return "CMD took it too (sent to the process group)"
-            if not waiting:
+            if not owed or not self.cmd.traced:
                 return ""
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + DEDUP_WAIT
-            if now >= deadline:
-                return ""
-            ledger.wait(min(0.005, deadline - now))
+            ledger.wait(POLL)
 
     def _forward(self, info: SigInfo) -> None:
         if self.cmd.status is not None:
@@ -427,9 +448,12 @@ def shared_pending(pid: int) -> frozenset[int]:
     return frozenset()
 
 
-def in_ptrace_stop(pid: int) -> bool:
-    """Whether some thread of ``pid`` sits in a ptrace stop (state ``t``), waiting for the
-    tracer: a signal it just took is then not yet known to the tracer."""
+def owed_stop(pid: int, sig: int, parked: Collection[int]) -> bool:
+    """Whether a thread of ``pid`` (a tracee) may hold ``sig`` in a ptrace stop the tracer has
+    not dealt with yet: a stop not yet reported for ``sig`` (``exit_code`` of
+    /proc/PID/task/TID/stat, the last field, is the signal until the tracer's ``waitpid``
+    takes it), or one reported (0) and not ended. Threads the tracer parked in
+    ``PTRACE_LISTEN`` (group-stopped, they hold no signal) are not waited for."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -437,9 +461,13 @@ def in_ptrace_stop(pid: int) -> bool:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
+                fields = f.read().rpartition(b")")[2].split()
         except OSError:
             continue
-        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] == b"t":
+        if not fields or fields[0] != b"t":
+            continue
+        # Unreadable (no permission: shown as 0, or an old kernel): as if reported.
+        code = int(fields[49]) if len(fields) >= 50 and fields[49].isdigit() else 0
+        if code == sig or (code == 0 and int(tid) not in parked):
             return True
     return False

@@ -113,6 +113,7 @@ class Launcher:
             watch_signals=GROUP_SIGNALS,
             fault_at_exec=_fault_hook(),
         )
+        forwarder.parked = tracer.parked
         go = self._start_cmd(path, env)
         thread = threading.Thread(target=self._trace, args=(tracer, go), name="tracer", daemon=True)
         thread.start()
