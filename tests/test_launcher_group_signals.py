@@ -22,8 +22,6 @@ import pytest
 import test_launcher_common
 from test_launcher_common import Bin, Run, launch_argv, parse_sig, started, wait_for
 
-from vgpu_launch.forwarding import shared_pending
-
 lbin = test_launcher_common.lbin  # the session fixture
 
 ROUNDS = int(os.environ.get("VGPU_TEST_GROUP_SIGNAL_ROUNDS", "200"))

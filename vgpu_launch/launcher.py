@@ -324,8 +324,8 @@ class Launcher:
 
 def exit_like(status: int) -> NoReturn:
     """Leave the way CMD did: same exit code, or death by the same signal."""
-    # A terminal that hung up, a closed pipe: CMD's status comes first.
-    with contextlib.suppress(OSError, ValueError):
+    # A terminal that hung up, a closed pipe, no stderr at all: CMD's status comes first.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()
     if os.WIFEXITED(status):
         os._exit(os.WEXITSTATUS(status))
