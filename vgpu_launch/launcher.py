@@ -34,6 +34,7 @@ from .forwarding import FORWARDED, GROUP_SIGNALS, WAKE, Cmd, Forwarder, signame
 from .jobcontrol import JobControl
 from .siginfo import SignalWaiter
 from .sigstate import SignalState
+from .trace import probe
 from .trace.injector import Outcome
 from .trace.policy import Decision, apply, plan
 from .trace.ptracelib import PtraceError
@@ -56,28 +57,6 @@ def _env_dict(entries: Sequence[bytes]) -> dict[bytes, bytes]:
     return out
 
 
-def _ptrace_refusal(exc: PtraceError, child: int) -> str:
-    """Why the kernel refused to trace our own child, in operator's words."""
-    tracer = procfs.status_field(child, "TracerPid")
-    if tracer and tracer != "0":
-        return (
-            f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)}): vgpu-launch runs "
-            "under a tracer that follows forks (strace -f, gdb)"
-        )
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            if f.read().strip() == "3":
-                return "ptrace is disabled on this host (kernel.yama.ptrace_scope = 3)"
-    except OSError:
-        pass
-    if procfs.status_field("self", "Seccomp") == "2":
-        return (
-            "a seccomp filter (e.g. a container runtime's profile) refuses ptrace: allow ptrace "
-            "in the profile"
-        )
-    return f"ptrace refused ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
-
-
 class Launcher:
     def __init__(self, cfg: Config, argv: list[str], sigs: SignalState) -> None:
         self.cfg = cfg
@@ -87,7 +66,7 @@ class Launcher:
         self.pid = os.getpid()
         self.cmd = Cmd()
         self.tracer_error: BaseException | None = None
-        self.seize_error: PtraceError | None = None
+        self.seize_refusal: str | None = None  # why the tracer could not attach CMD
         self.started = time.monotonic()
         # verify.Verifier: proof that the library really got mapped (its own daemon thread)
         from .diagnostics.verify import Verifier
@@ -98,8 +77,6 @@ class Launcher:
         path, env, unusable = self._set_up()
         if self.cfg.no_follow:
             self._exec_untraced(path, env)
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE})
-        prctl.set_child_subreaper(1)
         jobs = JobControl(self.pid)
         forwarder = Forwarder(self.cmd, jobs, self.log, debug=self.cfg.log_level == "debug")
         tracer = Tracer(
@@ -114,6 +91,9 @@ class Launcher:
             fault_at_exec=_fault_hook(),
         )
         forwarder.parked = tracer.parked
+        self._check_ptrace(tracer.options)
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE})
+        prctl.set_child_subreaper(1)
         go = self._start_cmd(path, env)
         thread = threading.Thread(target=self._trace, args=(tracer, go), name="tracer", daemon=True)
         thread.start()
@@ -167,6 +147,17 @@ class Launcher:
                 EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE,
             ) from None
 
+    def _check_ptrace(self, options: int) -> None:
+        """Under a seccomp filter, ask a throw-away child whether calling ptrace is fatal: a
+        filter can make it kill the caller (SIGSYS), and that must be a one-line refusal, not
+        the silent death of vgpu-launch. Any other refusal is an error, which the tracer
+        reports with its reason when it attaches CMD; without a filter: no probe, no cost."""
+        if probe.filtered() and probe.kills(options):
+            raise LaunchError(self._cannot_trace(probe.KILLED), EXIT_CANNOT_TRACE)
+
+    def _cannot_trace(self, reason: str) -> str:
+        return f"cannot trace {self.argv[0]}: {reason}; to run it untraced use --no-follow"
+
     # -- starting CMD -------------------------------------------------------------------------
 
     def _start_cmd(self, path: str, env: list[bytes]) -> int:
@@ -209,7 +200,9 @@ class Launcher:
             try:
                 tracer.seize(self.cmd.pid)
             except PtraceError as exc:
-                self.seize_error = exc
+                # Now, while CMD's child waits for the go: once it has exited, a tracer that
+                # had it first (strace -f) lets go of it and TracerPid no longer tells.
+                self.seize_refusal = probe.refusal(exc.errno or 0, self.cmd.pid)[0]
                 return
             os.write(ready_w, b"g")
             os.close(ready_w)
@@ -242,14 +235,9 @@ class Launcher:
             info = waiter.wait()
             forwarder.ledger.began()
             if info.signo == WAKE and info.pid == self.pid:
-                if self.seize_error is not None:
+                if self.seize_refusal is not None:
                     os.waitpid(cmd.pid, 0)
-                    raise LaunchError(
-                        f"cannot trace {self.argv[0]}: "
-                        f"{_ptrace_refusal(self.seize_error, cmd.pid)}"
-                        "; to run it untraced use --no-follow",
-                        EXIT_CANNOT_TRACE,
-                    )
+                    raise LaunchError(self._cannot_trace(self.seize_refusal), EXIT_CANNOT_TRACE)
                 if cmd.status is not None:
                     return
                 if self.tracer_error is not None:
