@@ -12,6 +12,7 @@ untraced (untraced.py). docs/launcher.md gives every rule and its reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import resource
@@ -41,6 +42,9 @@ from .trace.ptracelib import PtraceError
 from .trace.tracer import Tracer
 
 _VERIFIABLE = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.signal.restype = ctypes.c_void_p
+_libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
 FAULT_VAR = "VGPU_LAUNCH_TEST_FAULT"  # "exec:N": raise inside the tracer at the Nth exec
 
 
@@ -197,42 +201,58 @@ class Launcher:
 
     def _trace(self, tracer: Tracer, ready_w: int) -> None:
         try:
+            self.cmd.status = self._serve(tracer, ready_w)
+        except BaseException as exc:  # any failure here must not stop CMD
+            self.tracer_error = exc
+            self.cmd.traced = False
+            with contextlib.suppress(Exception):
+                self.log.error(
+                    "tracer-failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                    message="the tree runs on untraced"
+                    + (" (strict: PTRACE_O_EXITKILL ends it)" if self.cfg.strict else ""),
+                )
+        if self.cmd.status is not None:
+            # CMD has exited: this thread knows it first, and finishes. Handing the status to
+            # the main thread would make vgpu-launch's exit depend on that thread being there.
+            self._finish(tracer)
+        # It could not attach CMD, or it failed: the main thread takes over.
+        signal.pthread_kill(threading.main_thread().ident or 0, WAKE)
+
+    def _serve(self, tracer: Tracer, ready_w: int) -> int | None:
+        """Attach CMD and let it start; serve until it exits: its wait status (None: it could
+        not be attached, and ``seize_refusal`` says why)."""
+        try:
             try:
                 tracer.seize(self.cmd.pid)
             except PtraceError as exc:
                 # Now, while CMD's child waits for the go: once it has exited, a tracer that
                 # had it first (strace -f) lets go of it and TracerPid no longer tells.
                 self.seize_refusal = probe.refusal(exc.errno or 0, self.cmd.pid)[0]
-                return
+                return None
             os.write(ready_w, b"g")
-            os.close(ready_w)
-            ready_w = -1
-            self.cmd.status = tracer.run(self.cmd.pid)
-        except BaseException as exc:  # any failure here must not stop CMD
-            self.tracer_error = exc
-            self.cmd.traced = False
-            self.log.error(
-                "tracer-failed",
-                error=f"{type(exc).__name__}: {exc}",
-                traceback=traceback.format_exc(),
-                message="the tree runs on untraced"
-                + (" (strict: PTRACE_O_EXITKILL ends it)" if self.cfg.strict else ""),
-            )
         finally:
-            if ready_w >= 0:
-                os.close(ready_w)
-            signal.pthread_kill(threading.main_thread().ident or 0, WAKE)
+            os.close(ready_w)
+        return tracer.run(self.cmd.pid)
 
     # -- the main thread --------------------------------------------------------------------
 
     def _supervise(self, forwarder: Forwarder) -> None:
-        """Forward signals until the tracer wakes us (WAKE, from our own pid): CMD's status is
-        known, the tracer failed, or it could not attach CMD at all."""
+        """Forward signals until the tracer wakes us (WAKE, from our own pid): it could not
+        attach CMD, or it failed. (When CMD exits, the tracer thread finishes by itself.)
+        Nothing that goes wrong with one signal ends this loop: the main thread must stay,
+        or signals would no longer reach CMD."""
         waiter = SignalWaiter(FORWARDED | {WAKE})
         forwarder.ledger.attach(waiter)
         cmd = self.cmd
         while True:
-            info = waiter.wait()
+            try:
+                info = waiter.wait()
+            except OSError as exc:
+                self._internal_error("sigwaitinfo", exc)
+                time.sleep(0.1)  # not a busy loop, should it persist
+                continue
             forwarder.ledger.began()
             if info.signo == WAKE and info.pid == self.pid:
                 if self.seize_refusal is not None:
@@ -244,7 +264,19 @@ class Launcher:
                     untraced.supervise(cmd, forwarder)
                     return
                 continue
-            forwarder.on_signal(info)
+            try:
+                forwarder.on_signal(info)
+            except Exception as exc:
+                self._internal_error(f"handling {signame(info.signo)}", exc)
+
+    def _internal_error(self, what: str, exc: Exception) -> None:
+        with contextlib.suppress(Exception):
+            self.log.error(
+                "internal-error",
+                error=f"{what}: {type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+                message="vgpu-launch goes on supervising CMD",
+            )
 
     # -- logging ----------------------------------------------------------------------------
 
@@ -288,26 +320,30 @@ class Launcher:
     # -- the end ------------------------------------------------------------------------------
 
     def _finish(self, tracer: Tracer) -> NoReturn:
+        """Log the end and leave the way CMD did; from whichever thread knows CMD's status.
+        Nothing here may keep vgpu-launch from exiting with it."""
         status = self.cmd.status if self.cmd.status is not None else 0
-        fields: dict[str, Any] = {
-            "counts": tracer.stats.counts,
-            "spawned": tracer.stats.spawned,
-            # After a tracer failure the kernel detached every tracee: none is left.
-            "tracees_left": 0 if self.tracer_error is not None else len(tracer.tracees),
-            "seconds": round(time.monotonic() - self.started, 3),
-            "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
-            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        }
-        if os.WIFSIGNALED(status):
-            fields["cmd_signal"] = signame(os.WTERMSIG(status))
-        else:
-            fields["cmd_exit"] = os.WEXITSTATUS(status)
-        if self.verifier is not None:
-            fields["verification"] = self.verifier.finish()
-        if self.tracer_error is not None:
-            fields["tracer_failed"] = True
-        self.log.info("end", **fields)
-        exit_like(status)
+        try:
+            fields: dict[str, Any] = {
+                "counts": tracer.stats.counts,
+                "spawned": tracer.stats.spawned,
+                # After a tracer failure the kernel detached every tracee: none is left.
+                "tracees_left": 0 if self.tracer_error is not None else len(tracer.tracees),
+                "seconds": round(time.monotonic() - self.started, 3),
+                "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
+                "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            }
+            if os.WIFSIGNALED(status):
+                fields["cmd_signal"] = signame(os.WTERMSIG(status))
+            else:
+                fields["cmd_exit"] = os.WEXITSTATUS(status)
+            if self.verifier is not None:
+                fields["verification"] = self.verifier.finish()
+            if self.tracer_error is not None:
+                fields["tracer_failed"] = True
+            self.log.info("end", **fields)
+        finally:
+            exit_like(status)
 
 
 def exit_like(status: int) -> NoReturn:
@@ -324,9 +360,11 @@ def exit_like(status: int) -> NoReturn:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     prctl.set_dumpable(False)
     if sig != signal.SIGKILL:  # SIGKILL's disposition and mask cannot be changed (EINVAL)
-        signal.signal(sig, signal.SIG_DFL)
+        # libc's signal(), not Python's: this may run in the tracer thread, and nothing of
+        # Python's signal handling matters any more.
+        _libc.signal(sig, None)  # SIG_DFL
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
-    signal.raise_signal(sig)
+    signal.raise_signal(sig)  # to this thread: its default action ends the process
     os._exit(128 + sig)
 
 
