@@ -25,8 +25,16 @@ from test_launcher_common import Bin, Run, launch_argv, parse_sig, started, wait
 lbin = test_launcher_common.lbin  # the session fixture
 
 ROUNDS = int(os.environ.get("VGPU_TEST_GROUP_SIGNAL_ROUNDS", "200"))
-GROUP = [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCONT,
-         signal.SIGWINCH, signal.SIGUSR2, signal.SIGQUIT]
+GROUP = [
+    signal.SIGUSR1,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGCONT,
+    signal.SIGWINCH,
+    signal.SIGUSR2,
+    signal.SIGQUIT,
+]
 MARKER = signal.SIGRTMIN + 5  # sent last: anything forwarded before it has arrived by then
 # How long the tracer thread is held while CMD's copy waits for it: well past the 0.1 s
 # after which vgpu-launch used to stop waiting and forward (CMD then got the signal twice).
@@ -106,8 +114,9 @@ def group_kill_while_held(run: Run, cmd: int, tracer: int, sig: int, hold: float
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_group_signal_arrives_once_while_the_tracer_is_late(lbin: Bin, tmp_path: Path,
-                                                            threads: int) -> None:
+def test_group_signal_arrives_once_while_the_tracer_is_late(
+    lbin: Bin, tmp_path: Path, threads: int
+) -> None:
     """A group kill that CMD takes while the tracer thread is not running arrives once."""
     sigs = [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2]
     with started(launch_argv(lbin.lib, lbin.sigrec, "-T", str(threads)), tmp_path) as run:

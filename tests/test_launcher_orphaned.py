@@ -75,11 +75,24 @@ def test_parent_gone_without_a_word(lbin: Bin, tmp_path: Path, mode: str) -> Non
     and vgpu-launch exits with CMD's status."""
     out, go, log = tmp_path / "out", tmp_path / "go", tmp_path / "log"
     out.write_text("")
-    argv = launch_argv(lbin.lib, "/bin/sh", "-c", CMD, out, go,
-                       options=["--log-level", "debug", "--log-file", str(log)])
-    helper = subprocess.run([PYTHON, "-c", HELPER, mode, str(out), str(go), *argv],
-                            input=PARENT, env=launch_env(), capture_output=True, text=True,
-                            timeout=120, check=False)
+    argv = launch_argv(
+        lbin.lib,
+        "/bin/sh",
+        "-c",
+        CMD,
+        out,
+        go,
+        options=["--log-level", "debug", "--log-file", str(log)],
+    )
+    helper = subprocess.run(
+        [PYTHON, "-c", HELPER, mode, str(out), str(go), *argv],
+        input=PARENT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert helper.returncode == 0, helper.stderr
     status = int(helper.stdout.split("status=")[1])
     lines = out.read_text().split()
@@ -133,8 +146,10 @@ def _state(pid: int) -> str:
     return "gone"
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64",
-                    reason="ending one thread by syscall injection is written for x86_64")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64",
+    reason="ending one thread by syscall injection is written for x86_64",
+)
 def test_main_thread_gone(lbin: Bin, tmp_path: Path) -> None:
     """vgpu-launch's main thread ends on its own (a zombie leader): the tracer thread serves on
     and, when CMD exits, vgpu-launch exits with CMD's status, not the main thread's."""
@@ -142,9 +157,10 @@ def test_main_thread_gone(lbin: Bin, tmp_path: Path) -> None:
     out.write_text("")
     with started(launch_argv(lbin.lib, "/bin/sh", "-c", CMD, out, go), tmp_path) as run:
         wait_for("CMD", lambda: "ready" in out.read_text())
-        wait_for("the main thread to wait for signals",
-                 lambda: Path(f"/proc/{run.pid}/task/{run.pid}/syscall").read_text()
-                 .startswith("128 "))  # rt_sigtimedwait
+        wait_for(
+            "the main thread to wait for signals",
+            lambda: Path(f"/proc/{run.pid}/task/{run.pid}/syscall").read_text().startswith("128 "),
+        )  # rt_sigtimedwait
         end_main_thread(run.pid)
         wait_for("the main thread to be gone", lambda: _state(run.pid) == "Z")
         go.touch()

@@ -20,9 +20,19 @@ REFUSES = "a seccomp filter (e.g. a container runtime's profile) refuses ptrace"
 def seccomp_ptrace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/programs/seccomp_ptrace.c: run a program under a filter for ptrace alone."""
     out = tmp_path_factory.mktemp("seccomp") / "seccomp_ptrace"
-    subprocess.run(["gcc", "-O1", "-Wall", "-o", str(out),
-                    str(REPO / "tests" / "programs" / "seccomp_ptrace.c")],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "gcc",
+            "-O1",
+            "-Wall",
+            "-o",
+            str(out),
+            str(REPO / "tests" / "programs" / "seccomp_ptrace.c"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return out
 
 
@@ -31,15 +41,21 @@ def messages(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if not line.startswith("{")]
 
 
-@pytest.mark.parametrize(("action", "why"), [("kill", KILLS), ("eperm", REFUSES)],
-                         ids=["kills", "refuses"])
-def test_seccomp_filter_on_ptrace(seccomp_ptrace: Path, lbin: Bin, action: str,
-                                  why: str) -> None:
+@pytest.mark.parametrize(
+    ("action", "why"), [("kill", KILLS), ("eperm", REFUSES)], ids=["kills", "refuses"]
+)
+def test_seccomp_filter_on_ptrace(seccomp_ptrace: Path, lbin: Bin, action: str, why: str) -> None:
     """A filter that kills ptrace callers with SIGSYS (systemd's default) gives the same clear
     exit 125 as one that refuses; CMD does not run."""
     argv = launch_argv(lbin.lib, "/bin/echo", "ran")
-    proc = subprocess.run([str(seccomp_ptrace), action, *argv], env=launch_env(),
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [str(seccomp_ptrace), action, *argv],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 125, proc.stderr
     assert proc.stdout == ""
     [line] = messages(proc.stderr)
@@ -50,13 +66,26 @@ def test_seccomp_filter_on_ptrace(seccomp_ptrace: Path, lbin: Bin, action: str,
 def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
     """trace.probe's checks (``probe`` is the one `doctor` can share) answer instead of dying
     of SIGSYS under a filter that kills, and say that tracing works without one."""
-    code = ("from vgpu_launch.trace.probe import kills, probe; p = probe(); "
-            "print(p.works, p.killed_by, kills(), p.reason, sep='|')")
-    killed = subprocess.run([str(seccomp_ptrace), "kill", PYTHON, "-c", code],
-                            env=launch_env(), capture_output=True, text=True, timeout=60,
-                            check=False)
-    free = subprocess.run([PYTHON, "-c", code], env=launch_env(), capture_output=True,
-                          text=True, timeout=60, check=False)
+    code = (
+        "from vgpu_launch.trace.probe import kills, probe; p = probe(); "
+        "print(p.works, p.killed_by, kills(), p.reason, sep='|')"
+    )
+    killed = subprocess.run(
+        [str(seccomp_ptrace), "kill", PYTHON, "-c", code],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    free = subprocess.run(
+        [PYTHON, "-c", code],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert killed.returncode == 0, killed.stderr
     works, signal_, fatal, reason = killed.stdout.strip().split("|")
     assert (works, signal_, fatal) == ("False", "31", "True") and reason.startswith(KILLS)
@@ -65,10 +94,13 @@ def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
 
 def test_names_the_tracer_that_has_cmd(lbin: Bin) -> None:
     """Under `strace -f` the child is strace's first: the message names strace and its pid."""
-    strace = subprocess.Popen(["strace", "-f", "-o", "/dev/null",
-                               *launch_argv(lbin.lib, "/bin/echo", "ran")],
-                              env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    strace = subprocess.Popen(
+        ["strace", "-f", "-o", "/dev/null", *launch_argv(lbin.lib, "/bin/echo", "ran")],
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = strace.communicate(timeout=60)
     assert strace.returncode == 125, err
     assert out == ""
@@ -82,8 +114,14 @@ def test_names_the_tracer_that_has_cmd(lbin: Bin) -> None:
 def test_nested_in_itself(lbin: Bin) -> None:
     """vgpu-launch as CMD of vgpu-launch: the inner one says the outer one traces its child."""
     inner = launch_argv(lbin.lib, "/bin/echo", "ran")
-    proc = subprocess.run(launch_argv(lbin.lib, *inner), env=launch_env(),
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        launch_argv(lbin.lib, *inner),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 125, proc.stderr
     [line] = messages(proc.stderr)
     assert line.startswith("vgpu-launch: cannot trace /bin/echo: CMD is already traced by pid ")

@@ -15,24 +15,35 @@ from test_launcher_common import Bin, launch_argv, launch_env
 lbin = test_launcher_common.lbin  # the session fixture
 
 # CMD: which of its fds 0-2 are open, then exit 7.
-REPORT = ('for fd in 0 1 2; do if [ -e /proc/$$/fd/$fd ]; then s=open; else s=closed; fi; '
-          'printf "fd%s=%s " $fd $s >> "$0"; done; exit 7')
+REPORT = (
+    "for fd in 0 1 2; do if [ -e /proc/$$/fd/$fd ]; then s=open; else s=closed; fi; "
+    'printf "fd%s=%s " $fd $s >> "$0"; done; exit 7'
+)
 
 
 def run_closed(argv: list[str], redirections: str) -> int:
     """Run ``argv`` the way a shell does with ``redirections`` (e.g. ``2>&-``); its status."""
-    proc = subprocess.run(["/bin/sh", "-c", f'exec "$@" {redirections}', "sh", *argv],
-                          env=launch_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        ["/bin/sh", "-c", f'exec "$@" {redirections}', "sh", *argv],
+        env=launch_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
     return proc.returncode
 
 
-@pytest.mark.parametrize("options", [
-    [],
-    ["--log-format", "json", "--log-level", "error"],
-    ["--log-format", "console"],
-    ["--log-format", "json", "--log-level", "debug"],
-], ids=["default", "json-error", "console", "json-debug"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--log-format", "json", "--log-level", "error"],
+        ["--log-format", "console"],
+        ["--log-format", "json", "--log-level", "debug"],
+    ],
+    ids=["default", "json-error", "console", "json-debug"],
+)
 def test_stderr_closed(lbin: Bin, tmp_path: Path, options: list[str]) -> None:
     """`vgpu-launch ... 2>&-`: CMD runs with fd 2 closed; vgpu-launch exits with its status."""
     out = tmp_path / "report"

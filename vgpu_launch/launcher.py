@@ -61,6 +61,55 @@ def _env_dict(entries: Sequence[bytes]) -> dict[bytes, bytes]:
     return out
 
 
+class ExecLog:
+    """The tracer thread's callbacks for the log: every exec's decision, and (debug) every
+    other event."""
+
+    def __init__(self, cfg: Config, log: Any, verifier: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.verifier = verifier
+
+    def on_exec(self, o: Outcome, former: int | None) -> None:
+        """One ``exec`` event per program (a warning when it runs without the preload), and
+        the programs given the preload queued for the verifier."""
+        if self.cfg.log_level in ("warning", "error") and o.decision is not Decision.FAILED:
+            # Nothing to log: skip the /proc read and the event's construction.
+            if self.verifier is not None and o.decision in _VERIFIABLE:
+                self.verifier.schedule(o)
+            return
+        fields: dict[str, Any] = {
+            "pid": o.pid,
+            "ppid": procfs.ppid(o.pid),
+            "exe": o.exe,
+            "argv": o.argv,
+            "preload_before": o.preload_before,
+            "decision": o.decision.value,
+            "preload_after": o.preload_after,
+            "static": o.static,
+            "bits": o.word * 8,
+            "elapsed_us": o.elapsed_us,
+        }
+        if o.env_set:
+            fields["env_set"] = o.env_set
+        if former is not None:
+            fields["former_tid"] = former
+        if o.note:
+            fields["note"] = o.note
+        if o.reason:
+            fields["reason"] = o.reason
+        if self.verifier is not None and o.decision in _VERIFIABLE:
+            self.verifier.schedule(o)
+        if o.decision is Decision.FAILED:
+            fields["action"] = "killed (strict)" if self.cfg.strict else "runs without the preload"
+            self.log.warning("exec", **fields)
+        else:
+            self.log.info("exec", **fields)
+
+    def on_event(self, kind: str, **fields: Any) -> None:
+        self.log.debug(kind, **fields)
+
+
 class Launcher:
     def __init__(self, cfg: Config, argv: list[str], sigs: SignalState) -> None:
         self.cfg = cfg
@@ -78,17 +127,21 @@ class Launcher:
         self.verifier: Any = Verifier(cfg.preload, self.log) if cfg.preload else None
 
     def run(self) -> NoReturn:
+        """Set up, start CMD under the tracer thread, supervise, finish. Never returns: the
+        process exits like CMD (the tracer thread finishes when CMD exits; this thread only
+        when the tracer could not attach CMD or failed)."""
         path, env, unusable = self._set_up()
         if self.cfg.no_follow:
             self._exec_untraced(path, env)
         jobs = JobControl(self.pid)
+        events = ExecLog(self.cfg, self.log, self.verifier)
         forwarder = Forwarder(self.cmd, jobs, self.log, debug=self.cfg.log_level == "debug")
         tracer = Tracer(
             self.cfg.policy(),
             strict=self.cfg.strict,
             unusable=unusable,
-            on_exec=self._log_exec,
-            on_event=self._log_event if self.cfg.log_level == "debug" else None,
+            on_exec=events.on_exec,
+            on_event=events.on_event if self.cfg.log_level == "debug" else None,
             on_cmd_stopped=jobs.cmd_stopped,
             on_signal=forwarder.cmd_took,
             watch_signals=GROUP_SIGNALS,
@@ -278,45 +331,6 @@ class Launcher:
                 message="vgpu-launch goes on supervising CMD",
             )
 
-    # -- logging ----------------------------------------------------------------------------
-
-    def _log_exec(self, o: Outcome, former: int | None) -> None:
-        if self.cfg.log_level in ("warning", "error") and o.decision is not Decision.FAILED:
-            # Nothing to log: skip the /proc read and the event's construction.
-            if self.verifier is not None and o.decision in _VERIFIABLE:
-                self.verifier.schedule(o)
-            return
-        fields: dict[str, Any] = {
-            "pid": o.pid,
-            "ppid": procfs.ppid(o.pid),
-            "exe": o.exe,
-            "argv": o.argv,
-            "preload_before": o.preload_before,
-            "decision": o.decision.value,
-            "preload_after": o.preload_after,
-            "static": o.static,
-            "bits": o.word * 8,
-            "elapsed_us": o.elapsed_us,
-        }
-        if o.env_set:
-            fields["env_set"] = o.env_set
-        if former is not None:
-            fields["former_tid"] = former
-        if o.note:
-            fields["note"] = o.note
-        if o.reason:
-            fields["reason"] = o.reason
-        if self.verifier is not None and o.decision in _VERIFIABLE:
-            self.verifier.schedule(o)
-        if o.decision is Decision.FAILED:
-            fields["action"] = "killed (strict)" if self.cfg.strict else "runs without the preload"
-            self.log.warning("exec", **fields)
-        else:
-            self.log.info("exec", **fields)
-
-    def _log_event(self, kind: str, **fields: Any) -> None:
-        self.log.debug(kind, **fields)
-
     # -- the end ------------------------------------------------------------------------------
 
     def _finish(self, tracer: Tracer) -> NoReturn:
@@ -324,26 +338,31 @@ class Launcher:
         Nothing here may keep vgpu-launch from exiting with it."""
         status = self.cmd.status if self.cmd.status is not None else 0
         try:
-            fields: dict[str, Any] = {
-                "counts": tracer.stats.counts,
-                "spawned": tracer.stats.spawned,
-                # After a tracer failure the kernel detached every tracee: none is left.
-                "tracees_left": 0 if self.tracer_error is not None else len(tracer.tracees),
-                "seconds": round(time.monotonic() - self.started, 3),
-                "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
-                "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            }
-            if os.WIFSIGNALED(status):
-                fields["cmd_signal"] = signame(os.WTERMSIG(status))
-            else:
-                fields["cmd_exit"] = os.WEXITSTATUS(status)
-            if self.verifier is not None:
-                fields["verification"] = self.verifier.finish()
-            if self.tracer_error is not None:
-                fields["tracer_failed"] = True
-            self.log.info("end", **fields)
+            self.log.info("end", **_end_fields(self, tracer, status))
         finally:
             exit_like(status)
+
+
+def _end_fields(run: Launcher, tracer: Tracer, status: int) -> dict[str, Any]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    fields: dict[str, Any] = {
+        "counts": tracer.stats.counts,
+        "spawned": tracer.stats.spawned,
+        # After a tracer failure the kernel detached every tracee: none is left.
+        "tracees_left": 0 if run.tracer_error is not None else len(tracer.tracees),
+        "seconds": round(time.monotonic() - run.started, 3),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+        "max_rss_kb": usage.ru_maxrss,
+    }
+    if os.WIFSIGNALED(status):
+        fields["cmd_signal"] = signame(os.WTERMSIG(status))
+    else:
+        fields["cmd_exit"] = os.WEXITSTATUS(status)
+    if run.verifier is not None:
+        fields["verification"] = run.verifier.finish()
+    if run.tracer_error is not None:
+        fields["tracer_failed"] = True
+    return fields
 
 
 def exit_like(status: int) -> NoReturn:
