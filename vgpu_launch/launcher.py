@@ -2,11 +2,11 @@
 
 ``Launcher.run`` is the whole life of vgpu-launch, like tini's main(): set up, start CMD,
 supervise, finish. Two threads share the work. The tracer thread (trace/tracer.py) attaches CMD
-before its first instruction and does every ``waitpid`` and ptrace call. The main thread blocks
-every forwardable signal, takes them one at a time with ``sigwaitinfo`` and passes them on
-(forwarding.py), mirrors CMD's job-control stops (jobcontrol.py), and once the tracer reports
-CMD's end exits with CMD's status. If the tracer thread fails, the main thread supervises CMD
-untraced (untraced.py). docs/launcher.md gives every rule and its reason.
+before its first instruction, does every ``waitpid`` and ptrace call, and, as it is the one that
+reaps CMD, logs the end and exits like CMD. The main thread blocks every forwardable signal,
+takes them one at a time with ``sigwaitinfo`` and passes them on (forwarding.py), and mirrors
+CMD's job-control stops (jobcontrol.py). If the tracer thread fails, the main thread supervises
+CMD untraced (untraced.py) and finishes. docs/launcher.md gives every rule and its reason.
 """
 
 from __future__ import annotations
