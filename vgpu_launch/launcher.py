@@ -120,6 +120,7 @@ class Launcher:
         self.cmd = Cmd()
         self.tracer_error: BaseException | None = None
         self.seize_refusal: str | None = None  # why the tracer could not attach CMD
+        self.cmd_reaped = False  # CMD's child, dead before it could be attached, was reaped
         self.started = time.monotonic()
         # verify.Verifier: proof that the library really got mapped (its own daemon thread)
         from .diagnostics.verify import Verifier
@@ -148,11 +149,15 @@ class Launcher:
             fault_at_exec=_fault_hook(),
         )
         forwarder.parked = tracer.parked
-        self._check_ptrace(tracer.options)
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE})
         prctl.set_child_subreaper(1)
-        go = self._start_cmd(path, env)
-        thread = threading.Thread(target=self._trace, args=(tracer, go), name="tracer", daemon=True)
+        # Under a seccomp filter, calling ptrace may kill the caller (SIGSYS): CMD's child
+        # makes that call first (probe.seize_self), and vgpu-launch only once it survived.
+        check = tracer.options if probe.filtered() else None
+        pipes = self._start_cmd(path, env, check)
+        thread = threading.Thread(
+            target=self._trace, args=(tracer, *pipes), name="tracer", daemon=True
+        )
         thread.start()
         self._supervise(forwarder)
         thread.join(timeout=1.0)
@@ -204,36 +209,48 @@ class Launcher:
                 EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE,
             ) from None
 
-    def _check_ptrace(self, options: int) -> None:
-        """Under a seccomp filter, ask a throw-away child whether calling ptrace is fatal: a
-        filter can make it kill the caller (SIGSYS), and that must be a one-line refusal, not
-        the silent death of vgpu-launch. Any other refusal is an error, which the tracer
-        reports with its reason when it attaches CMD; without a filter: no probe, no cost."""
-        if probe.filtered() and probe.kills(options):
-            raise LaunchError(self._cannot_trace(probe.KILLED), EXIT_CANNOT_TRACE)
-
     def _cannot_trace(self, reason: str) -> str:
         return f"cannot trace {self.argv[0]}: {reason}; to run it untraced use --no-follow"
 
     # -- starting CMD -------------------------------------------------------------------------
 
-    def _start_cmd(self, path: str, env: list[bytes]) -> int:
+    def _start_cmd(self, path: str, env: list[bytes], check: int | None) -> tuple[int, int]:
         """Fork CMD; it waits on a pipe until the tracer has attached it (before its first
-        instruction). Returns the pipe's write end: the tracer's go."""
+        instruction). With ``check`` (ptrace options), it first makes the ptrace call that a
+        seccomp filter may punish with death, and says on a second pipe that it survived.
+        Returns the write end of the first pipe (the tracer's go) and the read end of the
+        second (-1: no check)."""
         ready_r, ready_w = os.pipe()
+        alive_r, alive_w = os.pipe() if check is not None else (-1, -1)
         self.cmd.pid = os.fork()
         if self.cmd.pid == 0:
-            self._child(ready_r, ready_w, path, env)
-        os.close(ready_r)
+            self._child(ready_r, ready_w, alive_r, alive_w, check, path, env)
+        for fd in (ready_r, alive_w):
+            if fd >= 0:
+                os.close(fd)
         self.started = time.monotonic()
         # The tracer must get the interpreter back quickly whenever a stop arrives, even while
         # the verifier thread is busy: shorten the wait before a forced switch (default 5 ms).
         sys.setswitchinterval(0.0005)
-        return ready_w
+        return ready_w, alive_r
 
-    def _child(self, ready_r: int, ready_w: int, path: str, env: list[bytes]) -> NoReturn:
+    def _child(
+        self,
+        ready_r: int,
+        ready_w: int,
+        alive_r: int,
+        alive_w: int,
+        check: int | None,
+        path: str,
+        env: list[bytes],
+    ) -> NoReturn:
         try:
             os.close(ready_w)
+            if check is not None:
+                os.close(alive_r)
+                probe.seize_self(check)  # refused; or a seccomp filter kills us right here
+                os.write(alive_w, b"a")
+                os.close(alive_w)
             if os.read(ready_r, 1) != b"g":  # the tracer could not attach
                 os._exit(EXIT_CANNOT_TRACE)
             os.close(ready_r)
@@ -252,9 +269,9 @@ class Launcher:
 
     # -- the tracer thread ------------------------------------------------------------------
 
-    def _trace(self, tracer: Tracer, ready_w: int) -> None:
+    def _trace(self, tracer: Tracer, ready_w: int, alive_r: int) -> None:
         try:
-            self.cmd.status = self._serve(tracer, ready_w)
+            self.cmd.status = self._serve(tracer, ready_w, alive_r)
         except BaseException as exc:  # any failure here must not stop CMD
             self.tracer_error = exc
             self.cmd.traced = False
@@ -273,10 +290,12 @@ class Launcher:
         # It could not attach CMD, or it failed: the main thread takes over.
         signal.pthread_kill(threading.main_thread().ident or 0, WAKE)
 
-    def _serve(self, tracer: Tracer, ready_w: int) -> int | None:
+    def _serve(self, tracer: Tracer, ready_w: int, alive_r: int) -> int | None:
         """Attach CMD and let it start; serve until it exits: its wait status (None: it could
         not be attached, and ``seize_refusal`` says why)."""
         try:
+            if alive_r >= 0 and not self._survived_ptrace(alive_r):
+                return None
             try:
                 tracer.seize(self.cmd.pid)
             except PtraceError as exc:
@@ -288,6 +307,22 @@ class Launcher:
         finally:
             os.close(ready_w)
         return tracer.run(self.cmd.pid)
+
+    def _survived_ptrace(self, alive_r: int) -> bool:
+        """Whether CMD's child survived its ptrace call (probe.seize_self); if not, reap it
+        and say why in ``seize_refusal``."""
+        try:
+            if os.read(alive_r, 1) == b"a":
+                return True
+        finally:
+            os.close(alive_r)
+        _, status = os.waitpid(self.cmd.pid, 0)
+        self.cmd_reaped = True
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+            self.seize_refusal = probe.KILLED
+        else:
+            self.seize_refusal = f"CMD's child ended before it could be traced (status {status})"
+        return False
 
     # -- the main thread --------------------------------------------------------------------
 
@@ -309,7 +344,8 @@ class Launcher:
             forwarder.ledger.began()
             if info.signo == WAKE and info.pid == self.pid:
                 if self.seize_refusal is not None:
-                    os.waitpid(cmd.pid, 0)
+                    if not self.cmd_reaped:
+                        os.waitpid(cmd.pid, 0)
                     raise LaunchError(self._cannot_trace(self.seize_refusal), EXIT_CANNOT_TRACE)
                 if cmd.status is not None:
                     return

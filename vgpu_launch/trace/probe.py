@@ -3,14 +3,13 @@
 A seccomp filter can make ``ptrace`` kill the caller (``SECCOMP_RET_KILL_PROCESS``: systemd's
 default action for a ``SystemCallFilter=`` that leaves ptrace out); then vgpu-launch, or
 ``vgpu-launch doctor``, would die of SIGSYS without a word. So the first call is made by a
-throw-away child, and a filter that kills costs only that child:
+throw-away process, and a filter that kills costs only that process:
 
-- ``kills``: the launcher's question, one fork: does calling ``PTRACE_SEIZE`` (with
-  vgpu-launch's options) kill the caller? The child asks to seize itself, which the kernel
-  always refuses, unless a filter kills it first. Any other refusal the launcher learns, with
-  its reason, when it attaches CMD.
-- ``probe``: the whole question, for ``doctor``: the child forks a target and seizes it,
-  and reports whether that worked, and if not why (``refusal``), as one line.
+- ``seize_self``: the launcher's question. Under a filter, the child that will become CMD calls
+  it before it waits for the tracer, and tells the tracer thread it survived; no extra fork.
+  Any other refusal the tracer learns, with its reason (``refusal``), when it attaches CMD.
+- ``probe``: the whole question, for ``doctor``: a throw-away child forks a target and seizes
+  it with vgpu-launch's options, and reports whether that worked, and if not why, as one line.
 """
 
 from __future__ import annotations
@@ -78,17 +77,12 @@ KILLED = (
 )
 
 
-def kills(options: int = pt.FOLLOW) -> bool:
-    """Whether calling PTRACE_SEIZE with ``options`` kills the caller (a seccomp filter).
-    Call it while this process has one thread (it forks)."""
-    pid = os.fork()
-    if pid == 0:  # the throw-away child: seize itself (refused: EPERM), exit
-        try:
-            _libc.ptrace(pt.PTRACE_SEIZE, os.getpid(), None, ctypes.c_void_p(options))
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status)
+def seize_self(options: int = pt.FOLLOW) -> None:
+    """PTRACE_SEIZE of the calling process itself, with ``options``: the kernel always refuses
+    it (EPERM), unless a seccomp filter kills the caller first. Only for a throw-away process
+    (vgpu-launch's child for CMD, before it waits for the tracer), to learn whether calling
+    ptrace is fatal here."""
+    _libc.ptrace(pt.PTRACE_SEIZE, os.getpid(), None, ctypes.c_void_p(options))
 
 
 def probe(options: int = pt.FOLLOW) -> Probe:
