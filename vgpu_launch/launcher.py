@@ -338,7 +338,7 @@ class Launcher:
             try:
                 info = waiter.wait()
             except OSError as exc:
-                self._internal_error("sigwaitinfo", exc)
+                _internal_error(self.log, "sigwaitinfo", exc)
                 time.sleep(0.1)  # not a busy loop, should it persist
                 continue
             forwarder.ledger.began()
@@ -356,16 +356,7 @@ class Launcher:
             try:
                 forwarder.on_signal(info)
             except Exception as exc:
-                self._internal_error(f"handling {signame(info.signo)}", exc)
-
-    def _internal_error(self, what: str, exc: Exception) -> None:
-        with contextlib.suppress(Exception):
-            self.log.error(
-                "internal-error",
-                error=f"{what}: {type(exc).__name__}: {exc}",
-                traceback=traceback.format_exc(),
-                message="vgpu-launch goes on supervising CMD",
-            )
+                _internal_error(self.log, f"handling {signame(info.signo)}", exc)
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -377,6 +368,16 @@ class Launcher:
             self.log.info("end", **_end_fields(self, tracer, status))
         finally:
             exit_like(status)
+
+
+def _internal_error(log_: Any, what: str, exc: Exception) -> None:
+    with contextlib.suppress(Exception):
+        log_.error(
+            "internal-error",
+            error=f"{what}: {type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+            message="vgpu-launch goes on supervising CMD",
+        )
 
 
 def _end_fields(run: Launcher, tracer: Tracer, status: int) -> dict[str, Any]:
