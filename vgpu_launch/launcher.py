@@ -1,16 +1,16 @@
 """Run CMD transparently under the tracer and leave the way CMD would have.
 
-The main thread starts CMD, then only waits for signals (``sigwaitinfo``): it forwards them
-to CMD in the order they come and, once the tracer thread reports CMD's end, exits with CMD's
-status. The tracer thread (tracer.py) does every ``waitpid`` and ptrace call. Job control:
-when CMD stops for a stop signal that reached vgpu-launch too (Ctrl-Z, ``kill -TSTP``),
-vgpu-launch stops itself, so that a shell sees the job stopped. docs/launcher.md gives every
-rule and its reason.
+``Launcher.run`` is the whole life of vgpu-launch, like tini's main(): set up, start CMD,
+supervise, finish. Two threads share the work. The tracer thread (trace/tracer.py) attaches CMD
+before its first instruction, does every ``waitpid`` and ptrace call, and, as it is the one that
+reaps CMD, logs the end and exits like CMD. The main thread blocks every forwardable signal,
+takes them one at a time with ``sigwaitinfo`` and passes them on (forwarding.py), and mirrors
+CMD's job-control stops (jobcontrol.py). If the tracer thread fails, the main thread supervises
+CMD untraced (untraced.py) and finishes. docs/launcher.md gives every rule and its reason.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import errno
@@ -26,26 +26,24 @@ from typing import Any, NoReturn
 
 import prctl
 
-from . import __version__, forwarding, log, procfs, security, testhooks
+from . import __version__, log, procfs, security, testhooks, untraced
 from .command import execve, resolve
 from .config import Config
 from .diagnostics import libcheck
 from .errors import EXIT_CANNOT_TRACE, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, LaunchError
+from .forwarding import FORWARDED, GROUP_SIGNALS, WAKE, Cmd, Forwarder, signame
+from .jobcontrol import JobControl
+from .siginfo import SignalWaiter
 from .sigstate import SignalState
+from .trace import probe
 from .trace.injector import Outcome
 from .trace.policy import apply, plan
-from .trace.ptracelib import PtraceError, ptrace
+from .trace.ptracelib import PtraceError
 from .trace.tracer import Tracer
 
-# A user-sent signal that CMD may have got as well (a kill of the whole process group) while
-# a thread of CMD sits in a ptrace stop: how long to wait for the tracer to say whether CMD
-# took it, before forwarding it anyway.
-DEDUP_WAIT = 0.1
-# How long a signal CMD took stays available to match the same signal reaching vgpu-launch.
-TAKEN_TTL = 2.0
-# CMD's job-control stop is mirrored if a stop signal reached vgpu-launch this recently.
-JOB_STOP_WINDOW = 5.0
-_PTRACE_GETSIGINFO = 0x4202
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.signal.restype = ctypes.c_void_p
+_libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
 
 
 def cmd_environment(cfg: Config, environ: dict[bytes, bytes]) -> list[bytes]:
@@ -61,26 +59,26 @@ def _env_dict(entries: Sequence[bytes]) -> dict[bytes, bytes]:
     return out
 
 
-def _ptrace_refusal(exc: PtraceError, child: int) -> str:
-    """Why the kernel refused to trace our own child, in operator's words."""
-    tracer = procfs.status_field(child, "TracerPid")
-    if tracer and tracer != "0":
-        return (
-            f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)}): vgpu-launch runs "
-            "under a tracer that follows forks (strace -f, gdb)"
-        )
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            if f.read().strip() == "3":
-                return "ptrace is disabled on this host (kernel.yama.ptrace_scope = 3)"
-    except OSError:
-        pass
-    if procfs.status_field("self", "Seccomp") == "2":
-        return (
-            "a seccomp filter (e.g. a container runtime's profile) refuses ptrace: allow ptrace "
-            "in the profile"
-        )
-    return f"ptrace refused ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+class ExecLog:
+    """The tracer thread's callbacks for the log: every exec's decision, and (debug) every
+    other event."""
+
+    def __init__(self, cfg: Config, log: Any, verifier: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.verifier = verifier
+
+    def on_exec(self, o: Outcome) -> None:
+        """One ``exec`` event per program (a warning when it runs without the preload), and
+        the programs given the preload queued for the verifier."""
+        if self.verifier is not None and o.decision.gives_preload:
+            self.verifier.schedule(o)
+        if o.level == "info" and self.cfg.log_level in ("warning", "error"):
+            return  # nothing to log: skip the /proc read and the event's construction
+        getattr(self.log, o.level)("exec", **o.to_event(procfs.ppid(o.pid)))
+
+    def on_event(self, kind: str, **fields: Any) -> None:
+        self.log.debug(kind, **fields)
 
 
 class Launcher:
@@ -90,36 +88,57 @@ class Launcher:
         self.sigs = sigs
         self.log = log.get()
         self.pid = os.getpid()
-        self.cmd_pid = 0
-        self.cmd_status: int | None = None
+        self.cmd = Cmd()
         self.tracer_error: BaseException | None = None
-        self.seize_error: PtraceError | None = None
-        self.main_thread = threading.main_thread().ident or 0
+        self.seize_refusal: str | None = None  # why the tracer could not attach CMD
+        self.cmd_reaped = False  # CMD's child, dead before it could be attached, was reaped
         self.started = time.monotonic()
-        self.debug = cfg.log_level == "debug"
-        # Signals CMD took from other processes while our own copy of the same signal from the
-        # same sender was pending or being decided on (a kill of the group), from the tracer:
-        # (when, signal, sender). Each explains one copy of ours.
-        self._taken: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=256)
-        self._dequeued = 0.0  # when the main thread took the signal it is deciding on
-        self._waiter: forwarding.SignalWaiter | None = None
-        # Queued signals we passed on in their sender's name: (when, signal, sender, value).
-        self._relayed: collections.deque[tuple[float, int, int, int]] = collections.deque(
-            maxlen=256
-        )
-        self._taken_cond = threading.Condition()
-        # Job control: CMD's leader is in a group-stop; a stop signal reached us at this time.
-        self._jobctl = threading.Lock()
-        self._cmd_stopped = 0  # the signal CMD's leader is group-stopped for, 0: running
-        self._job_stop_at: float | None = None
         # verify.Verifier: proof that the library really got mapped (its own daemon thread)
         from .diagnostics.verify import Verifier
 
         self.verifier: Any = Verifier(cfg.preload, self.log) if cfg.preload else None
 
+    def run(self) -> NoReturn:
+        """Set up, start CMD under the tracer thread, supervise, finish. Never returns: the
+        process exits like CMD (the tracer thread finishes when CMD exits; this thread only
+        when the tracer could not attach CMD or failed)."""
+        path, env, unusable = self._set_up()
+        if self.cfg.no_follow:
+            self._exec_untraced(path, env)
+        jobs = JobControl(self.pid)
+        events = ExecLog(self.cfg, self.log, self.verifier)
+        forwarder = Forwarder(self.cmd, jobs, self.log, debug=self.cfg.log_level == "debug")
+        tracer = Tracer(
+            self.cfg.policy(),
+            strict=self.cfg.strict,
+            unusable=unusable,
+            on_exec=events.on_exec,
+            on_event=events.on_event if self.cfg.log_level == "debug" else None,
+            on_cmd_stopped=jobs.cmd_stopped,
+            on_signal=forwarder.cmd_took,
+            watch_signals=GROUP_SIGNALS,
+            fault_at_exec=_fault_hook(),
+        )
+        forwarder.parked = tracer.parked
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE})
+        prctl.set_child_subreaper(1)
+        # Under a seccomp filter, calling ptrace may kill the caller (SIGSYS): CMD's child
+        # makes that call first (probe.seize_self), and vgpu-launch only once it survived.
+        check = tracer.options if probe.filtered() else None
+        pipes = self._start_cmd(path, env, check)
+        thread = threading.Thread(
+            target=self._trace, args=(tracer, *pipes), name="tracer", daemon=True
+        )
+        thread.start()
+        self._supervise(forwarder)
+        thread.join(timeout=1.0)
+        self._finish(tracer)
+
     # -- set-up ---------------------------------------------------------------------------
 
-    def run(self) -> NoReturn:
+    def _set_up(self) -> tuple[str, list[bytes], dict[int, tuple[str, ...]]]:
+        """Check the preload libraries, build CMD's environment, find CMD, log the start.
+        Returns CMD's path, its environment, and the libraries each word size cannot load."""
         cfg = self.cfg
         if not cfg.preload and not cfg.env and not cfg.force_env:
             raise LaunchError(
@@ -132,7 +151,7 @@ class Launcher:
         ]
         env = cmd_environment(cfg, dict(os.environb))
         path = resolve(self.argv[0], os.fsdecode(_env_dict(env).get(b"PATH", b"")) or None)
-        unusable = {w: [c.path for c in checks if w in c.unusable] for w in (4, 8)}
+        unusable = {w: tuple(c.path for c in checks if w in c.unusable) for w in (4, 8)}
         self.log.info(
             "start",
             version=__version__,
@@ -144,55 +163,67 @@ class Launcher:
             **cfg.summary(),
             **security.start_fields(),
         )
-        if cfg.no_follow:
-            self.log.warning(
-                "no-follow",
-                message="CMD runs without tracing: programs it starts with an environment "
-                "lacking LD_PRELOAD will run without the preload",
-            )
-            log.shutdown()  # the queued events, before the exec ends this process
-            self.sigs.restore()
-            try:
-                execve(path, self.argv, _env_dict(env))
-            except OSError as exc:
-                raise LaunchError(
-                    f"cannot run {self.argv[0]}: {exc.strerror}",
-                    EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE,
-                ) from None
+        return path, env, {w: libs for w, libs in unusable.items() if libs}
 
-        signal.pthread_sigmask(signal.SIG_BLOCK, forwarding.FORWARDED | {forwarding.WAKE})
-        prctl.set_child_subreaper(1)
-        tracer = Tracer(
-            cfg.policy(),
-            strict=cfg.strict,
-            unusable={w: tuple(libs) for w, libs in unusable.items() if libs},
-            on_exec=self._log_exec,
-            on_event=self._log_event if cfg.log_level == "debug" else None,
-            on_cmd_stopped=self._cmd_group_stop,
-            on_signal=self._cmd_took,
-            watch_signals=forwarding.GROUP_SIGNALS,
-            fault_at_exec=_fault_hook(),
+    def _exec_untraced(self, path: str, env: list[bytes]) -> None:
+        """--no-follow: become CMD, with its environment set once (returns only by raising)."""
+        self.log.warning(
+            "no-follow",
+            message="CMD runs without tracing: programs it starts with an environment "
+            "lacking LD_PRELOAD will run without the preload",
         )
+        log.shutdown()  # the queued events, before the exec ends this process
+        self.sigs.restore()
+        try:
+            execve(path, self.argv, _env_dict(env))
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot run {self.argv[0]}: {exc.strerror}",
+                EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE,
+            ) from None
+
+    def _cannot_trace(self, reason: str) -> str:
+        return f"cannot trace {self.argv[0]}: {reason}; to run it untraced use --no-follow"
+
+    # -- starting CMD -------------------------------------------------------------------------
+
+    def _start_cmd(self, path: str, env: list[bytes], check: int | None) -> tuple[int, int]:
+        """Fork CMD; it waits on a pipe until the tracer has attached it (before its first
+        instruction). With ``check`` (ptrace options), it first makes the ptrace call that a
+        seccomp filter may punish with death, and says on a second pipe that it survived.
+        Returns the write end of the first pipe (the tracer's go) and the read end of the
+        second (-1: no check)."""
         ready_r, ready_w = os.pipe()
-        self.cmd_pid = os.fork()
-        if self.cmd_pid == 0:
-            self._child(ready_r, ready_w, path, env)
-        os.close(ready_r)
+        alive_r, alive_w = os.pipe() if check is not None else (-1, -1)
+        self.cmd.pid = os.fork()
+        if self.cmd.pid == 0:
+            self._child(ready_r, ready_w, alive_r, alive_w, check, path, env)
+        for fd in (ready_r, alive_w):
+            if fd >= 0:
+                os.close(fd)
         self.started = time.monotonic()
         # The tracer must get the interpreter back quickly whenever a stop arrives, even while
         # the verifier thread is busy: shorten the wait before a forced switch (default 5 ms).
         sys.setswitchinterval(0.0005)
-        thread = threading.Thread(
-            target=self._trace, args=(tracer, ready_w), name="tracer", daemon=True
-        )
-        thread.start()
-        self._supervise()
-        thread.join(timeout=1.0)
-        self._finish(tracer)
+        return ready_w, alive_r
 
-    def _child(self, ready_r: int, ready_w: int, path: str, env: list[bytes]) -> NoReturn:
+    def _child(
+        self,
+        ready_r: int,
+        ready_w: int,
+        alive_r: int,
+        alive_w: int,
+        check: int | None,
+        path: str,
+        env: list[bytes],
+    ) -> NoReturn:
         try:
             os.close(ready_w)
+            if check is not None:
+                os.close(alive_r)
+                probe.seize_self(check)  # refused; or a seccomp filter kills us right here
+                os.write(alive_w, b"a")
+                os.close(alive_w)
             if os.read(ready_r, 1) != b"g":  # the tracer could not attach
                 os._exit(EXIT_CANNOT_TRACE)
             os.close(ready_r)
@@ -211,345 +242,145 @@ class Launcher:
 
     # -- the tracer thread ------------------------------------------------------------------
 
-    def _trace(self, tracer: Tracer, ready_w: int) -> None:
+    def _trace(self, tracer: Tracer, ready_w: int, alive_r: int) -> None:
         try:
-            try:
-                tracer.seize(self.cmd_pid)
-            except PtraceError as exc:
-                self.seize_error = exc
-                return
-            os.write(ready_w, b"g")
-            os.close(ready_w)
-            ready_w = -1
-            log.release()  # CMD runs: the log writers may take the interpreter now
-            self.cmd_status = tracer.run(self.cmd_pid)
+            self.cmd.status = self._serve(tracer, ready_w, alive_r)
         except BaseException as exc:  # any failure here must not stop CMD
             self.tracer_error = exc
-            self.log.error(
-                "tracer-failed",
-                error=f"{type(exc).__name__}: {exc}",
-                traceback=traceback.format_exc(),
-                message="the tree runs on untraced"
-                + (" (strict: PTRACE_O_EXITKILL ends it)" if self.cfg.strict else ""),
-            )
-        finally:
-            if ready_w >= 0:
-                os.close(ready_w)
-            signal.pthread_kill(self.main_thread, forwarding.WAKE)
+            self.cmd.traced = False
+            with contextlib.suppress(Exception):
+                self.log.error(
+                    "tracer-failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                    message="the tree runs on untraced"
+                    + (" (strict: PTRACE_O_EXITKILL ends it)" if self.cfg.strict else ""),
+                )
+        if self.cmd.status is not None:
+            # CMD has exited: this thread knows it first, and finishes. Handing the status to
+            # the main thread would make vgpu-launch's exit depend on that thread being there.
+            self._finish(tracer)
+        # It could not attach CMD, or it failed: the main thread takes over.
+        signal.pthread_kill(threading.main_thread().ident or 0, WAKE)
 
-    # -- job control (both threads) -----------------------------------------------------------
-
-    def _cmd_group_stop(self, sig: int) -> None:
-        """Tracer thread: CMD's leader entered a group-stop (and is parked in PTRACE_LISTEN)."""
-        with self._jobctl:
-            self._cmd_stopped = sig
-            if self._job_stop_due():
-                self._stop_self()
-
-    def _job_stop_reached_us(self) -> None:
-        """Main thread: a stop signal reached vgpu-launch (and went on to CMD, or CMD had it)."""
-        with self._jobctl:
-            self._job_stop_at = time.monotonic()
-            if self._cmd_stopped:
-                self._stop_self()
-
-    def _job_stop_due(self) -> bool:
-        at = self._job_stop_at
-        return at is not None and time.monotonic() - at < JOB_STOP_WINDOW
-
-    def _stop_self(self) -> None:
-        """With self._jobctl held: stop the whole process, both threads, until a SIGCONT.
-
-        A shell sees the job stopped, by the same signal as CMD (bash tells "Stopped" from
-        "Stopped (signal)" and "(tty input)"), and `fg` sends SIGCONT to vgpu-launch and CMD
-        alike. A stop that did not reach vgpu-launch (SIGSTOP sent to CMD alone) is not
-        mirrored: a SIGCONT sent to CMD alone must find the tracer running to let CMD go on.
-        """
-        self._job_stop_at = None
-        if self.pid == 1:  # init cannot be stopped; nobody waits for it as a job anyway
-            return
-        sig = self._cmd_stopped
-        if sig in forwarding.STOP_SIGNALS and signal.getsignal(sig) is signal.SIG_DFL:
-            # Blocked in every thread (sigwaitinfo takes them): let this thread take one.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
-            try:
-                signal.pthread_kill(threading.get_ident(), sig)
-            finally:
-                signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
-        else:
-            os.kill(self.pid, signal.SIGSTOP)
-
-    def _cmd_took(self, tid: int, sig: int) -> None:
-        """Tracer thread, before ``sig`` is re-injected into ``tid``: note the signals CMD takes
-        from other processes, so that one sent to the whole group is not forwarded again."""
+    def _serve(self, tracer: Tracer, ready_w: int, alive_r: int) -> int | None:
+        """Attach CMD and let it start; serve until it exits: its wait status (None: it could
+        not be attached, and ``seize_refusal`` says why)."""
         try:
-            cmd = self.cmd_pid
-            if tid != cmd and not os.path.exists(f"/proc/{cmd}/task/{tid}"):
-                return  # a descendant, not a thread of CMD
-            if sig == signal.SIGCONT:
-                with self._jobctl:
-                    self._cmd_stopped = 0
-            info = _getsiginfo(tid)
-            if info.code > 0 or info.pid == self.pid:
-                return  # the kernel's, or one we forwarded with kill
-            # Sent to the whole group, the same signal reached vgpu-launch at the same time:
-            # our copy waits for the main thread (every thread blocks it), or the main thread
-            # has taken it and not decided yet. The kernel moves it from the one to the other
-            # between two looks, so: taken, pending, taken again.
-            # (Under the lock: the main thread settles a copy under it, see _settle.)
-            waiter = self._waiter
-            mine = (sig, info.pid)
-            with self._taken_cond:
-                if info.code == forwarding.SI_QUEUE:
-                    for entry in self._relayed:
-                        if entry[1:] == (sig, info.pid, info.value):
-                            self._relayed.remove(entry)  # one we passed on
-                            return
-                taken_before = waiter is not None and waiter.taken() == mine
-                pending = sig in forwarding.shared_pending(self.pid)
-                taken_after = waiter is not None and waiter.taken() == mine
-                copies = (pending + taken_before
-                          + (taken_after and not taken_before and not pending))
-                # Two kills of the group whose copies merged into one pending for us are
-                # one copy to explain, not two.
-                held = sum(1 for e in self._taken if e[1:3] == mine)
-                group_kill = held < copies
-                if group_kill:
-                    self._taken.append((time.monotonic(), sig, info.pid))
-                    self._taken_cond.notify_all()
-            if self.debug:
-                self.log.debug("cmd-took", signal=_signame(sig), tid=tid, sender=info.pid,
-                               group_kill=group_kill)
-        except Exception:  # never disturb the tracer
-            pass
+            if alive_r >= 0 and not self._survived_ptrace(alive_r):
+                return None
+            try:
+                tracer.seize(self.cmd.pid)
+            except PtraceError as exc:
+                # Now, while CMD's child waits for the go: once it has exited, a tracer that
+                # had it first (strace -f) lets go of it and TracerPid no longer tells.
+                self.seize_refusal = probe.refusal(exc.errno or 0, self.cmd.pid)[0]
+                return None
+            os.write(ready_w, b"g")
+            log.release()  # CMD runs: the log writers may take the interpreter now
+        finally:
+            os.close(ready_w)
+        return tracer.run(self.cmd.pid)
 
-    def _take(self, sig: int, sender: int) -> bool:
-        """Whether CMD took ``sig`` from ``sender`` while our own copy of it was pending or
-        being decided on: the same kill of the group. (A signal sent to CMD alone a moment
-        before or after is not.) If so, our copy is settled: see _settle."""
-        with self._taken_cond:
-            if self._consume(sig, sender):
-                if self._waiter is not None:
-                    self._waiter.done()
+    def _survived_ptrace(self, alive_r: int) -> bool:
+        """Whether CMD's child survived its ptrace call (probe.seize_self); if not, reap it
+        and say why in ``seize_refusal``."""
+        try:
+            if os.read(alive_r, 1) == b"a":
                 return True
-        return False
-
-    def _settle(self, sig: int, sender: int) -> None:
-        """The main thread has decided on its copy of ``sig``: from now on CMD taking ``sig``
-        is another kill. A record the tracer added meanwhile (CMD took its copy of the same
-        kill while we decided) is this copy's: consume it, else it would stand for a later
-        one."""
-        with self._taken_cond:
-            waiter = self._waiter
-            if waiter is not None and waiter.taken() == (sig, sender):
-                self._consume(sig, sender)
-                waiter.done()
-
-    def _consume(self, sig: int, sender: int) -> bool:
-        # With self._taken_cond held.
-        taken = self._taken
-        old = time.monotonic() - TAKEN_TTL
-        while taken and taken[0][0] < old:
-            taken.popleft()
-        for entry in taken:
-            if entry[1] == sig and entry[2] == sender:
-                taken.remove(entry)  # the oldest: one copy of ours explains one of CMD's
-                return True
+        finally:
+            os.close(alive_r)
+        _, status = os.waitpid(self.cmd.pid, 0)
+        self.cmd_reaped = True
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+            self.seize_refusal = probe.KILLED
+        else:
+            self.seize_refusal = f"CMD's child ended before it could be traced (status {status})"
         return False
 
     # -- the main thread --------------------------------------------------------------------
 
-    def _supervise(self) -> None:
-        waiter = forwarding.SignalWaiter(forwarding.FORWARDED | {forwarding.WAKE})
-        self._waiter = waiter
-        own = self.pid
-        cmd = self.cmd_pid
+    def _supervise(self, forwarder: Forwarder) -> None:
+        """Forward signals until the tracer wakes us (WAKE, from our own pid): it could not
+        attach CMD, or it failed. (When CMD exits, the tracer thread finishes by itself.)
+        Nothing that goes wrong with one signal ends this loop: the main thread must stay,
+        or signals would no longer reach CMD."""
+        waiter = SignalWaiter(FORWARDED | {WAKE})
+        forwarder.ledger.attach(waiter)
+        cmd = self.cmd
         while True:
-            info = waiter.wait()
-            self._dequeued = time.monotonic()
-            if info.signo == forwarding.WAKE and info.pid == own:
-                if self.seize_error is not None:
-                    os.waitpid(cmd, 0)
-                    raise LaunchError(
-                        f"cannot trace {self.argv[0]}: {_ptrace_refusal(self.seize_error, cmd)}"
-                        "; to run it untraced use --no-follow",
-                        EXIT_CANNOT_TRACE,
-                    )
-                if self.cmd_status is not None:
+            try:
+                info = waiter.wait()
+            except OSError as exc:
+                _internal_error(self.log, "sigwaitinfo", exc)
+                time.sleep(0.1)  # not a busy loop, should it persist
+                continue
+            forwarder.ledger.began()
+            if info.signo == WAKE and info.pid == self.pid:
+                if self.seize_refusal is not None:
+                    if not self.cmd_reaped:
+                        os.waitpid(cmd.pid, 0)
+                    raise LaunchError(self._cannot_trace(self.seize_refusal), EXIT_CANNOT_TRACE)
+                if cmd.status is not None:
                     return
                 if self.tracer_error is not None:
-                    self._supervise_untraced()
+                    untraced.supervise(cmd, forwarder)
                     return
                 continue
-            self._on_signal(info)
-
-    def _on_signal(self, info: forwarding.SigInfo) -> None:
-        """One signal that reached vgpu-launch: pass it on to CMD unless CMD has it already."""
-        sig = info.signo
-        source = forwarding.origin(info.code, info.pid, self.pid, self.cmd_pid)
-        if source == forwarding.OWN:
-            return
-        if source != forwarding.USER:
-            self._take(sig, info.pid)  # explained by this copy: not for a later one
-        if sig == signal.SIGCONT:
-            with self._jobctl:
-                self._job_stop_at = None
-        why = ""
-        if source == forwarding.FROM_CMD:
-            why = "sent by CMD"
-        elif source == forwarding.KERNEL:
-            if not forwarding.forward_kernel_signal(
-                sig, same_group=self._cmd_in_our_group(),
-                session_leader=os.getsid(0) == self.pid,
-            ):
-                why = "from the kernel: CMD got it too, or it is about vgpu-launch"
-        else:
-            why = self._cmd_has_it(info)
-        self._settle(sig, info.pid)
-        if not why:
-            self._forward(info)
-        if self.debug:
-            self.log.debug(
-                "signal", signal=_signame(sig), code=info.code, sender=info.pid,
-                action=f"not forwarded: {why}" if why else "forwarded",
-            )
-        # The kernel discards a pending SIGCONT when a stop signal is sent, and pending stop
-        # signals when SIGCONT is sent: a copy of those that was pending for us when CMD took
-        # its own (before this one was sent) may never come, and must not stand for a later one.
-        if sig in forwarding.STOP_SIGNALS:
-            self._forget({signal.SIGCONT})
-            self._job_stop_reached_us()  # may stop us here, until a SIGCONT
-        elif sig == signal.SIGCONT:
-            self._forget(forwarding.STOP_SIGNALS)
-
-    def _forget(self, sigs: frozenset[int] | set[int]) -> None:
-        before = self._dequeued
-        with self._taken_cond:
-            for entry in [e for e in self._taken if e[1] in sigs and e[0] < before]:
-                self._taken.remove(entry)
-
-    def _cmd_in_our_group(self) -> bool:
-        try:
-            return os.getpgid(self.cmd_pid) == os.getpgrp()
-        except OSError:
-            return True
-
-    def _cmd_has_it(self, info: forwarding.SigInfo) -> str:
-        """Whether a user-sent signal reached CMD as well as us, and how we know: a ``kill`` of
-        the process group (`kill %1`, `fg`, `kill 0` from a descendant). Only a standard signal
-        can tell: it is pending in CMD, or the tracer saw CMD take it from the same sender.
-        Forwarding a standard signal that is still pending in CMD would change nothing anyway.
-        """
-        sig = info.signo
-        if self._take(sig, info.pid):
-            return "CMD took it too (sent to the process group)"
-        if sig >= signal.SIGRTMIN or self.tracer_error is not None:
-            return ""  # real-time signals queue: each one sent is one to deliver
-        cmd = self.cmd_pid
-        if not self._cmd_in_our_group():
-            return ""
-        deadline = 0.0
-        while True:
-            if self._take(sig, info.pid):
-                return "CMD took it too (sent to the process group)"
-            if sig in forwarding.shared_pending(cmd):
-                return "pending in CMD already (sent to the process group)"
-            # Taken, but the tracer has not seen it yet: CMD waits in a ptrace stop.
-            waiting = sig in forwarding.GROUP_SIGNALS and forwarding.in_ptrace_stop(cmd)
-            if self._take(sig, info.pid):
-                return "CMD took it too (sent to the process group)"
-            if not waiting:
-                return ""
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + DEDUP_WAIT
-            if now >= deadline:
-                return ""
-            with self._taken_cond:
-                self._taken_cond.wait(min(0.005, deadline - now))
-
-    def _forward(self, info: forwarding.SigInfo) -> None:
-        if self.cmd_status is not None:
-            return  # CMD has been reaped: its pid may name another process already
-        if info.code == forwarding.SI_QUEUE and info.signo in forwarding.GROUP_SIGNALS:
-            with self._taken_cond:
-                now = time.monotonic()
-                while self._relayed and self._relayed[0][0] < now - TAKEN_TTL:
-                    self._relayed.popleft()
-                self._relayed.append((now, info.signo, info.pid, info.value))
-        try:
-            forwarding.send(self.cmd_pid, info)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:
-            self.log.warning("signal", signal=_signame(info.signo), error=exc.strerror,
-                             action="could not forward it to CMD")
-
-    def _supervise_untraced(self) -> None:
-        """The tracer thread died: reap like an init process until CMD has exited."""
-        self._waiter = None
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        waiter = forwarding.SignalWaiter(
-            forwarding.FORWARDED | {forwarding.WAKE, signal.SIGCHLD}
-        )
-        while True:
-            while True:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG | 0x40000000)
-                except ChildProcessError:
-                    pid = 0
-                if pid == 0:
-                    break
-                if pid == self.cmd_pid:
-                    self.cmd_status = status
-                    return
-            info = waiter.wait()
-            self._dequeued = time.monotonic()
-            if info.signo != signal.SIGCHLD:  # SIGCHLD: only a reason to reap again
-                self._on_signal(info)
-
-    # -- logging ----------------------------------------------------------------------------
-
-    def _log_exec(self, o: Outcome) -> None:
-        if self.verifier is not None and o.decision.gives_preload:
-            self.verifier.schedule(o)
-        if o.level == "info" and self.cfg.log_level in ("warning", "error"):
-            return  # nothing to log: skip the /proc read and the event's construction
-        getattr(self.log, o.level)("exec", **o.to_event(procfs.ppid(o.pid)))
-
-    def _log_event(self, kind: str, **fields: Any) -> None:
-        self.log.debug(kind, **fields)
+            try:
+                forwarder.on_signal(info)
+            except Exception as exc:
+                _internal_error(self.log, f"handling {signame(info.signo)}", exc)
 
     # -- the end ------------------------------------------------------------------------------
 
     def _finish(self, tracer: Tracer) -> NoReturn:
-        status = self.cmd_status if self.cmd_status is not None else 0
-        fields: dict[str, Any] = {
-            "counts": tracer.stats.counts,
-            "spawned": tracer.stats.spawned,
-            # After a tracer failure the kernel detached every tracee: none is left.
-            "tracees_left": 0 if self.tracer_error is not None else len(tracer.tracees),
-            "seconds": round(time.monotonic() - self.started, 3),
-            "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
-            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        }
-        if os.WIFSIGNALED(status):
-            fields["cmd_signal"] = _signame(os.WTERMSIG(status))
-        else:
-            fields["cmd_exit"] = os.WEXITSTATUS(status)
-        if self.verifier is not None:
-            fields["verification"] = self.verifier.finish()
-        if self.tracer_error is not None:
-            fields["tracer_failed"] = True
-        self.log.info("end", **fields)
-        exit_like(status)
+        """Log the end and leave the way CMD did; from whichever thread knows CMD's status.
+        Nothing here may keep vgpu-launch from exiting with it."""
+        status = self.cmd.status if self.cmd.status is not None else 0
+        try:
+            self.log.info("end", **_end_fields(self, tracer, status))
+        finally:
+            exit_like(status)
+
+
+def _internal_error(log_: Any, what: str, exc: Exception) -> None:
+    with contextlib.suppress(Exception):
+        log_.error(
+            "internal-error",
+            error=f"{what}: {type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+            message="vgpu-launch goes on supervising CMD",
+        )
+
+
+def _end_fields(run: Launcher, tracer: Tracer, status: int) -> dict[str, Any]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    fields: dict[str, Any] = {
+        "counts": tracer.stats.counts,
+        "spawned": tracer.stats.spawned,
+        # After a tracer failure the kernel detached every tracee: none is left.
+        "tracees_left": 0 if run.tracer_error is not None else len(tracer.tracees),
+        "seconds": round(time.monotonic() - run.started, 3),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+        "max_rss_kb": usage.ru_maxrss,
+    }
+    if os.WIFSIGNALED(status):
+        fields["cmd_signal"] = signame(os.WTERMSIG(status))
+    else:
+        fields["cmd_exit"] = os.WEXITSTATUS(status)
+    if run.verifier is not None:
+        fields["verification"] = run.verifier.finish()
+    if run.tracer_error is not None:
+        fields["tracer_failed"] = True
+    return fields
 
 
 def exit_like(status: int) -> NoReturn:
     """Leave the way CMD did: same exit code, or death by the same signal."""
     log.shutdown()  # the end event; bounded: a stalled reader cannot hold the exit
-    # A terminal that hung up, a closed pipe: CMD's status comes first.
-    with contextlib.suppress(OSError, ValueError):
+    # A terminal that hung up, a closed pipe, no stderr at all: CMD's status comes first.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()
     if os.WIFEXITED(status):
         os._exit(os.WEXITSTATUS(status))
@@ -560,9 +391,11 @@ def exit_like(status: int) -> NoReturn:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     prctl.set_dumpable(False)
     if sig != signal.SIGKILL:  # SIGKILL's disposition and mask cannot be changed (EINVAL)
-        signal.signal(sig, signal.SIG_DFL)
+        # libc's signal(), not Python's: this may run in the tracer thread, and nothing of
+        # Python's signal handling matters any more.
+        _libc.signal(sig, None)  # SIG_DFL
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
-    signal.raise_signal(sig)
+    signal.raise_signal(sig)  # to this thread: its default action ends the process
     os._exit(128 + sig)
 
 
@@ -571,19 +404,3 @@ def _fault_hook() -> int:
     if ignored:
         log.get().warning("test-hook-ignored", message=ignored)
     return at
-
-
-def _getsiginfo(tid: int) -> forwarding.SigInfo:
-    """PTRACE_GETSIGINFO: the siginfo of the signal a tracee is stopped for."""
-    buf = ctypes.create_string_buffer(128)
-    ptrace(_PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
-    return forwarding.parse_siginfo(buf.raw)
-
-
-def _signame(sig: int) -> str:
-    if signal.SIGRTMIN < sig < signal.SIGRTMAX:
-        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"SIG{sig}"

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import resource
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from . import elf
@@ -390,3 +391,28 @@ def yama_ptrace_scope() -> str | None:
     """kernel.yama.ptrace_scope ("0" to "3"); None without Yama."""
     data = _read("/proc/sys/kernel/yama/ptrace_scope")
     return None if data is None else data.decode(errors="replace").strip()
+
+
+def owed_stop(pid: int, sig: int, parked: Collection[int]) -> bool:
+    """Whether a thread of ``pid`` (a tracee) may hold ``sig`` in a ptrace stop the tracer has
+    not dealt with yet: a stop not yet reported for ``sig`` (``exit_code`` of
+    /proc/PID/task/TID/stat, the last field, is the signal until the tracer's ``waitpid``
+    takes it), or one reported (0) and not ended. Threads the tracer parked in
+    ``PTRACE_LISTEN`` (group-stopped, they hold no signal) are not waited for."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if not fields or fields[0] != b"t":
+            continue
+        # Unreadable (no permission: shown as 0, or an old kernel): as if reported.
+        code = int(fields[49]) if len(fields) >= 50 and fields[49].isdigit() else 0
+        if code == sig or (code == 0 and int(tid) not in parked):
+            return True
+    return False

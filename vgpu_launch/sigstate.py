@@ -9,16 +9,21 @@ and the signal mask are untouched by CPython and read directly. (One is lost bef
 catches SIGCHLD and runs its commands with it at default; bash restores it.)
 
 The wrapper is a shell script, and starting Python changes the environment too: the shell
-exports ``PWD`` (bash also ``SHLVL`` and ``_``), the wrapper sets ``PYTHONPATH`` for a checkout
-and ``PYTHONCOERCECLOCALE=0`` (else CPython would export ``LC_CTYPE=C.UTF-8`` under the C
-locale). It records how each of them was in ``_VGPU_LAUNCH_ENV0``, and ``capture`` puts them
-back, so CMD's environment is the one vgpu-launch was given.
+exports ``PWD`` (bash also ``SHLVL`` and ``_``; ``OLDPWD`` is recorded as well), and CPython
+exports ``LC_CTYPE=C.UTF-8`` under the C locale. Apart from its two records, the wrapper
+sets no variable (it runs Python with ``-E`` and puts a checkout on ``sys.path`` in its ``-c``
+program). It records how each of those variables was in the environment it was given
+(``/proc/$$/environ``) in ``_VGPU_LAUNCH_ENV0``, and ``capture`` puts them back, so CMD's
+environment is the one vgpu-launch was given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import signal
+import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -82,9 +87,39 @@ def restore_environment(environ: MutableMapping[str, str]) -> None:
             environ.pop(name, None)
 
 
+def hold_closed_stdio() -> frozenset[int]:
+    """Fill each of fds 0, 1, 2 that vgpu-launch was started without with /dev/null, opened
+    close-on-exec; returns the ones that were closed.
+
+    CMD must start with them closed, as it would directly (``vgpu-launch ... 2>&-``), and the
+    close-on-exec flag gives it that. Meanwhile nothing vgpu-launch opens (a pipe, the log
+    file) can land on them, and with fd 2 closed CPython sets ``sys.stderr`` to None, which
+    every write of the log, and of a one-line error, would trip over: it becomes a stream on
+    /dev/null, so log lines go where they would have gone, nowhere.
+    """
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(fd)
+    for fd in sorted(closed):
+        held = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # the lowest free fd: this one
+        if held != fd:
+            os.dup2(held, fd, inheritable=False)
+            os.close(held)
+    if 2 in closed or sys.stderr is None:
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False), errors="backslashreplace", line_buffering=True
+        )
+    return frozenset(closed)
+
+
 def capture(environ: MutableMapping[str, str]) -> SignalState:
     """Read (and remove from ``environ``) the start-up state; put the environment back as
-    vgpu-launch was given it, and SIGCHLD back to default for vgpu-launch itself."""
+    vgpu-launch was given it, and SIGCHLD back to default for vgpu-launch itself. Closed
+    standard fds are held until CMD's exec (``hold_closed_stdio``)."""
+    hold_closed_stdio()
     restore_environment(environ)
     recorded = environ.pop(SIGIGN_VAR, None)
     # Every signal but Python's two is as the exec gave it to us. The shell running the
@@ -109,4 +144,11 @@ def capture(environ: MutableMapping[str, str]) -> SignalState:
     return SignalState(mask=mask, ignored=frozenset(ignored))
 
 
-__all__ = ["ENV0_VAR", "SIGIGN_VAR", "SignalState", "capture", "restore_environment"]
+__all__ = [
+    "ENV0_VAR",
+    "SIGIGN_VAR",
+    "SignalState",
+    "capture",
+    "hold_closed_stdio",
+    "restore_environment",
+]

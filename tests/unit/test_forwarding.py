@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from vgpu_launch import forwarding
+from vgpu_launch import forwarding, siginfo
 
 OWN, CMD, OTHER = 100, 200, 300
 
@@ -49,7 +49,7 @@ def test_forward_kernel_signal(sig: int, same_group: bool, leader: bool, want: b
 def test_parse_siginfo_keeps_the_whole_value() -> None:
     """siginfo parsing keeps the sender and the whole 64-bit sigqueue value."""
     raw = struct.pack("<iii4xiiQ", 10, 0, -1, 4242, 1000, 0xDEAD_BEEF_0000_0042).ljust(128, b"\0")
-    info = forwarding.parse_siginfo(raw)
+    info = siginfo.parse_siginfo(raw)
     assert (info.signo, info.code, info.pid, info.uid, info.value) == (
         10, -1, 4242, 1000, 0xDEAD_BEEF_0000_0042)
 

@@ -72,6 +72,9 @@ class Tracer:
         self.tracees: set[int] = set()
         # pid -> the number of its latest exec (counted over the whole tree), while it lives
         self.execs: dict[int, int] = {}
+        # Threads parked in PTRACE_LISTEN (group-stopped) since their last report: the only
+        # tracees that sit in a ptrace stop this loop is not about to end (forwarding.py).
+        self.parked: set[int] = set()
         self.stats = Stats()
 
     def seize(self, pid: int) -> None:
@@ -84,6 +87,7 @@ class Tracer:
         cont = pt.cont
         listen = pt.listen
         tracees = self.tracees
+        parked = self.parked
         stats = self.stats
         on_signal = self.on_signal
         watched = self.watch_signals
@@ -95,6 +99,8 @@ class Tracer:
             except ChildProcessError:
                 raise RuntimeError("no tracee left before CMD's exit was seen") from None
             stats.stops += 1
+            if parked:
+                parked.discard(tid)  # it reports again: no longer (or soon not) parked
             if status & 0xFF != 0x7F:  # exited or killed
                 tracees.discard(tid)
                 exec_of.pop(tid, None)
@@ -115,6 +121,7 @@ class Tracer:
                     if sig in _GROUP_STOP_SIGNALS:
                         # Group-stop (job control): stay stopped until SIGCONT.
                         listen(tid)
+                        parked.add(tid)
                         if tid == cmd_pid and self.on_cmd_stopped is not None:
                             self.on_cmd_stopped(sig)
                     else:

@@ -1,0 +1,128 @@
+"""When vgpu-launch may not trace: exit 125 with one line that says why, whether ptrace fails or
+a seccomp filter kills whoever calls it, and naming the tracer that already has CMD."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import test_launcher_common
+from test_launcher_common import PYTHON, REPO, Bin, launch_argv, launch_env
+
+lbin = test_launcher_common.lbin  # the session fixture
+
+KILLS = "a seccomp filter kills any process that calls ptrace"
+REFUSES = "a seccomp filter (e.g. a container runtime's profile) refuses ptrace"
+
+
+@pytest.fixture(scope="module")
+def seccomp_ptrace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/programs/seccomp_ptrace.c: run a program under a filter for ptrace alone."""
+    out = tmp_path_factory.mktemp("seccomp") / "seccomp_ptrace"
+    subprocess.run(
+        [
+            "gcc",
+            "-O1",
+            "-Wall",
+            "-o",
+            str(out),
+            str(REPO / "tests" / "programs" / "seccomp_ptrace.c"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return out
+
+
+def messages(stderr: str) -> list[str]:
+    """vgpu-launch's own lines (not the JSON log)."""
+    return [line for line in stderr.splitlines() if not line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    ("action", "why"), [("kill", KILLS), ("eperm", REFUSES)], ids=["kills", "refuses"]
+)
+def test_seccomp_filter_on_ptrace(seccomp_ptrace: Path, lbin: Bin, action: str, why: str) -> None:
+    """A filter that kills ptrace callers with SIGSYS (systemd's default) gives the same clear
+    exit 125 as one that refuses; CMD does not run."""
+    argv = launch_argv(lbin.lib, "/bin/echo", "ran")
+    proc = subprocess.run(
+        [str(seccomp_ptrace), action, *argv],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stdout == ""
+    [line] = messages(proc.stderr)
+    assert line.startswith(f"vgpu-launch: cannot trace /bin/echo: {why}")
+    assert line.endswith("; to run it untraced use --no-follow")
+
+
+def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
+    """trace.probe.probe, the check `doctor` can share, answers instead of dying of SIGSYS
+    under a filter that kills, and says that tracing works without one."""
+    code = (
+        "from vgpu_launch.trace.probe import probe; p = probe(); "
+        "print(p.works, p.killed_by, p.reason, sep='|')"
+    )
+    killed = subprocess.run(
+        [str(seccomp_ptrace), "kill", PYTHON, "-c", code],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    free = subprocess.run(
+        [PYTHON, "-c", code],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode == 0, killed.stderr
+    works, signal_, reason = killed.stdout.strip().split("|")
+    assert (works, signal_) == ("False", "31") and reason.startswith(KILLS)
+    assert free.stdout.strip() == "True|0|"
+
+
+def test_names_the_tracer_that_has_cmd(lbin: Bin) -> None:
+    """Under `strace -f` the child is strace's first: the message names strace and its pid."""
+    strace = subprocess.Popen(
+        ["strace", "-f", "-o", "/dev/null", *launch_argv(lbin.lib, "/bin/echo", "ran")],
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = strace.communicate(timeout=60)
+    assert strace.returncode == 125, err
+    assert out == ""
+    assert messages(err) == [
+        f"vgpu-launch: cannot trace /bin/echo: CMD is already traced by pid {strace.pid} "
+        "(strace): vgpu-launch runs under a tracer that follows forks (strace -f, gdb); to run "
+        "it untraced use --no-follow"
+    ]
+
+
+def test_nested_in_itself(lbin: Bin) -> None:
+    """vgpu-launch as CMD of vgpu-launch: the inner one says the outer one traces its child."""
+    inner = launch_argv(lbin.lib, "/bin/echo", "ran")
+    proc = subprocess.run(
+        launch_argv(lbin.lib, *inner),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 125, proc.stderr
+    [line] = messages(proc.stderr)
+    assert line.startswith("vgpu-launch: cannot trace /bin/echo: CMD is already traced by pid ")
+    assert "vgpu-launch runs under a tracer that follows forks" in line

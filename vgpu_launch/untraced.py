@@ -1,0 +1,40 @@
+"""After a tracer failure: supervise CMD untraced, like an init process, until it exits.
+
+When the tracer thread dies (a bug, a fault), the kernel detaches every tracee and lets it
+run on (in strict mode PTRACE_O_EXITKILL kills them instead), so nothing waits for ptrace any
+more. vgpu-launch must still do the rest of its job: reap the orphans re-parented to it,
+forward signals, and exit with CMD's status. The group-signal ledger gets no more entries
+(``Cmd.traced`` is false): a group kill is recognised only while pending in CMD.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .forwarding import FORWARDED, WAKE, Cmd, Forwarder
+from .siginfo import SignalWaiter
+
+_WALL = 0x40000000
+
+
+def supervise(cmd: Cmd, forwarder: Forwarder) -> None:
+    """Main thread: reap every child, forward signals, return once CMD's status is known."""
+    forwarder.ledger.attach(None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    waiter = SignalWaiter(FORWARDED | {WAKE, signal.SIGCHLD})
+    while True:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG | _WALL)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+            if pid == cmd.pid:
+                cmd.status = status
+                return
+        info = waiter.wait()
+        forwarder.ledger.began()
+        if info.signo != signal.SIGCHLD:  # SIGCHLD: only a reason to reap again
+            forwarder.on_signal(info)
