@@ -14,7 +14,6 @@ throw-away process, and a filter that kills costs only that process:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -22,11 +21,6 @@ from dataclasses import dataclass
 
 from .. import procfs
 from . import ptracelib as pt
-
-_WALL = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.restype = ctypes.c_long
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 
 
 @dataclass(frozen=True)
@@ -56,12 +50,8 @@ def refusal(err: int, target: int) -> tuple[str, int]:
             f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)}): vgpu-launch runs "
             "under a tracer that follows forks (strace -f, gdb)"
         ), int(tracer)
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            if f.read().strip() == "3":
-                return "ptrace is disabled on this host (kernel.yama.ptrace_scope = 3)", 0
-    except OSError:
-        pass
+    if procfs.yama_ptrace_scope() == "3":
+        return "ptrace is disabled on this host (kernel.yama.ptrace_scope = 3)", 0
     if filtered():
         return (
             "a seccomp filter (e.g. a container runtime's profile) refuses ptrace: allow ptrace "
@@ -82,7 +72,7 @@ def seize_self(options: int = pt.FOLLOW) -> None:
     it (EPERM), unless a seccomp filter kills the caller first. Only for a throw-away process
     (vgpu-launch's child for CMD, before it waits for the tracer), to learn whether calling
     ptrace is fatal here."""
-    _libc.ptrace(pt.PTRACE_SEIZE, os.getpid(), None, ctypes.c_void_p(options))
+    pt.try_seize(os.getpid(), options)
 
 
 def probe(options: int = pt.FOLLOW) -> Probe:
@@ -140,4 +130,4 @@ def _attempt(options: int) -> tuple[int, int, str]:
         return err, tracer, reason
     finally:
         os.close(w)
-        os.waitpid(target, _WALL)
+        os.waitpid(target, pt.WALL)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ... import arch, procfs
+from ...trace import probe
 from ...trace import ptracelib as pt
 from ..systemd import Unit
 from .result import FAIL, NOTE, OK, WARN, Checks
@@ -121,6 +122,14 @@ def _reap(pid: int) -> None:
 
 
 def check_ptrace(checks: Checks, unit: Unit | None) -> None:
+    if probe.filtered():
+        # A seccomp filter may kill whoever calls ptrace: ask a throw-away child first.
+        found = probe.probe(pt.FOLLOW | pt.PTRACE_O_EXITKILL)
+        if found.killed_by:
+            where = " (in this shell; the unit's own sandbox is checked below)" if unit else ""
+            checks.add(FAIL, "ptrace", f"PTRACE_SEIZE: {found.reason}{where}",
+                       "vgpu-launch would exit 125 with this reason")
+            return
     worked, what, facts = trace_child()
     yama = _yama()
     seccomp = procfs.status_field("self", "Seccomp") or "0"
