@@ -150,15 +150,19 @@ EVENTS: Sequence[tuple[str, str, str]] = (
      "Once, first: \\fBversion\\fR, \\fBpid\\fR, \\fBcmd\\fR, \\fBexecutable\\fR, "
      "\\fBfollow\\fR, the configuration in effect (\\fBpreload\\fR, \\fBenv\\fR, "
      "\\fBforce_env\\fR, \\fBexclude\\fR, \\fBstrict\\fR, \\fBno_follow\\fR, "
-     "\\fBconfig_file\\fR), \\fBsources\\fR (where each value came from) and "
-     "\\fBpreload_word_sizes\\fR."),
-    ("exec", "info; warning when failed",
+     "\\fBconfig_file\\fR; of \\fBenv\\fR and \\fBforce_env\\fR the names only: values are "
+     "often secrets), \\fBsources\\fR (where each value came from), "
+     "\\fBpreload_word_sizes\\fR and, where they apply, \\fBnotes\\fR (paths accepted because "
+     "their owner is outside this user namespace) and \\fBinsecure_accepted\\fR."),
+    ("exec", "info; warning when failed or lost; debug when gone",
      "At every exec in the tree: \\fBpid\\fR, \\fBppid\\fR, \\fBexe\\fR (\\fI/proc/PID/exe\\fR), "
      "\\fBargv\\fR (the first 16), \\fBpreload_before\\fR (the \\fBLD_PRELOAD\\fR the program "
      "was executed with), \\fBdecision\\fR, \\fBpreload_after\\fR (the one it runs with), "
      "\\fBstatic\\fR, \\fBbits\\fR, \\fBelapsed_us\\fR and, where they apply, \\fBenv_set\\fR "
      "(the variables put back), \\fBformer_tid\\fR, \\fBnote\\fR (for example a 32\\-bit program "
-     "without a 32\\-bit build of the library), \\fBreason\\fR and \\fBaction\\fR."),
+     "without a 32\\-bit build of the library), \\fBreason\\fR, \\fBlost\\fR (the setuid "
+     "identity or file capabilities a program did not get because vgpu\\-launch lacks "
+     "CAP_SYS_PTRACE) and \\fBaction\\fR."),
     ("verify", "info, warning or debug",
      "Shortly after each injected, merged or present exec, whether the libraries really got "
      "mapped (\\fI/proc/PID/maps\\fR): \\fBresult\\fR (verified, at info; unverified, at "
@@ -168,14 +172,32 @@ EVENTS: Sequence[tuple[str, str, str]] = (
      "Every process and thread created or ended: \\fBpid\\fR, \\fBparent\\fR, \\fBstatus\\fR."),
     ("no\\-follow", "warning",
      "With \\fB\\-\\-no\\-follow\\fR: \\fICMD\\fR runs untraced."),
+    ("signal", "debug; warning when it could not be forwarded",
+     "Every signal that reached vgpu\\-launch: \\fBsignal\\fR, \\fBcode\\fR, \\fBsender\\fR, "
+     "\\fBaction\\fR (forwarded, or why not)."),
+    ("cmd\\-took", "debug",
+     "\\fICMD\\fR took a signal from another process: \\fBsignal\\fR, \\fBtid\\fR, "
+     "\\fBsender\\fR, \\fBgroup_kill\\fR (sent to the whole process group, so not forwarded "
+     "again)."),
+    ("verify\\-failed", "error",
+     "An internal error while verifying: \\fBerror\\fR; later programs are still verified."),
+    ("test\\-hook\\-ignored", "warning",
+     "\\fBVGPU_LAUNCH_TEST_FAULT\\fR is set outside the test suite: it changes nothing else."),
+    ("log\\-dropped", "warning",
+     "A reader of the log was too slow and events were dropped rather than stopping the "
+     "service: \\fBdropped\\fR (how many), \\fBsink\\fR (stderr, journal or file)."),
+    ("internal\\-error", "error",
+     "An internal error in the main thread (one signal, or sigwaitinfo): \\fBerror\\fR, "
+     "\\fBtraceback\\fR; vgpu\\-launch goes on supervising \\fICMD\\fR."),
     ("tracer\\-failed", "error",
      "An internal error of the tracer: \\fBerror\\fR, \\fBtraceback\\fR.  The tree runs on "
      "untraced (in strict mode it is killed)."),
     ("end", "info",
      "Once, when \\fICMD\\fR has exited: \\fBcounts\\fR per decision, \\fBspawned\\fR, "
      "\\fBtracees_left\\fR, \\fBseconds\\fR, \\fBcmd_exit\\fR or \\fBcmd_signal\\fR, "
-     "\\fBverification\\fR (verified, unverified, exited, skipped) and \\fBtracer_failed\\fR "
-     "after a tracer failure."),
+     "\\fBcpu_seconds\\fR, \\fBmax_rss_kb\\fR, \\fBverification\\fR (verified, unverified, "
+     "exited, skipped), \\fBtracer_failed\\fR after a tracer failure, and \\fBlog_dropped\\fR "
+     "and \\fBlog_errors\\fR (events this sink lost or could not write)."),
 )
 
 DECISIONS: Sequence[tuple[str, str]] = (
@@ -185,6 +207,7 @@ DECISIONS: Sequence[tuple[str, str]] = (
     ("excluded", "It matched \\fB\\-\\-exclude\\fR: left exactly as it is."),
     ("setuid", "It runs with \\fBAT_SECURE\\fR (setuid, setgid, file capabilities), where "
                "ld.so ignores the preload: left alone."),
+    ("gone", "It was killed while its exec was handled: nothing runs, logged at debug."),
     ("failed", "Its memory could not be read or written (\\fBreason\\fR says why): it runs "
                "without the preload, or is killed in strict mode (\\fBaction\\fR)."),
 )
