@@ -4,7 +4,7 @@ vgpu-launch gets its own copy of a group kill and must not forward it when CMD g
 whether CMD did is known from the tracer thread (forwarding.GroupSignalLedger). These tests
 hold that thread stopped with a second tracer (what a loaded host or a paused VM does to it),
 and repeat group kills many times: ``VGPU_TEST_GROUP_SIGNAL_ROUNDS`` (default 200) rounds, e.g.
-``VGPU_TEST_GROUP_SIGNAL_ROUNDS=5000 pytest tests/test_launcher_group_signals.py -k stress``.
+``VGPU_TEST_GROUP_SIGNAL_ROUNDS=5000 pytest tests/launcher/test_group_signals.py -k stress``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import test_launcher_common
-from test_launcher_common import Bin, Run, launch_argv, parse_sig, started, wait_for
-
-lbin = test_launcher_common.lbin  # the session fixture
+from support.build import Programs
+from support.launch import Started, launch_argv, started
+from support.procs import parse_sig, wait_for
 
 ROUNDS = int(os.environ.get("VGPU_TEST_GROUP_SIGNAL_ROUNDS", "200"))
 GROUP = [
@@ -73,11 +72,11 @@ def tracer_thread(cmd: int) -> int:
     raise AssertionError(f"no TracerPid in /proc/{cmd}/status")
 
 
-def next_signal(run: Run) -> dict[str, int]:
+def next_signal(run: Started) -> dict[str, int]:
     return parse_sig(run.out.expect(r"^sig=.*").group(0))
 
 
-def finish(run: Run) -> list[dict[str, int]]:
+def finish(run: Started) -> list[dict[str, int]]:
     """Send the marker, wait for it, end CMD; return the signals that came before the marker
     and were not read yet (so: the unexpected ones)."""
     os.kill(run.pid, MARKER)
@@ -102,7 +101,7 @@ def stopped_threads(pid: int) -> list[int]:
     return found
 
 
-def group_kill_while_held(run: Run, cmd: int, tracer: int, sig: int, hold: float) -> None:
+def group_kill_while_held(run: Started, cmd: int, tracer: int, sig: int, hold: float) -> None:
     """Kill the group while the tracer thread is held: once CMD waits for the tracer (it took
     its copy and sits in its signal-delivery-stop; or, for SIGCONT, in the stop the kernel
     asks of every thread first), hold it ``hold`` seconds more."""
@@ -115,11 +114,13 @@ def group_kill_while_held(run: Run, cmd: int, tracer: int, sig: int, hold: float
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
 def test_group_signal_arrives_once_while_the_tracer_is_late(
-    lbin: Bin, tmp_path: Path, threads: int
+    programs: Programs, tmp_path: Path, threads: int
 ) -> None:
     """A group kill that CMD takes while the tracer thread is not running arrives once."""
     sigs = [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2]
-    with started(launch_argv(lbin.lib, lbin.sigrec, "-T", str(threads)), tmp_path) as run:
+    with started(
+        launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)), tmp_path
+    ) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         tracer = tracer_thread(cmd)
         got = []
@@ -133,11 +134,13 @@ def test_group_signal_arrives_once_while_the_tracer_is_late(
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_group_signal_stress(lbin: Bin, tmp_path: Path, threads: int) -> None:
+def test_group_signal_stress(programs: Programs, tmp_path: Path, threads: int) -> None:
     """Many group kills in a row, one in ten while the tracer thread is held for a moment:
     each arrives once (set VGPU_TEST_GROUP_SIGNAL_ROUNDS for more rounds)."""
     rnd = random.Random(11 + threads)
-    with started(launch_argv(lbin.lib, lbin.sigrec, "-T", str(threads)), tmp_path) as run:
+    with started(
+        launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)), tmp_path
+    ) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         tracer = tracer_thread(cmd)
         wrong = []

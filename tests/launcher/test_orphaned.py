@@ -3,7 +3,6 @@ and exits with CMD's status."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import platform
@@ -12,10 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import test_launcher_common
-from test_launcher_common import PYTHON, Bin, launch_argv, launch_env, started, wait_for
+from support.build import Programs
+from support.launch import clean_env, launch_argv, started
+from support.procs import state, wait_for
 
-lbin = test_launcher_common.lbin  # the session fixture
+PYTHON = clean_env()["VGPU_LAUNCH_PYTHON"]  # the interpreter bin/vgpu-launch runs
 
 # CMD: record USR1/USR2, survive a hang-up, wait for a file, start a program with an empty
 # environment (it must still get the preload), exit 7.
@@ -69,14 +69,14 @@ PARENT = textwrap.dedent("""\
 
 
 @pytest.mark.parametrize("mode", ["pipes", "terminal"])
-def test_parent_gone_without_a_word(lbin: Bin, tmp_path: Path, mode: str) -> None:
+def test_parent_gone_without_a_word(programs: Programs, tmp_path: Path, mode: str) -> None:
     """The parent dies, taking the other ends of vgpu-launch's stdout and stderr (pipes, or a
     terminal that hangs up): signals are still forwarded, the tree still gets the preload,
     and vgpu-launch exits with CMD's status."""
     out, go, log = tmp_path / "out", tmp_path / "go", tmp_path / "log"
     out.write_text("")
     argv = launch_argv(
-        lbin.lib,
+        programs.libtest,
         "/bin/sh",
         "-c",
         CMD,
@@ -87,7 +87,7 @@ def test_parent_gone_without_a_word(lbin: Bin, tmp_path: Path, mode: str) -> Non
     helper = subprocess.run(
         [PYTHON, "-c", HELPER, mode, str(out), str(go), *argv],
         input=PARENT,
-        env=launch_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -97,7 +97,7 @@ def test_parent_gone_without_a_word(lbin: Bin, tmp_path: Path, mode: str) -> Non
     status = int(helper.stdout.split("status=")[1])
     lines = out.read_text().split()
     assert lines[:3] == ["ready", "usr1", "usr2"]
-    assert lines[3:] == [f"preload={lbin.lib}"]
+    assert lines[3:] == [f"preload={programs.libtest}"]
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
 
 
@@ -140,31 +140,26 @@ def end_main_thread(pid: int) -> None:
         _ptrace(_PTRACE_DETACH, pid)
 
 
-def _state(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0].decode()
-    return "gone"
-
-
 @pytest.mark.skipif(
     platform.machine() != "x86_64",
     reason="ending one thread by syscall injection is written for x86_64",
 )
-def test_main_thread_gone(lbin: Bin, tmp_path: Path) -> None:
+def test_main_thread_gone(programs: Programs, tmp_path: Path) -> None:
     """vgpu-launch's main thread ends on its own (a zombie leader): the tracer thread serves on
     and, when CMD exits, vgpu-launch exits with CMD's status, not the main thread's."""
     out, go = tmp_path / "out", tmp_path / "go"
     out.write_text("")
-    with started(launch_argv(lbin.lib, "/bin/sh", "-c", CMD, out, go), tmp_path) as run:
+    with started(launch_argv(programs.libtest, "/bin/sh", "-c", CMD, out, go), tmp_path) as run:
         wait_for("CMD", lambda: "ready" in out.read_text())
         wait_for(
             "the main thread to wait for signals",
             lambda: Path(f"/proc/{run.pid}/task/{run.pid}/syscall").read_text().startswith("128 "),
         )  # rt_sigtimedwait
         end_main_thread(run.pid)
-        wait_for("the main thread to be gone", lambda: _state(run.pid) == "Z")
+        wait_for("the main thread to be gone", lambda: state(run.pid) == "Z")
         go.touch()
         status = run.wait_status()
-    assert out.read_text().split() == ["ready", f"preload={lbin.lib}"]
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, run.stderr()
-    assert '"event":"end"' in run.stderr()
+        stderr = run.stderr()  # closed with the run
+    assert out.read_text().split() == ["ready", f"preload={programs.libtest}"]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, stderr
+    assert '"event":"end"' in stderr

@@ -4,36 +4,15 @@ a seccomp filter kills whoever calls it, and naming the tracer that already has 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
-import test_launcher_common
-from test_launcher_common import PYTHON, REPO, Bin, launch_argv, launch_env
+from support.build import Programs
+from support.launch import clean_env, launch_argv
 
-lbin = test_launcher_common.lbin  # the session fixture
+PYTHON = clean_env()["VGPU_LAUNCH_PYTHON"]  # the interpreter bin/vgpu-launch runs
 
 KILLS = "a seccomp filter kills any process that calls ptrace"
 REFUSES = "a seccomp filter (e.g. a container runtime's profile) refuses ptrace"
-
-
-@pytest.fixture(scope="module")
-def seccomp_ptrace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/programs/seccomp_ptrace.c: run a program under a filter for ptrace alone."""
-    out = tmp_path_factory.mktemp("seccomp") / "seccomp_ptrace"
-    subprocess.run(
-        [
-            "gcc",
-            "-O1",
-            "-Wall",
-            "-o",
-            str(out),
-            str(REPO / "tests" / "programs" / "seccomp_ptrace.c"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return out
 
 
 def messages(stderr: str) -> list[str]:
@@ -44,13 +23,13 @@ def messages(stderr: str) -> list[str]:
 @pytest.mark.parametrize(
     ("action", "why"), [("kill", KILLS), ("eperm", REFUSES)], ids=["kills", "refuses"]
 )
-def test_seccomp_filter_on_ptrace(seccomp_ptrace: Path, lbin: Bin, action: str, why: str) -> None:
+def test_seccomp_filter_on_ptrace(programs: Programs, action: str, why: str) -> None:
     """A filter that kills ptrace callers with SIGSYS (systemd's default) gives the same clear
     exit 125 as one that refuses; CMD does not run."""
-    argv = launch_argv(lbin.lib, "/bin/echo", "ran")
+    argv = launch_argv(programs.libtest, "/bin/echo", "ran")
     proc = subprocess.run(
-        [str(seccomp_ptrace), action, *argv],
-        env=launch_env(),
+        [programs.seccomp_ptrace, action, *argv],
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -63,7 +42,7 @@ def test_seccomp_filter_on_ptrace(seccomp_ptrace: Path, lbin: Bin, action: str, 
     assert line.endswith("; to run it untraced use --no-follow")
 
 
-def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
+def test_probe_survives_a_filter_that_kills(programs: Programs) -> None:
     """trace.probe.probe, the check `doctor` can share, answers instead of dying of SIGSYS
     under a filter that kills, and says that tracing works without one."""
     code = (
@@ -71,8 +50,8 @@ def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
         "print(p.works, p.killed_by, p.reason, sep='|')"
     )
     killed = subprocess.run(
-        [str(seccomp_ptrace), "kill", PYTHON, "-c", code],
-        env=launch_env(),
+        [programs.seccomp_ptrace, "kill", PYTHON, "-c", code],
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -80,7 +59,7 @@ def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
     )
     free = subprocess.run(
         [PYTHON, "-c", code],
-        env=launch_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -92,11 +71,11 @@ def test_probe_survives_a_filter_that_kills(seccomp_ptrace: Path) -> None:
     assert free.stdout.strip() == "True|0|"
 
 
-def test_names_the_tracer_that_has_cmd(lbin: Bin) -> None:
+def test_names_the_tracer_that_has_cmd(programs: Programs) -> None:
     """Under `strace -f` the child is strace's first: the message names strace and its pid."""
     strace = subprocess.Popen(
-        ["strace", "-f", "-o", "/dev/null", *launch_argv(lbin.lib, "/bin/echo", "ran")],
-        env=launch_env(),
+        ["strace", "-f", "-o", "/dev/null", *launch_argv(programs.libtest, "/bin/echo", "ran")],
+        env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -111,12 +90,12 @@ def test_names_the_tracer_that_has_cmd(lbin: Bin) -> None:
     ]
 
 
-def test_nested_in_itself(lbin: Bin) -> None:
+def test_nested_in_itself(programs: Programs) -> None:
     """vgpu-launch as CMD of vgpu-launch: the inner one says the outer one traces its child."""
-    inner = launch_argv(lbin.lib, "/bin/echo", "ran")
+    inner = launch_argv(programs.libtest, "/bin/echo", "ran")
     proc = subprocess.run(
-        launch_argv(lbin.lib, *inner),
-        env=launch_env(),
+        launch_argv(programs.libtest, *inner),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -82,6 +82,8 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "die": ("die", "cc", "die.c", []),
     "orphans": ("orphans", "cc", "orphans.c", []),
     "libtest": ("libtest.so", "cc", "libtest.c", SO),
+    # a seccomp filter on ptrace alone, killing or refusing (tests/launcher/test_ptrace_refused.py)
+    "seccomp_ptrace": ("seccomp_ptrace", "cc", "seccomp_ptrace.c", []),
     # faults, strict mode, security, soak (tests/robustness)
     "rprobe": ("rprobe", "cc", "rprobe.c", []),
     "rprobe32": ("rprobe32", "cc32", "rprobe.c", []),
