@@ -268,6 +268,19 @@ def test_ptrace_refused_by_seccomp(libs: dict[str, str], tmp_path: Path) -> None
     assert r.status_of(f"library {libs['lib']}: loads (64-bit)") == "ok"
 
 
+def test_ptrace_that_kills_is_reported_not_suffered(libs: dict[str, str],
+                                                    programs: Programs) -> None:
+    """Under a filter that kills ptrace callers (SIGSYS), doctor survives and fails the check
+    with the reason the launcher would give."""
+    r = doctor("--preload", libs["lib"], prefix=[programs.seccomp_ptrace, "kill"])
+    assert r.rc == 1, r.describe()
+    p = r.one("ptrace")
+    assert p["status"] == "fail" and "kills any process that calls ptrace" in p["why"]
+    assert "125" in p["fix"]
+    # the libraries are still checked
+    assert r.status_of(f"library {libs['lib']}: loads (64-bit)") == "ok"
+
+
 def test_ptrace_refused_under_second_tracer(libs: dict[str, str]) -> None:
     """Under another tracer (strace), ptrace fails, naming that tracer."""
     strace = shutil.which("strace")
