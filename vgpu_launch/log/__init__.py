@@ -45,6 +45,9 @@ class Logger:
         self._min = min((w.level for w in writers), default=100)
         self._summary = any(w.summary for w in writers)
         self.errors = 0
+        # The tracer and the verifier log at once: without it, two sinks could get their
+        # events in different orders. Held only for the queue appends, which never block.
+        self._order = threading.Lock()
 
     def _emit(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
         end = event == "end"
@@ -53,10 +56,11 @@ class Logger:
         try:
             if clip_fields(fields):
                 fields["truncated"] = True
-            item = (time.time(), name, event, fields)
-            for w in self.writers:
-                if level >= w.level or (end and w.summary):
-                    w.put(item, always=end)
+            with self._order:
+                item = (time.time(), name, event, fields)
+                for w in self.writers:
+                    if level >= w.level or (end and w.summary):
+                        w.put(item, always=end)
         except Exception:  # logging must never disturb the caller (the tracer)
             self.errors += 1
 
