@@ -31,6 +31,7 @@ environment variables (below the command line, above the configuration file):
   VGPU_LAUNCH_FORCE_ENV (NAME=VALUE separated by spaces), VGPU_LAUNCH_EXCLUDE,
   VGPU_LAUNCH_LOG_FORMAT, VGPU_LAUNCH_LOG_LEVEL, VGPU_LAUNCH_LOG_FILE,
   VGPU_LAUNCH_NO_FOLLOW, VGPU_LAUNCH_STRICT (1/0), VGPU_LAUNCH_ALLOW_INSECURE,
+  VGPU_LAUNCH_STRICT_ALLOW_RELEASE (1/0), VGPU_LAUNCH_PTRACE_REQUESTS (1/0),
   VGPU_LAUNCH_CONFIG (the configuration file; default {DEFAULT_CONFIG})
 
 exit status:
@@ -81,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fail closed: kill any process that would run without the preload, "
         "and the whole tree if vgpu-launch dies",
+    )
+    p.add_argument(
+        "--strict-allow-release",
+        action="store_true",
+        default=None,
+        help="with --strict: still let processes be given back, on request (vgpu-launch "
+        "release) and when a process of the tree asks to trace one (strace, gdb, "
+        "LeakSanitizer)",
+    )
+    p.add_argument(
+        "--no-ptrace-requests",
+        dest="ptrace_requests",
+        action="store_false",
+        default=None,
+        help="do not hand the tree's own ptrace requests over (strace, gdb, LeakSanitizer in "
+        "the tree then get EPERM), and spare every system call of the tree the seccomp "
+        "filter's cost",
     )
     p.add_argument(
         "--no-follow",
@@ -154,6 +172,8 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, Any]:
         "strict",
         "no_follow",
         "allow_insecure",
+        "strict_allow_release",
+        "ptrace_requests",
     ):
         v = getattr(ns, key)
         if v is not None:

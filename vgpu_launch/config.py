@@ -40,6 +40,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "no_follow": ("bool", "VGPU_LAUNCH_NO_FOLLOW"),
     "strict": ("bool", "VGPU_LAUNCH_STRICT"),
     "allow_insecure": ("bool", "VGPU_LAUNCH_ALLOW_INSECURE"),
+    "strict_allow_release": ("bool", "VGPU_LAUNCH_STRICT_ALLOW_RELEASE"),
+    "ptrace_requests": ("bool", "VGPU_LAUNCH_PTRACE_REQUESTS"),
 }
 # Read elsewhere: the file's path, the test hook, bin/vgpu-launch's choice of interpreter.
 NON_OPTION_VARS = ("VGPU_LAUNCH_CONFIG", "VGPU_LAUNCH_TEST_FAULT", "VGPU_LAUNCH_PYTHON")
@@ -58,6 +60,8 @@ class Config:
     no_follow: bool = False
     strict: bool = False
     allow_insecure: bool = False
+    strict_allow_release: bool = False
+    ptrace_requests: bool = True
     config_file: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -78,6 +82,8 @@ class Config:
             "exclude": self.exclude,
             "strict": self.strict,
             "no_follow": self.no_follow,
+            "strict_allow_release": self.strict_allow_release,
+            "ptrace_requests": self.ptrace_requests,
             "config_file": self.config_file,
             "sources": self.sources,
         }
