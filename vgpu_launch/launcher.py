@@ -17,6 +17,7 @@ import errno
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from .sigstate import SignalState
 from .trace.injector import Outcome
 from .trace.policy import Decision, apply, plan
 from .trace.ptracelib import PtraceError, ptrace
+from .trace.release import Job, Releaser
 from .trace.tracer import Tracer
 
 _VERIFIABLE = (Decision.INJECTED, Decision.MERGED, Decision.PRESENT)
@@ -119,6 +121,10 @@ class Launcher:
         from .diagnostics.verify import Verifier
 
         self.verifier: Any = Verifier(cfg.preload, self.log) if cfg.preload else None
+        # Release (trace/release.py, trace/requests.py): CMD's half of the seccomp listener's
+        # hand-over; the tracer's side of giving processes back.
+        self._handover: socket.socket | None = None
+        self.releaser = Releaser(on_released=self._released)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -173,11 +179,21 @@ class Launcher:
             on_signal=self._cmd_took,
             watch_signals=forwarding.GROUP_SIGNALS,
             fault_at_exec=_fault_hook(),
+            releaser=self.releaser,
         )
         ready_r, ready_w = os.pipe()
+        # -- release: CMD installs the seccomp filter and hands its listener over --------------
+        listener_sock: socket.socket | None = None
+        if cfg.ptrace_requests:
+            listener_sock, self._handover = socket.socketpair()
         self.cmd_pid = os.fork()
         if self.cmd_pid == 0:
+            if listener_sock is not None:
+                listener_sock.close()
             self._child(ready_r, ready_w, path, env)
+        if self._handover is not None:
+            self._handover.close()
+            self._handover = None  # --------------------------------------------------------
         os.close(ready_r)
         self.started = time.monotonic()
         # The tracer must get the interpreter back quickly whenever a stop arrives, even while
@@ -187,6 +203,7 @@ class Launcher:
             target=self._trace, args=(tracer, ready_w), name="tracer", daemon=True
         )
         thread.start()
+        self._start_release(listener_sock)
         self._supervise()
         thread.join(timeout=1.0)
         self._finish(tracer)
@@ -197,6 +214,11 @@ class Launcher:
             if os.read(ready_r, 1) != b"g":  # the tracer could not attach
                 os._exit(EXIT_CANNOT_TRACE)
             os.close(ready_r)
+            if self._handover is not None:  # release: the tree's ptrace requests come to us
+                from .trace import seccomp
+
+                seccomp.hand_over(self._handover)
+                self._handover.close()
             cmd_env = _env_dict(env)
             # Socket activation: the fds are CMD's now (sd_listen_fds checks LISTEN_PID).
             if cmd_env.get(b"LISTEN_PID") == str(self.pid).encode():
@@ -233,9 +255,52 @@ class Launcher:
                 + (" (strict: PTRACE_O_EXITKILL ends it)" if self.cfg.strict else ""),
             )
         finally:
+            self.releaser.close()  # nothing can be given back any more: answer the waiting
             if ready_w >= 0:
                 os.close(ready_w)
             signal.pthread_kill(self.main_thread, forwarding.WAKE)
+
+    # -- release (main thread, then threads of their own) --------------------------------------
+
+    def _start_release(self, listener_sock: socket.socket | None) -> None:
+        """Take the seccomp listener from CMD's child (trace/requests.py). Not needed to run
+        CMD: a failure is logged."""
+        from .trace import requests, seccomp
+
+        cfg = self.cfg
+        listener, err = None, 0
+        if listener_sock is not None:
+            with listener_sock:
+                listener, err = seccomp.take_over(listener_sock)
+        else:
+            self.log.info("ptrace-requests", handled=False,
+                          reason=f"turned off (ptrace_requests, from "
+                          f"{cfg.sources.get('ptrace_requests', '?')})")
+        if listener is not None:
+            requests.PtraceRequests(listener, self.releaser, self.log, strict=cfg.strict,
+                                    allowed=cfg.strict_allow_release).start()
+            self.log.info("ptrace-requests", handled=True)
+        elif err:
+            self.log.info(
+                "ptrace-requests", handled=False, reason=seccomp.why_not(err),
+                message="processes of the tree that ask to trace one another (strace -f, gdb, "
+                "LeakSanitizer) get EPERM",
+            )
+
+    def _released(self, job: Job, pid: int, how: dict[str, Any]) -> None:
+        """Tracer thread: ``pid`` is no longer traced."""
+        fields: dict[str, Any] = {"pid": pid, "exe": _readlink(f"/proc/{pid}/exe"),
+                                  "reason": job.reason, "by": job.by, **how}
+        if how.get("stays_stopped"):
+            fields["note"] = "it was stopped by job control and stays stopped until SIGCONT"
+        fields["children"] = (
+            "programs it starts from now on are not followed; they keep the preload only "
+            "through their environment, unless a parent strips it"
+        )
+        if self.cfg.strict:
+            self.log.warning("released", strict_allow_release=True, **fields)
+        else:
+            self.log.info("released", **fields)
 
     # -- job control (both threads) -----------------------------------------------------------
 
@@ -568,6 +633,8 @@ class Launcher:
             fields["verification"] = self.verifier.finish()
         if self.tracer_error is not None:
             fields["tracer_failed"] = True
+        if self.releaser.count:
+            fields["released"] = self.releaser.count
         self.log.info("end", **fields)
         exit_like(status)
 
@@ -603,6 +670,13 @@ def _getsiginfo(tid: int) -> forwarding.SigInfo:
     buf = ctypes.create_string_buffer(128)
     ptrace(_PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
     return forwarding.parse_siginfo(buf.raw)
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def _signame(sig: int) -> str:

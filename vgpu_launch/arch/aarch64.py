@@ -41,3 +41,14 @@ def read_sp(tid: int) -> tuple[int, int]:
 
 def write_sp(tid: int, sp: int) -> None:
     setregset(tid, prstatus_with_sp(getregset(tid, PRSTATUS64_SIZE), sp))
+
+
+# System calls, for the seccomp filter (trace/seccomp.py): the ptrace call of every ABI this
+# machine runs, by audit architecture (seccomp_data.arch): AArch64, AArch32.
+AUDIT_ARCH_AARCH64 = 0xC00000B7
+AUDIT_ARCH_ARM = 0x40000028
+PTRACE_SYSCALLS: dict[int, tuple[int, ...]] = {
+    AUDIT_ARCH_AARCH64: (117,),
+    AUDIT_ARCH_ARM: (26,),
+}
+SYS_SECCOMP = 277

@@ -27,3 +27,16 @@ def read_sp(tid: int) -> tuple[int, int]:
 
 def write_sp(tid: int, sp: int) -> None:
     pokeuser(tid, RSP_OFFSET, sp)
+
+
+# System calls, for the seccomp filter (trace/seccomp.py): the ptrace call of every ABI this
+# machine runs, by audit architecture (seccomp_data.arch): x86_64 (and x32, whose numbers
+# carry __X32_SYSCALL_BIT), i386.
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+X32_SYSCALL_BIT = 0x40000000
+PTRACE_SYSCALLS: dict[int, tuple[int, ...]] = {
+    AUDIT_ARCH_X86_64: (101, X32_SYSCALL_BIT + 521),
+    AUDIT_ARCH_I386: (26,),
+}
+SYS_SECCOMP = 317

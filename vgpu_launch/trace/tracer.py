@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import ptracelib as pt
 from .injector import Outcome, inject
 from .policy import Decision, Policy
+from .release import Releaser
 
 WALL = 0x40000000
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -55,6 +57,7 @@ class Tracer:
         on_signal: Callable[[int, int], None] | None = None,
         watch_signals: frozenset[int] = frozenset(),
         fault_at_exec: int = 0,
+        releaser: Releaser | None = None,
     ) -> None:
         self.policy = policy
         self.unusable = unusable or {}  # word size -> preload libraries it cannot load
@@ -70,6 +73,10 @@ class Tracer:
         self.fault_at_exec = fault_at_exec
         self.tracees: set[int] = set()
         self.stats = Stats()
+        self.cmd_pid = 0
+        # Giving processes back (release.py): requests are served between two waitpid returns.
+        self.releaser = releaser if releaser is not None else Releaser()
+        self.releaser.tracer = self
 
     def seize(self, pid: int) -> None:
         pt.seize(pid, self.options)
@@ -84,6 +91,11 @@ class Tracer:
         stats = self.stats
         on_signal = self.on_signal
         watched = self.watch_signals
+        self.cmd_pid = cmd_pid
+        rel = self.releaser
+        rel.tracer_tid = threading.get_native_id()
+        releasing = rel.tids  # threads being given back: their next stop ends in a detach
+        queue = rel.queue
         execs = 0
         while True:
             try:
@@ -93,6 +105,12 @@ class Tracer:
             stats.stops += 1
             if status & 0xFF != 0x7F:  # exited or killed
                 tracees.discard(tid)
+                # -- release: a thread on its way out; a requester's wake-up child -----------
+                if releasing:
+                    rel.forget(tid)
+                if queue:
+                    rel.serve()
+                # ---------------------------------------------------------------------------
                 if self.on_event is not None:
                     self.on_event("exit", pid=tid, status=status)
                 if tid == cmd_pid:
@@ -101,6 +119,9 @@ class Tracer:
             sig = (status >> 8) & 0xFF
             event = status >> 16
             try:
+                if releasing and tid in releasing:  # release: detach at this stop
+                    rel.on_stop(tid, status)
+                    continue
                 if event == 0:
                     # Signal-delivery-stop: re-inject the signal, untouched. The hot path.
                     if sig in watched:
@@ -125,7 +146,9 @@ class Tracer:
                     execs += 1
                     if execs == self.fault_at_exec:
                         raise FaultInjected(f"test fault at exec #{execs} (pid {tid})")
-                    self._exec(tid)
+                    former = self.exec_stop(tid)
+                    if former is not None and releasing:
+                        rel.forget(former)
                 elif event in _CREATION:
                     # The child is counted at its own first stop; its id is needed only for
                     # the debug log.
@@ -139,7 +162,9 @@ class Tracer:
                     raise
                 # The thread died (SIGKILL, or its group exec'd) after reporting this stop.
 
-    def _exec(self, pid: int) -> None:
+    def exec_stop(self, pid: int, *, release: bool = False) -> int | None:
+        """Inject at an exec stop, then continue ``pid`` (or detach it: ``release``). Returns
+        the former thread id of a non-leader exec."""
         former = pt.geteventmsg(pid)
         if former != pid:
             # A non-leader thread exec'd: it now has the leader's id; its old id never
@@ -161,8 +186,13 @@ class Tracer:
             # the exec stop; its exit is reported like any other.
             os.kill(pid, signal.SIGKILL)
             self.on_exec(outcome, former if former != pid else None)
-            return
+            return former if former != pid else None
         try:
-            pt.cont(pid, 0)
+            if release:
+                pt.ptrace(pt.PTRACE_DETACH, pid, 0, 0)
+                self.tracees.discard(pid)
+            else:
+                pt.cont(pid, 0)
         finally:  # logged even if it was killed meanwhile (ESRCH)
             self.on_exec(outcome, former if former != pid else None)
+        return former if former != pid else None
