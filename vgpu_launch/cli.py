@@ -25,6 +25,9 @@ subcommands:
                         check this host: ptrace, preload libraries, configuration, a unit
   vgpu-launch status [PID | --unit NAME] [--format json]
                         which processes of a tree really have the preload mapped
+  vgpu-launch release PID [PID...] [--tree]
+                        give processes back from the vgpu-launch that traces them, so
+                        that a debugger can attach (gdb -p, py-spy dump, strace -p)
 
 environment variables (below the command line, above the configuration file):
   VGPU_LAUNCH_PRELOAD (paths separated by ':' or spaces), VGPU_LAUNCH_ENV and
@@ -200,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             from .diagnostics import commands as diagnostics
 
             sys.exit(diagnostics.main(args[0], args[1:]))
+        if args and args[0] == "release":
+            from . import control
+
+            sys.exit(control.main(args[1:]))
         options, command = split_command(args)
         parser = build_parser()
         parser.__class__ = _Parser

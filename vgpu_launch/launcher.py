@@ -70,9 +70,12 @@ def _ptrace_refusal(exc: PtraceError, child: int) -> str:
     """Why the kernel refused to trace our own child, in operator's words."""
     tracer = procfs.status_field(child, "TracerPid")
     if tracer and tracer != "0":
+        from .trace.release import traced_by_hint
+
         return (
-            f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)}): vgpu-launch runs "
-            "under a tracer that follows forks (strace -f, gdb)"
+            f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)})"
+            f"{traced_by_hint(tracer)}: vgpu-launch runs under a tracer that follows forks "
+            "(strace -f, gdb, a vgpu-launch that cannot hand ptrace requests over)"
         )
     try:
         with open("/proc/sys/kernel/yama/ptrace_scope") as f:
@@ -121,8 +124,8 @@ class Launcher:
         from .diagnostics.verify import Verifier
 
         self.verifier: Any = Verifier(cfg.preload, self.log) if cfg.preload else None
-        # Release (trace/release.py, trace/requests.py): CMD's half of the seccomp listener's
-        # hand-over; the tracer's side of giving processes back.
+        # Release (trace/release.py, trace/requests.py, control.py): CMD's half of the
+        # seccomp listener's hand-over; the tracer's side of giving processes back.
         self._handover: socket.socket | None = None
         self.releaser = Releaser(on_released=self._released)
 
@@ -263,8 +266,9 @@ class Launcher:
     # -- release (main thread, then threads of their own) --------------------------------------
 
     def _start_release(self, listener_sock: socket.socket | None) -> None:
-        """Take the seccomp listener from CMD's child (trace/requests.py). Not needed to run
-        CMD: a failure is logged."""
+        """Take the seccomp listener from CMD's child (trace/requests.py), and listen for
+        `vgpu-launch release` (control.py). Neither is needed to run CMD: a failure is logged."""
+        from . import control
         from .trace import requests, seccomp
 
         cfg = self.cfg
@@ -284,8 +288,13 @@ class Launcher:
             self.log.info(
                 "ptrace-requests", handled=False, reason=seccomp.why_not(err),
                 message="processes of the tree that ask to trace one another (strace -f, gdb, "
-                "LeakSanitizer) get EPERM",
+                "LeakSanitizer) get EPERM; `vgpu-launch release PID` still works",
             )
+        error = control.Server(self.releaser, self.log, strict=cfg.strict,
+                               allowed=cfg.strict_allow_release).start()
+        if error:
+            self.log.warning("release-channel", error=error,
+                             message="`vgpu-launch release` cannot reach this vgpu-launch")
 
     def _released(self, job: Job, pid: int, how: dict[str, Any]) -> None:
         """Tracer thread: ``pid`` is no longer traced."""

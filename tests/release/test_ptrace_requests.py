@@ -1,7 +1,7 @@
 """A process of the tree asks for ptrace itself (strace or gdb as CMD, LeakSanitizer, a test
 harness): vgpu-launch gives up the process concerned and the request succeeds as it would
-without vgpu-launch. What a tree whose vgpu-launch died can then do with ptrace; the
-unprivileged case; strict mode."""
+without vgpu-launch. What a released process, and a tree whose vgpu-launch died, can then do
+with ptrace; the unprivileged case; strict mode."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from relsupport import (
     events,
     launcher_argv,
     need,
+    release,
     run_env,
     tool,
+    tracer,
     tree,
     wait_for,
 )
@@ -139,6 +141,17 @@ def results(t: Tree, name: str) -> str:
     (Path(t.dir) / f"{name}.go").touch()
     text: str = wait_for(lambda: "done" in out.read_text() and out.read_text(), name)
     return text
+
+
+def test_a_released_process_can_still_use_ptrace(built: Built) -> None:
+    """After its release, a process and the programs it starts keep the filter, and their
+    ptrace requests work while vgpu-launch runs (the listener answers them)."""
+    with tree([*preload(built), "--", *SHELL_LOOP]) as t:
+        pid = run_ptrace_later(t, built, "later")
+        wait_for(lambda: tracer(pid) != 0, "the subshell traced")
+        assert release(str(pid)).returncode == 0
+        text = results(t, "later")
+        assert "traceme=ok" in text and "attach=ok" in text, text
 
 
 def test_after_vgpu_launch_died_ptrace_requests_fail_with_enosys(built: Built) -> None:

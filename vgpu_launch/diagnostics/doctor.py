@@ -222,9 +222,11 @@ def check_ptrace(checks: Checks, unit: Unit | None) -> None:
                    f"{seccomp})")
 
     if tracer != "0":
+        from ..trace.release import traced_by_hint
+
         name = procfs.comm(tracer)
         checks.add(FAIL if not worked else WARN, "ptrace: tracer",
-                   f"this process is traced by pid {tracer} ({name})"
+                   f"this process is traced by pid {tracer} ({name}){traced_by_hint(tracer)}"
                    + (": a tracer that follows forks takes every child first" if not worked
                       else ""),
                    f"run vgpu-launch outside {name} (or trace vgpu-launch without following its "
@@ -242,9 +244,12 @@ def _ptrace_diagnosis(facts: dict[str, Any], yama: str | None, seccomp: str, tra
                       has_cap: bool) -> tuple[str, str]:
     child_tracer = facts.get("child_tracer")
     if child_tracer:
+        from ..trace.release import traced_by_hint
+
         name = procfs.comm(child_tracer)
-        return (f"the child was already traced by pid {child_tracer} ({name}): this process "
-                "runs under a tracer that follows forks",
+        return (f"the child was already traced by pid {child_tracer} ({name})"
+                f"{traced_by_hint(child_tracer)}: this process runs under a tracer that "
+                "follows forks",
                 f"run vgpu-launch outside {name} (strace -f, gdb with follow-fork)")
     if tracer != "0":
         name = procfs.comm(tracer)

@@ -428,9 +428,24 @@ def collect(pid: int | None, unit_cgroup: str | None, libs: list[str] | None,
             if proc.pid == own:
                 continue
             rows.append(inspect(proc, depth, tree_libs, launcher=proc.pid in launchers))
+    _mark_released(rows, procs, launchers)
     if not all_libs:
         raise StatusError("no library to look for: give --preload PATH (or configure preload)")
     return Report(rows, all_libs, "; ".join(dict.fromkeys(sources)), scope, problems)
+
+
+def _mark_released(rows: list[Row], procs: dict[int, Proc],
+                   launchers: dict[int, list[str]]) -> None:
+    """Processes below a vgpu-launch that it no longer traces (`vgpu-launch release`)."""
+    from ..trace.release import untraced_note
+
+    for row in rows:
+        if row.role == "process" and row.state == "running" and _below_launcher(
+            procs, row.pid, launchers
+        ):
+            note = untraced_note(row.pid, set(launchers))
+            if note:
+                row.note = f"{row.note}; {note}" if row.note else note
 
 
 def _below_launcher(procs: dict[int, Proc], pid: int, launchers: dict[int, list[str]]) -> bool:

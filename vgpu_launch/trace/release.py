@@ -86,6 +86,32 @@ def _alive(pid: int, tid: int) -> bool:
     return state is not None and state[:1] not in ("Z", "X", "")
 
 
+def untraced_note(pid: int, launchers: set[int]) -> str | None:
+    """For ``vgpu-launch status``: what a process below a vgpu-launch that no vgpu-launch
+    traces is (None: traced by one of ``launchers``)."""
+    tid = tracer_of(pid)
+    if tid:
+        owner = tgid_of(tid)
+        if owner in launchers:
+            return None
+        return (f"released: traced by pid {owner} ({procfs.comm(owner or tid)}), not by "
+                "vgpu-launch; programs it starts are not followed")
+    return "released: not traced by vgpu-launch; programs it starts are not followed"
+
+
+def traced_by_hint(tracer: int | str) -> str:
+    """For messages that say a process is traced by thread ``tracer``: if that thread belongs
+    to a vgpu-launch, how to get the process back (empty otherwise)."""
+    from ..diagnostics.status import launcher_args
+
+    owner = tgid_of(int(tracer)) if str(tracer).isdigit() else None
+    argv = command_line(owner) if owner else None
+    if owner is None or argv is None or launcher_args(argv) is None:
+        return ""
+    return (f" (thread {tracer} of vgpu-launch {owner}: `vgpu-launch release PID` gives a "
+            "process back)")
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, parents before children."""
     kids: dict[int, list[int]] = {}
@@ -102,6 +128,18 @@ def descendants(pid: int) -> list[int]:
             out.append(p)
             todo.extend(sorted(kids.get(p, [])))
     return out
+
+
+def command_line(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in data.split(b"\0")]
+    if args and args[-1] == "":
+        args.pop()
+    return args
 
 
 class Releaser:
