@@ -34,6 +34,7 @@ environment variables (below the command line, above the configuration file):
   VGPU_LAUNCH_FORCE_ENV (NAME=VALUE separated by spaces), VGPU_LAUNCH_EXCLUDE,
   VGPU_LAUNCH_LOG_FORMAT, VGPU_LAUNCH_LOG_LEVEL, VGPU_LAUNCH_LOG_FILE,
   VGPU_LAUNCH_NO_FOLLOW, VGPU_LAUNCH_STRICT (1/0), VGPU_LAUNCH_ALLOW_INSECURE,
+  VGPU_LAUNCH_RELEASE_AFTER_EXEC (patterns separated by ';'),
   VGPU_LAUNCH_STRICT_ALLOW_RELEASE (1/0), VGPU_LAUNCH_PTRACE_REQUESTS (1/0),
   VGPU_LAUNCH_CONFIG (the configuration file; default {DEFAULT_CONFIG})
 
@@ -104,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         "filter's cost",
     )
     p.add_argument(
+        "--release-after-exec",
+        action="append",
+        metavar="GLOB",
+        help="give back a program right after its exec (once injected) when GLOB matches "
+        "its path and arguments, \"EXE ARG1 ARG2...\" joined by spaces; its threads and "
+        "signals then cost nothing, and the programs it starts are not followed "
+        "(repeatable; refused with --strict)",
+    )
+    p.add_argument(
         "--no-follow",
         action="store_true",
         default=None,
@@ -150,6 +160,7 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         "--log-level",
         "--log-file",
         "--config",
+        "--release-after-exec",
     }
     i = 0
     while i < len(argv):
@@ -175,6 +186,7 @@ def _cli_values(ns: argparse.Namespace) -> dict[str, Any]:
         "strict",
         "no_follow",
         "allow_insecure",
+        "release_after_exec",
         "strict_allow_release",
         "ptrace_requests",
     ):

@@ -40,6 +40,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "no_follow": ("bool", "VGPU_LAUNCH_NO_FOLLOW"),
     "strict": ("bool", "VGPU_LAUNCH_STRICT"),
     "allow_insecure": ("bool", "VGPU_LAUNCH_ALLOW_INSECURE"),
+    "release_after_exec": ("globs", "VGPU_LAUNCH_RELEASE_AFTER_EXEC"),
     "strict_allow_release": ("bool", "VGPU_LAUNCH_STRICT_ALLOW_RELEASE"),
     "ptrace_requests": ("bool", "VGPU_LAUNCH_PTRACE_REQUESTS"),
 }
@@ -60,6 +61,7 @@ class Config:
     no_follow: bool = False
     strict: bool = False
     allow_insecure: bool = False
+    release_after_exec: list[str] = field(default_factory=list)
     strict_allow_release: bool = False
     ptrace_requests: bool = True
     config_file: str | None = None
@@ -82,6 +84,7 @@ class Config:
             "exclude": self.exclude,
             "strict": self.strict,
             "no_follow": self.no_follow,
+            "release_after_exec": self.release_after_exec,
             "strict_allow_release": self.strict_allow_release,
             "ptrace_requests": self.ptrace_requests,
             "config_file": self.config_file,
@@ -110,6 +113,8 @@ def _from_text(key: str, text: str, where: str) -> Any:
     kind = KEYS[key][0]
     if kind == "paths":
         return [p for p in re.split(r"[:\s]+", text) if p]
+    if kind == "globs":  # they hold spaces ("/usr/bin/ollama runner*"): separated by ';'
+        return [p.strip() for p in text.split(";") if p.strip()]
     if kind == "assignments":
         return dict(_assignment(t, where) for t in text.split())
     if kind == "bool":
@@ -133,6 +138,14 @@ def _check(key: str, value: Any, where: str) -> Any:
                     f"{where}: preload path {v!r} contains ':' or whitespace, which ld.so "
                     "reads as separators; rename the file"
                 )
+        return list(value)
+    if kind == "globs":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of patterns")
+        if any(not v.strip() for v in value):
+            raise ConfigError(f"{where}: {key} has an empty pattern")
         return list(value)
     if kind == "assignments":
         if not isinstance(value, dict):
@@ -236,6 +249,13 @@ def load(
             f"strict mode (from {cfg.sources['strict']}) cannot be combined with exclude "
             f"(from {cfg.sources['exclude']}): an excluded program runs without the preload, "
             "which strict mode exists to prevent; drop one of the two"
+        )
+    if cfg.strict and cfg.release_after_exec:
+        raise ConfigError(
+            f"strict mode (from {cfg.sources['strict']}) cannot be combined with "
+            f"release_after_exec (from {cfg.sources['release_after_exec']}): a released "
+            "program's children are no longer followed, which strict mode exists to prevent; "
+            "drop one of the two"
         )
     return cfg
 
