@@ -71,6 +71,7 @@ class Workload:
     met: Callable[[Medians], bool] | None = None
     check: Check | None = None
     note: str = ""
+    launch: list[str] = field(default_factory=list)  # more vgpu-launch options for this row
 
 
 @dataclass
@@ -128,6 +129,14 @@ def workloads(spawn: list[str], scale: int) -> dict[str, Callable[[], Workload]]
     def c(name: str, *args: object) -> list[str]:
         return [str(build_c(name, "-pthread")), *map(str, args)]
 
+    def released(w: Workload) -> Workload:
+        """The same workload with its program given back right after its exec."""
+        w.name += "-released"
+        w.label += ", `release_after_exec` matching it"
+        w.launch = ["--release-after-exec", f"{w.argv[0]} *"]
+        w.target, w.met, w.unit = "≤ 1.02 × direct", at_most(1.02), ""
+        return w
+
     def go_cpu() -> Workload:
         label = f"Go CPU-bound, {go_rounds:,} SHA-256 rounds"
         if not shutil.which("go"):
@@ -152,6 +161,14 @@ def workloads(spawn: list[str], scale: int) -> dict[str, Callable[[], Workload]]
         "thread": lambda: Workload(
             "thread", f"{n_thr:,} threads created + joined", c("threads", n_thr),
             target="≤ 2.5 × direct", met=at_most(2.5)),
+        "syscall-unfiltered": lambda: Workload(
+            "syscall-unfiltered", f"{n_sys:,} `getppid` syscalls, `--no-ptrace-requests`",
+            c("getppid", n_sys), target="≤ 1.02 × direct", met=at_most(1.02),
+            launch=["--no-ptrace-requests"]),
+        "signal-released": lambda: released(Workload(
+            "signal", f"{n_sig:,} RT signals to itself, 4 threads", c("signals", n_sig))),
+        "thread-released": lambda: released(Workload(
+            "thread", f"{n_thr:,} threads created + joined", c("threads", n_thr))),
         "go-cpu": go_cpu,
         "go-fixture": fixture,
     }  # fmt: skip
@@ -186,9 +203,10 @@ def fixture() -> Workload:
 # ---------------------------------------------------------------------------- running
 
 
-def prefix(mode: str, preload: Path) -> list[str]:
+def prefix(mode: str, preload: Path, launch: list[str] | None = None) -> list[str]:
     if mode == "vgpu-launch":
-        return [str(VGPU_LAUNCH), "--log-level", "warning", "--preload", str(preload), "--"]
+        return [str(VGPU_LAUNCH), "--log-level", "warning", "--preload", str(preload),
+                *(launch or []), "--"]
     return STRACE if mode == "strace" else []
 
 
@@ -197,7 +215,7 @@ def run_timed(w: Workload, mode: str, preload: Path) -> Sample:
     cpu = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(
-        prefix(mode, preload) + w.argv,
+        prefix(mode, preload, w.launch) + w.argv,
         env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
     )
     sample = Sample(time.perf_counter() - start, proc.returncode)

@@ -127,7 +127,7 @@ class Launcher:
         # Release (trace/release.py, trace/requests.py, control.py): CMD's half of the
         # seccomp listener's hand-over; the tracer's side of giving processes back.
         self._handover: socket.socket | None = None
-        self.releaser = Releaser(on_released=self._released)
+        self.releaser = Releaser(after_exec=cfg.release_after_exec, on_released=self._released)
 
     # -- set-up ---------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The pieces of release on their own: the seccomp filter in a real process, the options."""
+"""The pieces of release on their own: the seccomp filter in a real process, the matching of
+release_after_exec, the new options."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import struct
 import pytest
 
 from vgpu_launch import arch
+from vgpu_launch.cli import split_command
 from vgpu_launch.config import load
+from vgpu_launch.errors import ConfigError
 from vgpu_launch.trace import seccomp
+from vgpu_launch.trace.release import after_exec_match, after_exec_subject
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -90,10 +94,32 @@ def test_filter_covers_every_abi_of_this_machine() -> None:
     assert struct.unpack_from("=HBBI", code, len(code) - 8)[3] == seccomp.SECCOMP_RET_USER_NOTIF
 
 
+@pytest.mark.parametrize(("pattern", "exe", "argv", "match"), [
+    ("/usr/bin/ollama runner*", "/usr/bin/ollama", ["ollama", "runner", "--port", "1"], True),
+    ("/usr/bin/ollama runner*", "/usr/bin/ollama", ["ollama", "serve"], False),
+    ("/usr/bin/ollama runner", "/usr/bin/ollama", ["ollama", "runner", "-x"], False),
+    ("*/ollama runner *", "/opt/o/bin/ollama", ["./ollama", "runner", "-x"], True),
+    ("/usr/bin/python3* worker.py", "/usr/bin/python3.11", ["python3", "worker.py"], True),
+    ("worker", "/usr/bin/worker", ["worker"], False),  # the path is absolute
+    ("*/worker", "/usr/bin/worker", ["anything-as-argv0"], True),  # argv[0] is not used
+])
+def test_after_exec_matching(pattern: str, exe: str, argv: list[str], match: bool) -> None:
+    """The glob sees the real path then argv[1:], joined by spaces; '*' crosses '/' and ' '."""
+    assert (after_exec_match([pattern], exe, argv) == pattern) is match, \
+        after_exec_subject(exe, argv)
+
+
 def test_options() -> None:
-    """--strict-allow-release and ptrace_requests from the command line and the environment."""
-    cfg = load({"strict_allow_release": True, "ptrace_requests": False}, {})
-    assert cfg.strict_allow_release is True and cfg.ptrace_requests is False
-    cfg = load({}, {"VGPU_LAUNCH_STRICT_ALLOW_RELEASE": "1", "VGPU_LAUNCH_PTRACE_REQUESTS": "0"})
-    assert cfg.strict_allow_release is True and cfg.ptrace_requests is False
-    assert load({}, {}).ptrace_requests is True
+    """--release-after-exec takes a value (CMD starts after it); the file and the environment
+    give lists; strict mode refuses release_after_exec."""
+    assert split_command(["--release-after-exec", "x *", "prog", "-a"]) == (
+        ["--release-after-exec", "x *"], ["prog", "-a"])
+    cfg = load({"release_after_exec": ["a b*"], "strict_allow_release": True}, {})
+    assert cfg.release_after_exec == ["a b*"] and cfg.strict_allow_release is True
+    cfg = load({}, {"VGPU_LAUNCH_RELEASE_AFTER_EXEC": " a b* ;; c ",
+                    "VGPU_LAUNCH_STRICT_ALLOW_RELEASE": "1"})
+    assert cfg.release_after_exec == ["a b*", "c"] and cfg.strict_allow_release is True
+    with pytest.raises(ConfigError, match="release_after_exec"):
+        load({"strict": True, "release_after_exec": ["x"]}, {})
+    with pytest.raises(ConfigError, match="list of patterns"):
+        load({"release_after_exec": [1]}, {})

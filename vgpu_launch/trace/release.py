@@ -13,16 +13,19 @@ returns for it. The tracer then serves the queue, between two ``waitpid`` return
   ``PTRACE_DETACH`` instead of ``PTRACE_CONT``;
 - threads created meanwhile are found again in /proc and given the same treatment, until no
   thread of the process has this tracer.
+
+``release_after_exec`` uses the same detach at the exec stop, right after the injection.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import fnmatch
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,14 +145,31 @@ def command_line(pid: int) -> list[str] | None:
     return args
 
 
+def after_exec_subject(exe: str, argv: Sequence[str]) -> str:
+    """What ``release_after_exec`` patterns are matched against: the program's real path (the
+    interpreter, for a script), then argv[1:], joined with single spaces."""
+    return " ".join([exe, *argv[1:]])
+
+
+def after_exec_match(patterns: Sequence[str], exe: str, argv: Sequence[str]) -> str | None:
+    """The first pattern (fnmatch: ``*`` also matches ``/`` and spaces) that matches."""
+    subject = after_exec_subject(exe, argv)
+    for pat in patterns:
+        if fnmatch.fnmatchcase(subject, pat):
+            return pat
+    return None
+
+
 class Releaser:
     """The tracer thread's side of giving processes back (see the module's docstring)."""
 
     def __init__(
         self,
         *,
+        after_exec: Sequence[str] = (),
         on_released: Callable[[Job, int, dict[str, Any]], None] | None = None,
     ) -> None:
+        self.after_exec = tuple(after_exec)
         self.on_released = on_released
         self.queue: collections.deque[Job] = collections.deque()
         self.tids: dict[int, _Proc] = {}  # threads interrupted, not yet stopped
@@ -304,3 +324,21 @@ class Releaser:
         job.open -= 1
         if job.open <= 0:
             job.done.set()
+
+    # -- release_after_exec ------------------------------------------------------------------
+
+    def match_after_exec(self, pid: int, exe: str) -> str | None:
+        """The pattern that gives ``pid`` back right after its exec, or None."""
+        if not self.after_exec:
+            return None
+        argv = command_line(pid)
+        if argv is None:
+            return None
+        return after_exec_match(self.after_exec, exe, argv)
+
+    def released_after_exec(self, pid: int, pattern: str) -> None:
+        self.count += 1
+        if self.on_released is not None:
+            job = Job([pid], "release_after_exec", {"pattern": pattern})
+            self.on_released(job, pid, {"threads": 1, "stops": {"exec": 1},
+                                        "stays_stopped": False})

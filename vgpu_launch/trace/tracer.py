@@ -163,8 +163,8 @@ class Tracer:
                 # The thread died (SIGKILL, or its group exec'd) after reporting this stop.
 
     def exec_stop(self, pid: int, *, release: bool = False) -> int | None:
-        """Inject at an exec stop, then continue ``pid`` (or detach it: ``release``). Returns
-        the former thread id of a non-leader exec."""
+        """Inject at an exec stop, then continue ``pid`` (or detach it: ``release``, or a
+        ``release_after_exec`` match). Returns the former thread id of a non-leader exec."""
         former = pt.geteventmsg(pid)
         if former != pid:
             # A non-leader thread exec'd: it now has the leader's id; its old id never
@@ -187,12 +187,16 @@ class Tracer:
             os.kill(pid, signal.SIGKILL)
             self.on_exec(outcome, former if former != pid else None)
             return former if former != pid else None
+        # release_after_exec: injected, and given back before its first instruction
+        pattern = None if release else self.releaser.match_after_exec(pid, outcome.exe)
         try:
-            if release:
+            if release or pattern is not None:
                 pt.ptrace(pt.PTRACE_DETACH, pid, 0, 0)
                 self.tracees.discard(pid)
             else:
                 pt.cont(pid, 0)
         finally:  # logged even if it was killed meanwhile (ESRCH)
             self.on_exec(outcome, former if former != pid else None)
+        if pattern is not None:
+            self.releaser.released_after_exec(pid, pattern)
         return former if former != pid else None
