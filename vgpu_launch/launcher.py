@@ -187,8 +187,13 @@ class Launcher:
         ready_r, ready_w = os.pipe()
         # -- release: CMD installs the seccomp filter and hands its listener over --------------
         listener_sock: socket.socket | None = None
+        no_filter = None
         if cfg.ptrace_requests:
-            listener_sock, self._handover = socket.socketpair()
+            from .trace import seccomp  # imported here, not in the child
+
+            no_filter = seccomp.probe()
+            if no_filter is None:
+                listener_sock, self._handover = socket.socketpair()
         self.cmd_pid = os.fork()
         if self.cmd_pid == 0:
             if listener_sock is not None:
@@ -206,7 +211,7 @@ class Launcher:
             target=self._trace, args=(tracer, ready_w), name="tracer", daemon=True
         )
         thread.start()
-        self._start_release(listener_sock)
+        self._start_release(listener_sock, no_filter)
         self._supervise()
         thread.join(timeout=1.0)
         self._finish(tracer)
@@ -265,7 +270,8 @@ class Launcher:
 
     # -- release (main thread, then threads of their own) --------------------------------------
 
-    def _start_release(self, listener_sock: socket.socket | None) -> None:
+    def _start_release(self, listener_sock: socket.socket | None,
+                       no_filter: str | None) -> None:
         """Take the seccomp listener from CMD's child (trace/requests.py), and listen for
         `vgpu-launch release` (control.py). Neither is needed to run CMD: a failure is logged."""
         from . import control
@@ -276,17 +282,16 @@ class Launcher:
         if listener_sock is not None:
             with listener_sock:
                 listener, err = seccomp.take_over(listener_sock)
-        else:
-            self.log.info("ptrace-requests", handled=False,
-                          reason=f"turned off (ptrace_requests, from "
-                          f"{cfg.sources.get('ptrace_requests', '?')})")
+        reason = seccomp.why_not(err) if err else no_filter
+        if not cfg.ptrace_requests:
+            reason = f"turned off (ptrace_requests, from {cfg.sources.get('ptrace_requests')})"
         if listener is not None:
             requests.PtraceRequests(listener, self.releaser, self.log, strict=cfg.strict,
                                     allowed=cfg.strict_allow_release).start()
             self.log.info("ptrace-requests", handled=True)
-        elif err:
+        elif reason:  # (neither: CMD's child ended before it got that far)
             self.log.info(
-                "ptrace-requests", handled=False, reason=seccomp.why_not(err),
+                "ptrace-requests", handled=False, reason=reason,
                 message="processes of the tree that ask to trace one another (strace -f, gdb, "
                 "LeakSanitizer) get EPERM; `vgpu-launch release PID` still works",
             )

@@ -40,6 +40,7 @@ _PROGRAMS: dict[str, tuple[list[str], str, list[str]]] = {
     "rel_ptrace32": (["gcc", "-m32"], "rel_ptrace.c", []),
     "rel_probe": (["gcc"], "rel_probe.c", []),
     "rel_reap": (["gcc"], "rel_reap.c", []),
+    "rel_nosec": (["gcc"], "rel_nosec.c", []),
     "rel_leak": (["gcc", "-fsanitize=address", "-g"], "rel_leak.c", []),
     "librelmarker.so": (["gcc"], "librelmarker.c", ["-shared", "-fPIC"]),
 }

@@ -197,6 +197,20 @@ def test_turned_off(built: Built) -> None:
     assert "Seccomp:\t2" in proc.stdout and "traceme=ok" in proc.stdout, proc.stdout
 
 
+@pytest.mark.parametrize("action", ["kill", "errno"])
+def test_a_filter_that_refuses_seccomp(built: Built, action: str) -> None:
+    """Under a seccomp filter that refuses the seccomp call itself (a unit's SystemCallFilter=
+    without it; systemd's default action kills with SIGSYS), CMD still runs: vgpu-launch tries
+    the call in a throwaway child first, and logs why the requests are not handed over."""
+    proc = subprocess.run(
+        [built.rel_nosec, action, *launcher_argv([*preload(built), "--", built.rel_probe])],
+        capture_output=True, text=True, timeout=120, env=run_env())
+    assert proc.returncode == 0 and "relprobe" in proc.stdout, proc.stdout + proc.stderr
+    (ev,) = [e for e in events(proc.stderr) if e["event"] == "ptrace-requests"]
+    assert ev["handled"] is False, ev
+    assert ("kills the seccomp system call" if action == "kill" else "forbids") in ev["reason"]
+
+
 def test_unprivileged_without_no_new_privs(built: Built) -> None:
     """Run by a user without CAP_SYS_ADMIN and without no_new_privs, vgpu-launch installs no
     filter (setting no_new_privs would change setuid programs): the request fails with EPERM

@@ -137,7 +137,41 @@ def why_not(err: int) -> str:
                 "no_new_privs itself (that would change what setuid programs can do)")
     if err == errno.EINVAL:
         return "this kernel has no seccomp user notification (Linux 5.0; 5.5 to continue calls)"
+    if err == errno.EBUSY:
+        return ("this process already inherits a seccomp listener (the kernel allows one per "
+                "process): an outer vgpu-launch, or a sandbox that uses one")
+    if err == errno.EPERM:
+        return ("a seccomp filter already in place (a unit's SystemCallFilter=, a container's "
+                "profile) forbids the seccomp system call")
     return f"seccomp refused ({errno.errorcode.get(err, err)}: {os.strerror(err)})"
+
+
+def probe() -> str | None:
+    """Before CMD is started: why the filter cannot be installed, or None if it can.
+
+    Where a seccomp filter is in place already (a unit's SystemCallFilter=, a container's
+    profile), the seccomp system call itself may be refused, or may kill the caller with
+    SIGSYS (systemd's default action): try it in a throwaway child first, so that CMD's child
+    never dies of it."""
+    from .. import procfs
+
+    if procfs.status_field("self", "Seccomp") in (None, "0"):
+        return None
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            os.close(install())
+        except OSError as exc:
+            code = exc.errno or errno.EINVAL
+        finally:
+            os._exit(code & 0xFF)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        return (f"a seccomp filter already in place (a unit's SystemCallFilter=, a container's "
+                f"profile) kills the seccomp system call (signal {os.WTERMSIG(status)})")
+    code = os.WEXITSTATUS(status)
+    return why_not(code) if code else None
 
 
 # -- handing the listener from CMD's child to vgpu-launch ---------------------------------------
