@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Give processes back from the vgpu-launch that traces them, so that a "
         "debugger (gdb -p, py-spy dump, strace -p) can attach. A released process keeps "
         "running with its preload, but programs it starts from then on are no longer "
-        "followed: they keep the preload only through their environment.",
+        "followed: they keep the preload only through their environment. Only root and the "
+        "user vgpu-launch runs as may release. Exit status: 0 every PID was released; 1 one "
+        "was not (not traced by a vgpu-launch, refused, not reached); 2 bad usage or no such "
+        "process.",
     )
     p.add_argument("pids", nargs="+", metavar="PID", help="a process of a vgpu-launch tree")
     p.add_argument("--tree", action="store_true",
