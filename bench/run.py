@@ -318,10 +318,11 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
-def medians(samples: dict[str, list[Sample]]) -> Medians:
-    """Median seconds by mode, for the modes whose runs all succeeded."""
+def medians(samples: dict[str, list[Sample]], measure: str = "wall") -> Medians:
+    """Median seconds by mode, for the modes whose runs all succeeded: wall time, or ("cpu")
+    the CPU time of the whole tree, tracer included."""
     return {
-        mode: statistics.median(s.seconds for s in ss)
+        mode: statistics.median(s.seconds if measure == "wall" else s.info["cpu_s"] for s in ss)
         for mode, ss in samples.items()
         if ss and not any(s.error for s in ss)
     }
@@ -416,6 +417,9 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated workload names (default: all)")
     parser.add_argument("--idle-seconds", type=float, help="CMD's idle time (default 60, quick 2)")
     parser.add_argument("--modes", default=",".join(MODES), help="default: %(default)s")
+    parser.add_argument("--measure", choices=("wall", "cpu"), default="wall",
+                        help="timed rows: wall time, or CPU time of the whole tree (less "
+                        "sensitive to other load on the machine); default: %(default)s")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     reps = args.reps or (3 if args.quick else 7)
@@ -456,7 +460,7 @@ def main() -> int:
         print(f"bench: {name}: {rounds} rounds of {', '.join(modes)}", file=sys.stderr)
         samples = run_alternating(w, modes, rounds, preload)
         raw[name] = {mode: [asdict(s) for s in ss] for mode, ss in samples.items()}
-        med = medians(samples)
+        med = medians(samples, args.measure)
         rows.append(timed_row(w, med, modes, startup))
         if name == "startup" and "direct" in med:
             startup = {mode: t - med["direct"] for mode, t in med.items() if mode != "direct"}
@@ -477,8 +481,10 @@ def main() -> int:
     print(f"Machine: {info['cpus']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
           f"load average {info['load']} before the run; Python {info['python']}, "
           f"{info['strace']}, {info['go']}; {info['vgpu-launch']} ({info['commit']})\n")
+    measured = "" if args.measure == "wall" else (
+        "times are CPU time of the whole tree (tracer included), not wall time; ")
     print(f"Medians of {reps} alternating runs per mode ({reps * STARTUP_REPS_FACTOR} for "
-          "start-up), after one warm-up round; "
+          f"start-up), after one warm-up round; {measured}"
           "ratio = median(mode) / median(direct); net = less the mode's start-up time (first row), "
           "which per-operation figures and targets use. "
           "Tracer rows: the process named by CMD's TracerPid, one run each.\n")
