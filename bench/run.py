@@ -417,6 +417,9 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated workload names (default: all)")
     parser.add_argument("--idle-seconds", type=float, help="CMD's idle time (default 60, quick 2)")
     parser.add_argument("--modes", default=",".join(MODES), help="default: %(default)s")
+    parser.add_argument("--launch-options", default="", metavar="OPTIONS",
+                        help="more vgpu-launch options for every run, e.g. "
+                        "--launch-options=--no-ptrace-requests")
     parser.add_argument("--measure", choices=("wall", "cpu"), default="wall",
                         help="timed rows: wall time, or CPU time of the whole tree (less "
                         "sensitive to other load on the machine); default: %(default)s")
@@ -452,6 +455,7 @@ def main() -> int:
     started = time.perf_counter()
     for name in (n for n in timed if n in only):
         w = timed[name]()
+        w.launch = [*shlex.split(args.launch_options), *w.launch]
         if not w.argv:
             rows.append(Row(w.label, {modes[0]: w.note}))
             raw[name] = {"skipped": w.note}
