@@ -75,6 +75,7 @@ class Workload:
     # instead of the wall time of the whole run
     measure: Callable[[float, str], float] | None = None
     net: bool = True  # whether "net" figures (less the start-up row) make sense for it
+    launch: list[str] = field(default_factory=list)  # more vgpu-launch options for this row
 
 
 @dataclass
@@ -132,6 +133,14 @@ def workloads(spawn: list[str], scale: int) -> dict[str, Callable[[], Workload]]
     def c(name: str, *args: object) -> list[str]:
         return [str(build_c(name, "-pthread")), *map(str, args)]
 
+    def released(w: Workload) -> Workload:
+        """The same workload with its program given back right after its exec."""
+        w.name += "-released"
+        w.label += ", `release_after_exec` matching it"
+        w.launch = ["--release-after-exec", f"{w.argv[0]} *"]
+        w.target, w.met, w.unit = "≤ 1.02 × direct", at_most(1.02), ""
+        return w
+
     def go_cpu() -> Workload:
         label = f"Go CPU-bound, {go_rounds:,} SHA-256 rounds"
         if not shutil.which("go"):
@@ -161,6 +170,14 @@ def workloads(spawn: list[str], scale: int) -> dict[str, Callable[[], Workload]]
         "thread": lambda: Workload(
             "thread", f"{n_thr:,} threads created + joined", c("threads", n_thr),
             target="≤ 2.5 × direct", met=at_most(2.5)),
+        "syscall-unfiltered": lambda: Workload(
+            "syscall-unfiltered", f"{n_sys:,} `getppid` syscalls, `--no-ptrace-requests`",
+            c("getppid", n_sys), target="≤ 1.02 × direct", met=at_most(1.02),
+            launch=["--no-ptrace-requests"]),
+        "signal-released": lambda: released(Workload(
+            "signal", f"{n_sig:,} RT signals to itself, 4 threads", c("signals", n_sig))),
+        "thread-released": lambda: released(Workload(
+            "thread", f"{n_thr:,} threads created + joined", c("threads", n_thr))),
         "go-cpu": go_cpu,
         "go-fixture": fixture,
     }  # fmt: skip
@@ -201,9 +218,10 @@ def fixture() -> Workload:
 # ---------------------------------------------------------------------------- running
 
 
-def prefix(mode: str, preload: Path) -> list[str]:
+def prefix(mode: str, preload: Path, launch: list[str] | None = None) -> list[str]:
     if mode == "vgpu-launch":
-        return [str(VGPU_LAUNCH), "--log-level", "warning", "--preload", str(preload), "--"]
+        return [str(VGPU_LAUNCH), "--log-level", "warning", "--preload", str(preload),
+                *(launch or []), "--"]
     return STRACE if mode == "strace" else []
 
 
@@ -213,7 +231,7 @@ def run_timed(w: Workload, mode: str, preload: Path) -> Sample:
     start = time.perf_counter()
     started = time.clock_gettime(time.CLOCK_MONOTONIC)
     proc = subprocess.run(
-        prefix(mode, preload) + w.argv,
+        prefix(mode, preload, w.launch) + w.argv,
         env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
     )
     sample = Sample(time.perf_counter() - start, proc.returncode)
@@ -319,10 +337,11 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
-def medians(samples: dict[str, list[Sample]]) -> Medians:
-    """Median seconds by mode, for the modes whose runs all succeeded."""
+def medians(samples: dict[str, list[Sample]], measure: str = "wall") -> Medians:
+    """Median seconds by mode, for the modes whose runs all succeeded: wall time, or ("cpu")
+    the CPU time of the whole tree, tracer included."""
     return {
-        mode: statistics.median(s.seconds for s in ss)
+        mode: statistics.median(s.seconds if measure == "wall" else s.info["cpu_s"] for s in ss)
         for mode, ss in samples.items()
         if ss and not any(s.error for s in ss)
     }
@@ -417,6 +436,12 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated workload names (default: all)")
     parser.add_argument("--idle-seconds", type=float, help="CMD's idle time (default 60, quick 2)")
     parser.add_argument("--modes", default=",".join(MODES), help="default: %(default)s")
+    parser.add_argument("--launch-options", default="", metavar="OPTIONS",
+                        help="more vgpu-launch options for every run, e.g. "
+                        "--launch-options=--no-ptrace-requests")
+    parser.add_argument("--measure", choices=("wall", "cpu"), default="wall",
+                        help="timed rows: wall time, or CPU time of the whole tree (less "
+                        "sensitive to other load on the machine); default: %(default)s")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     reps = args.reps or (3 if args.quick else 7)
@@ -449,6 +474,7 @@ def main() -> int:
     started = time.perf_counter()
     for name in (n for n in timed if n in only):
         w = timed[name]()
+        w.launch = [*shlex.split(args.launch_options), *w.launch]
         if not w.argv:
             rows.append(Row(w.label, {modes[0]: w.note}))
             raw[name] = {"skipped": w.note}
@@ -458,7 +484,7 @@ def main() -> int:
         print(f"bench: {name}: {rounds} rounds of {', '.join(modes)}", file=sys.stderr)
         samples = run_alternating(w, modes, rounds, preload)
         raw[name] = {mode: [asdict(s) for s in ss] for mode, ss in samples.items()}
-        med = medians(samples)
+        med = medians(samples, args.measure)
         rows.append(timed_row(w, med, modes, startup if w.net else {}))
         if name == "startup" and "direct" in med:
             startup = {mode: t - med["direct"] for mode, t in med.items() if mode != "direct"}
@@ -479,8 +505,10 @@ def main() -> int:
     print(f"Machine: {info['cpus']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
           f"load average {info['load']} before the run; Python {info['python']}, "
           f"{info['strace']}, {info['go']}; {info['vgpu-launch']} ({info['commit']})\n")
+    measured = "" if args.measure == "wall" else (
+        "times are CPU time of the whole tree (tracer included), not wall time; ")
     print(f"Medians of {reps} alternating runs per mode ({reps * STARTUP_REPS_FACTOR} for "
-          "start-up), after one warm-up round; "
+          f"start-up), after one warm-up round; {measured}"
           "ratio = median(mode) / median(direct); net = less the mode's start-up time (first row), "
           "which per-operation figures and targets use. "
           "Tracer rows: the process named by CMD's TracerPid, one run each.\n")

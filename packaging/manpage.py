@@ -55,6 +55,13 @@ ENV_TEXT: dict[str, str] = {
         "\\fI/usr/bin/python3\\fR, whatever \\fBPATH\\fR says); it needs python\\-ptrace, "
         "python\\-prctl and structlog.  Not a setting: it is not read from the configuration "
         "file, and \\fICMD\\fR inherits it like any other variable.",
+    "VGPU_LAUNCH_RELEASE_AFTER_EXEC":
+        "Globs separated by semicolons (a glob may contain spaces); like "
+        "\\fB\\-\\-release\\-after\\-exec\\fR.",
+    "VGPU_LAUNCH_STRICT_ALLOW_RELEASE": "1 for \\fB\\-\\-strict\\-allow\\-release\\fR, 0 to "
+                                        "turn it off.",
+    "VGPU_LAUNCH_PTRACE_REQUESTS": "0 for \\fB\\-\\-no\\-ptrace\\-requests\\fR; 1 (the default) "
+                                   "to hand the tree's ptrace requests over.",
 }
 
 # Variables of the environment vgpu-launch is started with that are not its own settings.
@@ -79,6 +86,12 @@ CONFIG_TEXT: dict[str, str] = {
     "log_file": "Path; \\fB\"\"\\fR for none.",
     "env": "Table of NAME = \"VALUE\" set where a program's environment lacks NAME.",
     "force_env": "Table of NAME = \"VALUE\" set even over a different value.",
+    "release_after_exec": "List of globs, each matched against a program's resolved path "
+                          "followed by its arguments (argv[1:]), joined by single spaces; "
+                          "\\fB*\\fR matches any text, slashes and spaces included.  A "
+                          "matching program is given back right after its exec.",
+    "strict_allow_release": "Boolean.",
+    "ptrace_requests": "Boolean (default true).",
 }
 TABLE_KEYS = ("env", "force_env")
 
@@ -94,6 +107,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "[\\fB\\-\\-format\\fR \\fBjson\\fR]",
                "Show which processes of a tree (a process and its descendants, or a unit's "
                "processes) really have the preload libraries mapped."),
+    "release": ("\\fIPID\\fR [\\fIPID\\fR...] [\\fB\\-\\-tree\\fR]",
+                "Give processes back from the vgpu\\-launch that traces them, so that a "
+                "debugger can attach."),
 }
 
 # Variables that are not settings (test hooks, internal hand-over).
@@ -575,6 +591,19 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
         "\\fB\\-\\-no\\-follow\\fR "
         "(the preload then reaches only the processes that keep \\fBLD_PRELOAD\\fR) or a "
         "profile that allows \\fBptrace\\fR."
+    )
+    w(".PP")
+    w(
+        "A process has one tracer, and under \\fBvgpu\\-launch\\fR that is "
+        "\\fBvgpu\\-launch\\fR.  To attach \\fBgdb \\-p\\fR, \\fBpy\\-spy dump\\fR or "
+        "\\fBstrace \\-p\\fR to a process of the tree, give it back first with "
+        "\\fBvgpu\\-launch release\\fR \\fIPID\\fR: it keeps running with its preload, but "
+        "the programs it starts from then on are no longer followed.  A process of the tree "
+        "that asks for \\fBptrace\\fR(2) itself (\\fBstrace\\fR or \\fBgdb\\fR run by the "
+        "tree, LeakSanitizer) is given back the same way, automatically, when "
+        "\\fBvgpu\\-launch\\fR runs as root or with no_new_privs set; once "
+        "\\fBvgpu\\-launch\\fR has exited, those requests fail with ENOSYS in what is left of "
+        "the tree."
     )
     w(".SH SEE ALSO")
     w("\\fBld.so\\fR(8), \\fBptrace\\fR(2), \\fBsystemd.service\\fR(5), \\fBsystemd.kill\\fR(5), "

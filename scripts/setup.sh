@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="gcc gcc-multilib libc6-dev-i386 musl-tools golang-go libcap-dev strace procps
+packages="gcc gcc-multilib libc6-dev-i386 musl-tools golang-go libcap-dev strace gdb procps
   python3 python3-venv python3-dev python3-pip python3-ptrace python3-prctl python3-structlog
   debootstrap dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
   python3-setuptools lintian rpm util-linux iproute2 groff-base
@@ -29,7 +29,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   "pytest>=7.2" "hypothesis>=6.36" "pexpect>=4.8" mypy ruff "tomli; python_version<'3.11'" \
-  kubernetes-validate
+  kubernetes-validate \
+  py-spy  # the release tests attach it to a released Python process
 if [ ! -x .venv-pypi/bin/python ]; then
   $PY -m venv .venv-pypi
 fi

@@ -28,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sigs = sigstate.capture(os.environ)  # first: before anything could change dispositions
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args and args[0] == "release":
+            from . import control
+
+            sys.exit(control.main(args[1:]))
         if args and args[0] in SUBCOMMANDS:
             # imported here: a run of CMD does not pay for the diagnostics' imports
             from .diagnostics import commands

@@ -47,6 +47,9 @@ class Config:
     no_follow: bool = False
     strict: bool = False
     allow_insecure: bool = False
+    release_after_exec: list[str] = field(default_factory=list)
+    strict_allow_release: bool = False
+    ptrace_requests: bool = True
     config_file: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -68,6 +71,9 @@ class Config:
             "exclude": self.exclude,
             "strict": self.strict,
             "no_follow": self.no_follow,
+            "release_after_exec": self.release_after_exec,
+            "strict_allow_release": self.strict_allow_release,
+            "ptrace_requests": self.ptrace_requests,
             "config_file": self.config_file,
             "sources": self.sources,
         }
@@ -87,6 +93,8 @@ def _from_text(key: str, text: str, where: str) -> Any:
     kind = SETTINGS[key].kind
     if kind is Kind.PATHS:
         return [p for p in re.split(r"[:\s]+", text) if p]
+    if kind is Kind.GLOBS:  # they hold spaces ("/usr/bin/ollama runner*"): separated by ';'
+        return [p.strip() for p in text.split(";") if p.strip()]
     if kind is Kind.ASSIGNMENTS:
         return dict(parse_assignment(t, where) for t in text.split())
     if kind is Kind.BOOL:
@@ -111,6 +119,14 @@ def _check(key: str, value: Any, where: str) -> Any:
                     f"{where}: preload path {v!r} contains ':' or whitespace, which ld.so "
                     "reads as separators; rename the file"
                 )
+        return list(value)
+    if kind is Kind.GLOBS:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of patterns")
+        if any(not v.strip() for v in value):
+            raise ConfigError(f"{where}: {key} has an empty pattern")
         return list(value)
     if kind is Kind.ASSIGNMENTS:
         if not isinstance(value, dict):
@@ -211,6 +227,13 @@ def load(
             f"strict mode (from {cfg.sources['strict']}) cannot be combined with exclude "
             f"(from {cfg.sources['exclude']}): an excluded program runs without the preload, "
             "which strict mode exists to prevent; drop one of the two"
+        )
+    if cfg.strict and cfg.release_after_exec:
+        raise ConfigError(
+            f"strict mode (from {cfg.sources['strict']}) cannot be combined with "
+            f"release_after_exec (from {cfg.sources['release_after_exec']}): a released "
+            "program's children are no longer followed, which strict mode exists to prevent; "
+            "drop one of the two"
         )
     return cfg
 

@@ -5,7 +5,8 @@ Every exit code vgpu-launch chooses itself is defined here, once.
 
 from __future__ import annotations
 
-EXIT_PROBLEM_FOUND = 1  # doctor: a check failed; status: a process lacks a library
+EXIT_PROBLEM_FOUND = 1  # doctor: a check failed; status: a process lacks a library;
+# release: a process was not given back
 EXIT_USAGE = 2  # bad command line, configuration file, environment variable or preload library
 EXIT_CANNOT_TRACE = 125  # vgpu-launch cannot run CMD here: ptrace refused, fork failed, or a
 # Python module it needs (deps.py) is missing

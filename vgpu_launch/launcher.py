@@ -32,6 +32,7 @@ from .config import Config
 from .diagnostics import libcheck
 from .errors import EXIT_CANNOT_TRACE, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, LaunchError
 from .forwarding import FORWARDED, GROUP_SIGNALS, WAKE, Cmd, Forwarder, signame
+from .handover import Handover
 from .jobcontrol import JobControl
 from .siginfo import SignalWaiter
 from .sigstate import SignalState
@@ -97,6 +98,8 @@ class Launcher:
         from .diagnostics.verify import Verifier
 
         self.verifier: Any = Verifier(cfg.preload, self.log) if cfg.preload else None
+        # giving processes back to debuggers: the tree's ptrace requests, `vgpu-launch release`
+        self.handover = Handover(cfg, self.log)
 
     def run(self) -> NoReturn:
         """Set up, start CMD under the tracer thread, supervise, finish. Never returns: the
@@ -118,6 +121,7 @@ class Launcher:
             on_signal=forwarder.cmd_took,
             watch_signals=GROUP_SIGNALS,
             fault_at_exec=_fault_hook(),
+            releaser=self.handover.releaser,
         )
         forwarder.parked = tracer.parked
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE})
@@ -130,6 +134,7 @@ class Launcher:
             target=self._trace, args=(tracer, *pipes), name="tracer", daemon=True
         )
         thread.start()
+        self.handover.start()
         self._supervise(forwarder)
         thread.join(timeout=1.0)
         self._finish(tracer)
@@ -195,9 +200,11 @@ class Launcher:
         second (-1: no check)."""
         ready_r, ready_w = os.pipe()
         alive_r, alive_w = os.pipe() if check is not None else (-1, -1)
+        self.handover.before_fork()
         self.cmd.pid = os.fork()
         if self.cmd.pid == 0:
             self._child(ready_r, ready_w, alive_r, alive_w, check, path, env)
+        self.handover.after_fork()
         for fd in (ready_r, alive_w):
             if fd >= 0:
                 os.close(fd)
@@ -227,6 +234,7 @@ class Launcher:
             if os.read(ready_r, 1) != b"g":  # the tracer could not attach
                 os._exit(EXIT_CANNOT_TRACE)
             os.close(ready_r)
+            self.handover.in_child()  # the tree's ptrace requests come to us from now on
             cmd_env = _env_dict(env)
             # Socket activation: the fds are CMD's now (sd_listen_fds checks LISTEN_PID).
             if cmd_env.get(b"LISTEN_PID") == str(self.pid).encode():
@@ -256,6 +264,7 @@ class Launcher:
                     message="the tree runs on untraced"
                     + (" (strict: PTRACE_O_EXITKILL ends it)" if self.cfg.strict else ""),
                 )
+        self.handover.releaser.close()  # nothing can be given back any more: answer the waiting
         if self.cmd.status is not None:
             # CMD has exited: this thread knows it first, and finishes. Handing the status to
             # the main thread would make vgpu-launch's exit depend on that thread being there.
@@ -373,6 +382,8 @@ def _end_fields(run: Launcher, tracer: Tracer, status: int) -> dict[str, Any]:
         fields["verification"] = run.verifier.finish()
     if run.tracer_error is not None:
         fields["tracer_failed"] = True
+    if run.handover.releaser.count:
+        fields["released"] = run.handover.releaser.count
     return fields
 
 

@@ -39,6 +39,7 @@ class Kind(enum.Enum):
     """What an option takes, which decides how every source spells and checks it."""
 
     PATHS = "paths"  # repeatable; ':' or whitespace separated in a variable; a list in the file
+    GLOBS = "globs"  # repeatable patterns that may hold spaces; ';' separated in a variable
     ASSIGNMENTS = "assignments"  # repeatable NAME=VALUE; space separated; a table in the file
     CHOICE = "choice"  # one of Option.choices
     PATH = "path"  # one path; "" for none
@@ -56,10 +57,11 @@ class Option:
     metavar: str | None = None
     choices: tuple[str, ...] = ()
     short: str | None = None  # "-v"
+    negative: bool = False  # a BOOL that is on by default: the flag is --no-NAME
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return ("--no-" if self.negative else "--") + self.name.replace("_", "-")
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -108,6 +110,30 @@ OPTIONS: tuple[Option, ...] = (
         Kind.BOOL,
         help="fail closed: kill any process that would run without the preload, "
         "and the whole tree if vgpu-launch dies",
+    ),
+    Option(
+        "strict_allow_release",
+        Kind.BOOL,
+        help="with --strict: still let processes be given back, on request (vgpu-launch "
+        "release) and when a process of the tree asks to trace one (strace, gdb, "
+        "LeakSanitizer)",
+    ),
+    Option(
+        "ptrace_requests",
+        Kind.BOOL,
+        negative=True,
+        help="do not hand the tree's own ptrace requests over (strace, gdb, LeakSanitizer in "
+        "the tree then get EPERM), and spare every system call of the tree the seccomp "
+        "filter's cost",
+    ),
+    Option(
+        "release_after_exec",
+        Kind.GLOBS,
+        metavar="GLOB",
+        help="give back a program right after its exec (once injected) when GLOB matches "
+        "its path and arguments, \"EXE ARG1 ARG2...\" joined by spaces; its threads and "
+        "signals then cost nothing, and the programs it starts are not followed "
+        "(repeatable; refused with --strict)",
     ),
     Option(
         "no_follow",
@@ -294,8 +320,14 @@ def _add(parser: argparse.ArgumentParser, opt: Option) -> None:
         parser.add_argument(*opt.flags, action="count", default=0, help=opt.help)
     elif opt.kind is Kind.BOOL:
         # default None: "not given", so that a lower source's value stands
-        parser.add_argument(opt.flag, action="store_true", default=None, help=opt.help)
-    elif opt.kind in (Kind.PATHS, Kind.ASSIGNMENTS):
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            action="store_false" if opt.negative else "store_true",
+            default=None,
+            help=opt.help,
+        )
+    elif opt.kind in (Kind.PATHS, Kind.GLOBS, Kind.ASSIGNMENTS):
         parser.add_argument(opt.flag, action="append", metavar=opt.metavar, help=opt.help)
     elif opt.kind is Kind.CHOICE:
         parser.add_argument(opt.flag, choices=opt.choices, help=opt.help)
@@ -378,11 +410,30 @@ def _status_parser() -> SubcommandParser:
     return p
 
 
-SUBCOMMANDS = {"doctor": _doctor_parser, "status": _status_parser}
+def _release_parser() -> SubcommandParser:
+    p = SubcommandParser(
+        prog=f"{PROG} release",
+        description="Give processes back from the vgpu-launch that traces them, so that a "
+        "debugger (gdb -p, py-spy dump, strace -p) can attach. A released process keeps "
+        "running with its preload, but programs it starts from then on are no longer "
+        "followed: they keep the preload only through their environment. Only root and the "
+        "user vgpu-launch runs as may release. Exit status: 0 every PID was released; 1 one "
+        "was not (not traced by a vgpu-launch, refused, not reached); 2 bad usage or no such "
+        "process.",
+    )
+    p.add_argument("pids", nargs="+", metavar="PID", help="a process of a vgpu-launch tree")
+    p.add_argument(
+        "--tree", action="store_true", help="also release every traced descendant of each PID"
+    )
+    return p
+
+
+SUBCOMMANDS = {"doctor": _doctor_parser, "status": _status_parser, "release": _release_parser}
 
 
 def subcommand_parser(name: str) -> SubcommandParser:
-    """The parser of subcommand ``name`` ("doctor" or "status"; KeyError otherwise)."""
+    """The parser of subcommand ``name`` ("doctor", "status", "release"; KeyError
+    otherwise)."""
     return SUBCOMMANDS[name]()
 
 

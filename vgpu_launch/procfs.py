@@ -416,3 +416,32 @@ def owed_stop(pid: int, sig: int, parked: Collection[int]) -> bool:
         if code == sig or (code == 0 and int(tid) not in parked):
             return True
     return False
+
+
+def tgid_of(tid: int) -> int | None:
+    value = status_field(tid, "Tgid")
+    return int(value) if value and value.isdigit() else None
+
+
+def tracer_of(pid: int | str) -> int:
+    """The thread id that traces ``pid`` (a thread: "PID" or "PID/task/TID"), 0 if none."""
+    value = status_field(pid, "TracerPid")
+    return int(value) if value and value.isdigit() else 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, parents before children."""
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            parent = ppid(int(name))
+            if parent is not None:
+                kids.setdefault(parent, []).append(int(name))
+    out: list[int] = []
+    todo = sorted(kids.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        if p not in out:
+            out.append(p)
+            todo.extend(sorted(kids.get(p, [])))
+    return out

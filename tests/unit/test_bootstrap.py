@@ -35,7 +35,7 @@ def test_too_old_a_python_is_one_line() -> None:
 def test_status_finds_the_arguments_of_a_launcher_process() -> None:
     """`vgpu-launch status` reads a launcher's own arguments from its command line, which the
     wrapper and a hand-over both give as python -E -c BOOT CHECKOUT PYTHONS ARGS..."""
-    from vgpu_launch.diagnostics.status import launcher_args
+    from vgpu_launch.launchers import launcher_args
 
     argv = ["/usr/bin/python3", "-E", "-c", bootstrap.BOOT, "/src/bin/..", "/usr/bin/python3\n",
             "--preload", "/opt/libvgpu.so", "--", "ollama", "serve"]

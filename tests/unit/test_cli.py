@@ -67,7 +67,8 @@ def test_the_parser_is_the_schema() -> None:
     flags = {s for a in _options(build_parser()) for s in a.option_strings}
     assert flags == {f for o in OPTIONS for f in o.flags} | {"-h", "--help"}
     for opt in OPTIONS:
-        assert opt.flag == "--" + opt.name.replace("_", "-")
+        prefix = "--no-" if opt.negative else "--"  # an on-by-default flag turns it off
+        assert opt.flag == prefix + opt.name.replace("_", "-")
         assert opt.env == "VGPU_LAUNCH_" + opt.name.upper()
 
 
@@ -82,6 +83,7 @@ def test_every_setting_reaches_the_configuration(opt: Option) -> None:
     """Given on the command line, each setting arrives in config.load's values."""
     value = {
         Kind.PATHS: ["/x.so"],
+        Kind.GLOBS: ["/usr/bin/ollama runner*"],
         Kind.ASSIGNMENTS: ["NAME=v"],
         Kind.CHOICE: [opt.choices[0]] if opt.choices else [],
         Kind.PATH: ["/x.log"],
@@ -91,8 +93,9 @@ def test_every_setting_reaches_the_configuration(opt: Option) -> None:
     assert config_path is None
     want = {
         Kind.PATHS: ["/x.so"],
+        Kind.GLOBS: ["/usr/bin/ollama runner*"],
         Kind.ASSIGNMENTS: {"NAME": "v"},
-        Kind.BOOL: True,
+        Kind.BOOL: not opt.negative,  # --no-NAME turns an on-by-default setting off
     }.get(opt.kind, value[0] if value else None)
     assert values == {opt.name: want}
 

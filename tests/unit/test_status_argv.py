@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from vgpu_launch.diagnostics.status import launcher_args
+from vgpu_launch.launchers import launcher_args
 
 
 def test_launcher_recognised() -> None:

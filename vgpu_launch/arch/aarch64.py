@@ -74,6 +74,7 @@ ARCH = Arch(
         audit_arch=0x40000028,  # AUDIT_ARCH_ARM
     ),
     rt_sigqueueinfo=138,
+    seccomp=277,
     read_sp=read_sp,
     write_sp=write_sp,
 )

@@ -31,9 +31,12 @@ class Arch:
     native: Abi
     compat: Abi
     rt_sigqueueinfo: int  # syscall number, for the tracer's (native) process
+    seccomp: int  # the seccomp syscall number (native), to install the ptrace filter
     # (stack pointer, word size) of a tracee stopped at its exec event; and moving it
     read_sp: Callable[[int], tuple[int, int]]
     write_sp: Callable[[int, int], None]
+    # ptrace's numbers in ABIs beyond the two (x86_64's x32), by audit architecture
+    extra_ptrace_syscalls: tuple[tuple[int, int], ...] = ()
 
     @property
     def abis(self) -> tuple[Abi, Abi]:
@@ -42,6 +45,15 @@ class Arch:
     def abi(self, word: int) -> Abi | None:
         """The ABI of ``word``-byte programs on this machine; None for any other size."""
         return next((a for a in self.abis if a.word == word), None)
+
+    @property
+    def ptrace_syscalls(self) -> dict[int, tuple[int, ...]]:
+        """For the seccomp filter (trace/seccomp.py): the ptrace call of every ABI this
+        machine runs, by audit architecture (seccomp_data.arch)."""
+        out: dict[int, tuple[int, ...]] = {a.audit_arch: (a.ptrace_syscall,) for a in self.abis}
+        for audit, nr in self.extra_ptrace_syscalls:
+            out[audit] = (*out.get(audit, ()), nr)
+        return out
 
     def word_of_loader(self, path: str) -> int | None:
         """The word size of programs that ``path`` (a mapped dynamic loader) serves."""

@@ -61,6 +61,9 @@ ARCH = Arch(
         audit_arch=0x40000003,  # AUDIT_ARCH_I386
     ),
     rt_sigqueueinfo=129,
+    seccomp=317,
     read_sp=read_sp,
     write_sp=write_sp,
+    # x32 programs run in the x86_64 audit architecture, their numbers with __X32_SYSCALL_BIT
+    extra_ptrace_syscalls=((0xC000003E, 0x40000000 + 521),),
 )

@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from .. import procfs
 from ..errors import EXIT_PROBLEM_FOUND, EXIT_USAGE, LaunchError
+from ..launchers import launcher_args, untraced_note
 from ..options import parse_launcher_known, split_command
 from ..trace import preload
 from . import verify
@@ -80,47 +81,6 @@ def scan() -> dict[int, Proc]:
     for p in procs.values():
         p.children.sort()
     return procs
-
-
-_MODULES = ("vgpu_launch", "vgpu_launch.cli", "vgpu_launch.__main__")
-
-
-def launcher_args(argv: Sequence[str]) -> list[str] | None:
-    """The arguments after the program name if ``argv`` is a vgpu-launch process, else None.
-
-    Recognised: ``vgpu-launch ARGS``, ``python3 [OPTS] /usr/bin/vgpu-launch ARGS``,
-    ``python3 [OPTS] -m vgpu_launch ARGS``, and ``python3 [OPTS] -c CODE [SLOT...] ARGS`` where
-    CODE imports vgpu_launch (bin/vgpu-launch; each ``del sys.argv[1]`` in CODE drops a slot).
-    ``doctor`` and ``status`` processes are not launchers."""
-    if not argv:
-        return None
-    args: list[str] | None = None
-    if os.path.basename(argv[0]) == "vgpu-launch":
-        args = list(argv[1:])
-    elif os.path.basename(argv[0]).startswith("python"):
-        i = 1
-        while i < len(argv):
-            arg = argv[i]
-            if arg in ("-m", "-c") or (arg[:2] in ("-m", "-c") and len(arg) > 2):
-                value = argv[i + 1] if len(arg) == 2 and i + 1 < len(argv) else arg[2:]
-                rest = i + (2 if len(arg) == 2 else 1)
-                if arg.startswith("-m") and value in _MODULES:
-                    args = list(argv[rest:])
-                elif arg.startswith("-c") and "vgpu_launch" in value:
-                    args = list(argv[rest + value.count("del sys.argv[1]") :])
-                break
-            if arg in ("-X", "-W", "--check-hash-based-pycs"):
-                i += 2
-                continue
-            if arg.startswith("-"):
-                i += 1
-                continue
-            if os.path.basename(arg) == "vgpu-launch":
-                args = list(argv[i + 1 :])
-            break
-    if args is None or (args and args[0] in ("doctor", "status")):
-        return None
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,9 +325,22 @@ def collect(pid: int | None, unit_cgroup: str | None, libs: list[str] | None,
             if proc.pid == own:
                 continue
             rows.append(inspect(proc, depth, tree_libs, launcher=proc.pid in launchers))
+    _mark_released(rows, procs, launchers)
     if not all_libs:
         raise StatusError("no library to look for: give --preload PATH (or configure preload)")
     return Report(rows, all_libs, "; ".join(dict.fromkeys(sources)), scope, problems)
+
+
+def _mark_released(rows: list[Row], procs: dict[int, Proc],
+                   launchers: dict[int, list[str]]) -> None:
+    """Processes below a vgpu-launch that it no longer traces (`vgpu-launch release`)."""
+    for row in rows:
+        if row.role == "process" and row.state == "running" and _below_launcher(
+            procs, row.pid, launchers
+        ):
+            note = untraced_note(row.pid, set(launchers))
+            if note:
+                row.note = f"{row.note}; {note}" if row.note else note
 
 
 def _below_launcher(procs: dict[int, Proc], pid: int, launchers: dict[int, list[str]]) -> bool:

@@ -20,6 +20,7 @@ import signal
 from dataclasses import dataclass
 
 from .. import procfs
+from ..launchers import traced_by_hint
 from . import ptracelib as pt
 
 
@@ -47,8 +48,9 @@ def refusal(err: int, target: int) -> tuple[str, int]:
     tracer = procfs.status_field(target, "TracerPid")
     if tracer and tracer != "0":
         return (
-            f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)}): vgpu-launch runs "
-            "under a tracer that follows forks (strace -f, gdb)"
+            f"CMD is already traced by pid {tracer} ({procfs.comm(tracer)})"
+            f"{traced_by_hint(tracer)}: vgpu-launch runs under a tracer that follows forks "
+            "(strace -f, gdb, a vgpu-launch that cannot hand ptrace requests over)"
         ), int(tracer)
     if procfs.yama_ptrace_scope() == "3":
         return "ptrace is disabled on this host (kernel.yama.ptrace_scope = 3)", 0

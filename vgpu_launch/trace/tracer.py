@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from .. import privileges
 from . import ptracelib as pt
 from .injector import Outcome, inject
 from .policy import Decision, Policy
+from .release import Releaser
 
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _CREATION = {
@@ -52,6 +54,7 @@ class Tracer:
         on_signal: Callable[[int, int], None] | None = None,
         watch_signals: frozenset[int] = frozenset(),
         fault_at_exec: int = 0,
+        releaser: Releaser | None = None,
     ) -> None:
         self.policy = policy
         self.unusable = unusable or {}  # word size -> preload libraries it cannot load
@@ -75,7 +78,12 @@ class Tracer:
         # Threads parked in PTRACE_LISTEN (group-stopped) since their last report: the only
         # tracees that sit in a ptrace stop this loop is not about to end (forwarding.py).
         self.parked: set[int] = set()
+        self.exec_count = 0  # execs in the whole tree so far: each one's number
         self.stats = Stats()
+        self.cmd_pid = 0
+        # Giving processes back (release.py): requests are served between two waitpid returns.
+        self.releaser = releaser if releaser is not None else Releaser()
+        self.releaser.tracer = self
 
     def seize(self, pid: int) -> None:
         pt.seize(pid, self.options)
@@ -91,8 +99,12 @@ class Tracer:
         stats = self.stats
         on_signal = self.on_signal
         watched = self.watch_signals
-        execs = 0
         exec_of = self.execs
+        self.cmd_pid = cmd_pid
+        rel = self.releaser
+        rel.tracer_tid = threading.get_native_id()
+        releasing = rel.tids  # threads being given back: their next stop ends in a detach
+        queue = rel.queue
         while True:
             try:
                 tid, status = waitpid(-1, pt.WALL)
@@ -104,6 +116,12 @@ class Tracer:
             if status & 0xFF != 0x7F:  # exited or killed
                 tracees.discard(tid)
                 exec_of.pop(tid, None)
+                # -- release: a thread on its way out; a requester's wake-up child -----------
+                if releasing:
+                    rel.forget(tid)
+                if queue:
+                    rel.serve()
+                # ---------------------------------------------------------------------------
                 if self.on_event is not None:
                     self.on_event("exit", pid=tid, status=status)
                 if tid == cmd_pid:
@@ -112,6 +130,9 @@ class Tracer:
             sig = (status >> 8) & 0xFF
             event = status >> 16
             try:
+                if releasing and tid in releasing:  # release: detach at this stop
+                    rel.on_stop(tid, status)
+                    continue
                 if event == 0:
                     # Signal-delivery-stop: re-inject the signal, untouched. The hot path.
                     if sig in watched:
@@ -134,10 +155,11 @@ class Tracer:
                                 stats.tracees_max = len(tracees)
                         cont(tid, 0)
                 elif event == pt.PTRACE_EVENT_EXEC:
-                    execs += 1
-                    if execs == self.fault_at_exec:
-                        raise FaultInjected(f"test fault at exec #{execs} (pid {tid})")
-                    self._exec(tid, execs)
+                    if self.exec_count + 1 == self.fault_at_exec:
+                        raise FaultInjected(f"test fault at exec #{self.fault_at_exec} (pid {tid})")
+                    former = self.exec_stop(tid)
+                    if former is not None and releasing:
+                        rel.forget(former)
                 elif event in _CREATION:
                     # The child is counted at its own first stop; its id is needed only for
                     # the debug log.
@@ -151,7 +173,11 @@ class Tracer:
                     raise
                 # The thread died (SIGKILL, or its group exec'd) after reporting this stop.
 
-    def _exec(self, pid: int, seq: int) -> None:
+    def exec_stop(self, pid: int, *, release: bool = False) -> int | None:
+        """Inject at an exec stop, then continue ``pid`` (or detach it: ``release``, or a
+        ``release_after_exec`` match). Returns the former thread id of a non-leader exec."""
+        self.exec_count += 1
+        seq = self.exec_count
         former = pt.geteventmsg(pid)
         if former != pid:
             # A non-leader thread exec'd: it now has the leader's id; its old id never
@@ -181,8 +207,17 @@ class Tracer:
             os.kill(pid, signal.SIGKILL)
             outcome.killed = True
             self.on_exec(outcome)
-            return
+            return former if former != pid else None
+        # release_after_exec: injected, and given back before its first instruction
+        pattern = None if release else self.releaser.match_after_exec(pid, outcome.exe)
         try:
-            pt.cont(pid, 0)
+            if release or pattern is not None:
+                pt.ptrace(pt.PTRACE_DETACH, pid, 0, 0)
+                self.tracees.discard(pid)
+            else:
+                pt.cont(pid, 0)
         finally:  # logged even if it was killed meanwhile (ESRCH)
             self.on_exec(outcome)
+        if pattern is not None:
+            self.releaser.released_after_exec(pid, pattern)
+        return former if former != pid else None

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ... import arch, procfs
+from ...launchers import traced_by_hint
 from ...trace import probe
 from ...trace import ptracelib as pt
 from ..systemd import Unit
@@ -189,7 +190,7 @@ def check_ptrace(checks: Checks, unit: Unit | None) -> None:
         checks.add(
             FAIL if not worked else WARN,
             "ptrace: tracer",
-            f"this process is traced by pid {tracer} ({name})"
+            f"this process is traced by pid {tracer} ({name}){traced_by_hint(tracer)}"
             + (": a tracer that follows forks takes every child first" if not worked else ""),
             f"run vgpu-launch outside {name} (or trace vgpu-launch without following its children)",
         )
@@ -259,8 +260,9 @@ def _ptrace_diagnosis(
     if child_tracer:
         name = procfs.comm(child_tracer)
         return (
-            f"the child was already traced by pid {child_tracer} ({name}): this process "
-            "runs under a tracer that follows forks",
+            f"the child was already traced by pid {child_tracer} ({name})"
+            f"{traced_by_hint(child_tracer)}: this process runs under a tracer that follows "
+            "forks",
             f"run vgpu-launch outside {name} (strace -f, gdb with follow-fork)",
         )
     if tracer != "0":
