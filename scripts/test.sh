@@ -4,8 +4,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check vgpu_launch tests bench packaging
-.venv/bin/mypy vgpu_launch
+.venv/bin/ruff check vgpu_launch tests bench packaging gpu examples
+.venv/bin/ruff format --check vgpu_launch tests bench packaging gpu examples
+.venv/bin/mypy --strict vgpu_launch
 VGPU_LAUNCH_PYTHON=$PWD/.venv-pypi/bin/python .venv-pypi/bin/python -m pytest -q -p no:cacheprovider \
   tests/unit tests/launcher/test_shapes.py
 # A smoke run of the benchmark: every workload in every mode must run (no timing thresholds).
