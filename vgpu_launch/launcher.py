@@ -60,6 +60,37 @@ def _env_dict(entries: Sequence[bytes]) -> dict[bytes, bytes]:
     return out
 
 
+def set_up(
+    cfg: Config, argv: list[str], log_: Any
+) -> tuple[str, list[bytes], dict[int, tuple[str, ...]]]:
+    """Check the preload libraries, build CMD's environment, find CMD, log the start.
+    Returns CMD's path, its environment, and the libraries each word size cannot load."""
+    if not cfg.preload and not cfg.env and not cfg.force_env:
+        raise LaunchError(
+            "nothing to guarantee: give --preload PATH (or VGPU_LAUNCH_PRELOAD, or preload "
+            "in the configuration file)"
+        )
+    checks = [
+        libcheck.check(p, cfg.sources.get("preload", ""), allow_insecure=cfg.allow_insecure)
+        for p in cfg.preload
+    ]
+    env = cmd_environment(cfg, dict(os.environb))
+    path = resolve(argv[0], os.fsdecode(_env_dict(env).get(b"PATH", b"")) or None)
+    unusable = {w: tuple(c.path for c in checks if w in c.unusable) for w in (4, 8)}
+    log_.info(
+        "start",
+        version=__version__,
+        pid=os.getpid(),
+        cmd=argv,
+        executable=path,
+        follow=not cfg.no_follow,
+        preload_word_sizes={c.path: sorted(w * 8 for w in c.files) for c in checks},
+        **cfg.summary(),
+        **security.start_fields(),
+    )
+    return path, env, {w: libs for w, libs in unusable.items() if libs}
+
+
 class ExecLog:
     """The tracer thread's callbacks for the log: every exec's decision, and (debug) every
     other event."""
@@ -105,7 +136,7 @@ class Launcher:
         """Set up, start CMD under the tracer thread, supervise, finish. Never returns: the
         process exits like CMD (the tracer thread finishes when CMD exits; this thread only
         when the tracer could not attach CMD or failed)."""
-        path, env, unusable = self._set_up()
+        path, env, unusable = set_up(self.cfg, self.argv, self.log)
         if self.cfg.no_follow:
             self._exec_untraced(path, env)
         jobs = JobControl(self.pid)
@@ -140,35 +171,6 @@ class Launcher:
         self._finish(tracer)
 
     # -- set-up ---------------------------------------------------------------------------
-
-    def _set_up(self) -> tuple[str, list[bytes], dict[int, tuple[str, ...]]]:
-        """Check the preload libraries, build CMD's environment, find CMD, log the start.
-        Returns CMD's path, its environment, and the libraries each word size cannot load."""
-        cfg = self.cfg
-        if not cfg.preload and not cfg.env and not cfg.force_env:
-            raise LaunchError(
-                "nothing to guarantee: give --preload PATH (or VGPU_LAUNCH_PRELOAD, or preload "
-                "in the configuration file)"
-            )
-        checks = [
-            libcheck.check(p, cfg.sources.get("preload", ""), allow_insecure=cfg.allow_insecure)
-            for p in cfg.preload
-        ]
-        env = cmd_environment(cfg, dict(os.environb))
-        path = resolve(self.argv[0], os.fsdecode(_env_dict(env).get(b"PATH", b"")) or None)
-        unusable = {w: tuple(c.path for c in checks if w in c.unusable) for w in (4, 8)}
-        self.log.info(
-            "start",
-            version=__version__,
-            pid=self.pid,
-            cmd=self.argv,
-            executable=path,
-            follow=not cfg.no_follow,
-            preload_word_sizes={c.path: sorted(w * 8 for w in c.files) for c in checks},
-            **cfg.summary(),
-            **security.start_fields(),
-        )
-        return path, env, {w: libs for w, libs in unusable.items() if libs}
 
     def _exec_untraced(self, path: str, env: list[bytes]) -> None:
         """--no-follow: become CMD, with its environment set once (returns only by raising)."""
