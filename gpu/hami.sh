@@ -61,28 +61,13 @@ case $limit in
 *) echo "hami.sh: --limit takes GiB with a g suffix (8g), not $limit" >&2; exit 2 ;;
 esac
 
-PYTHON=$(command -v "${PYTHON:-python3}")
-launch=$repo/bin/vgpu-launch
-# bin/vgpu-launch picks an interpreter with its packages itself; failing that, the worker's one.
-if ! launch_version=$("$launch" --version 2>&1); then
-    if [ -z "${VGPU_LAUNCH_PYTHON:-}" ] &&
-        launch_version=$(VGPU_LAUNCH_PYTHON=$PYTHON "$launch" --version 2>&1); then
-        export VGPU_LAUNCH_PYTHON=$PYTHON
-    else
-        echo "$launch_version" >&2
-        echo "hami.sh: vgpu-launch cannot run here (see the line above); install what it names" \
-            "or set VGPU_LAUNCH_PYTHON to a python3 that has python-ptrace, python-prctl and" \
-            "structlog" >&2
-        exit 1
-    fi
-fi
+me=hami.sh
+# shellcheck source=gpu/common.sh
+source "$repo/gpu/common.sh"
 results=${results:-$repo/.cache/gpu/hami}
 probe=(--seconds 0 --alloc "$under,$over" --shim-name libvgpu)
 timed=(--seconds "$seconds" --size "$size" --shim-name libvgpu)
 
-heading() { printf '\n==== %s ====\n' "$*"; }
-show() { printf '$ %s\n' "$*"; }
-indent() { sed 's/^/    /'; }
 
 if [ $dry = 1 ]; then
     heading "dry run: nothing is run on a GPU"

@@ -54,27 +54,12 @@ while [ $# -gt 0 ]; do
 done
 results=${results:-$build/results}
 
-PYTHON=$(command -v "${PYTHON:-python3}")
-launch=$repo/bin/vgpu-launch
-# bin/vgpu-launch picks an interpreter with its packages itself; failing that, the worker's one.
-if ! launch_version=$("$launch" --version 2>&1); then
-    if [ -z "${VGPU_LAUNCH_PYTHON:-}" ] &&
-        launch_version=$(VGPU_LAUNCH_PYTHON=$PYTHON "$launch" --version 2>&1); then
-        export VGPU_LAUNCH_PYTHON=$PYTHON
-    else
-        echo "$launch_version" >&2
-        echo "run.sh: vgpu-launch cannot run here (see the line above); install what it names" \
-            "or set VGPU_LAUNCH_PYTHON to a python3 that has python-ptrace, python-prctl and" \
-            "structlog" >&2
-        exit 1
-    fi
-fi
+me=run.sh
+# shellcheck source=gpu/common.sh
+source "$repo/gpu/common.sh"
 shim=$build/libcuda-count-shim.so
 worker_args=(--size "$size" --backend "$backend")
 
-heading() { printf '\n==== %s ====\n' "$*"; }
-show() { printf '$ %s\n' "$*"; }
-indent() { sed 's/^/    /'; }
 json_field() { # json_field FILE KEY: KEY of the last JSON line in FILE
     "$PYTHON" - "$1" "$2" <<'EOF'
 import json, sys
