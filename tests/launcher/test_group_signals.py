@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from support.build import Programs
 from support.launch import Started, launch_argv, started
-from support.procs import parse_sig, wait_for
+from support.procs import wait_for
+from support.sigrec import finish, next_signal
 
 ROUNDS = int(os.environ.get("VGPU_TEST_GROUP_SIGNAL_ROUNDS", "200"))
 GROUP = [
@@ -34,7 +35,6 @@ GROUP = [
     signal.SIGUSR2,
     signal.SIGQUIT,
 ]
-MARKER = signal.SIGRTMIN + 5  # sent last: anything forwarded before it has arrived by then
 # How long the tracer thread is held while CMD's copy waits for it: well past the 0.1 s
 # after which vgpu-launch used to stop waiting and forward (CMD then got the signal twice).
 HOLD = 0.5
@@ -72,22 +72,6 @@ def tracer_thread(cmd: int) -> int:
     raise AssertionError(f"no TracerPid in /proc/{cmd}/status")
 
 
-def next_signal(run: Started) -> dict[str, int]:
-    return parse_sig(run.out.expect(r"^sig=.*").group(0))
-
-
-def finish(run: Started) -> list[dict[str, int]]:
-    """Send the marker, wait for it, end CMD; return the signals that came before the marker
-    and were not read yet (so: the unexpected ones)."""
-    os.kill(run.pid, MARKER)
-    extra = []
-    while (got := next_signal(run))["sig"] != MARKER:
-        extra.append(got)
-    run.close_stdin()
-    run.out.expect(r"^done ")
-    status = run.wait_status()
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, run.stderr()
-    return extra
 
 
 def stopped_threads(pid: int) -> list[int]:

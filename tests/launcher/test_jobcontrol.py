@@ -14,9 +14,9 @@ import pytest
 from support.build import Programs
 from support.launch import LAUNCHER, Started, clean_env, launch_argv, started
 from support.procs import parse_sig, ppid, state, wait_for
+from support.sigrec import MARKER, finish, next_signal
 
 SI_KERNEL = 0x80
-MARKER = signal.SIGRTMIN + 5
 
 
 def _stays(pid: int, states: tuple[str, ...], seconds: float = 0.5) -> str | None:
@@ -38,21 +38,6 @@ def _text(path: Path) -> str:
         return ""
 
 
-def _next(run: Started) -> dict[str, int]:
-    return parse_sig(run.out.expect(r"^sig=.*").group(0))
-
-
-def _end(run: Started) -> list[dict[str, int]]:
-    """Marker, then end CMD: return the signals recorded before the marker (unexpected)."""
-    os.kill(run.pid, MARKER)
-    extra = []
-    while (got := _next(run))["sig"] != MARKER:
-        extra.append(got)
-    run.close_stdin()
-    run.out.expect(r"^done ")
-    status = run.wait_status()
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, run.stderr()
-    return extra
 
 
 def _stopped_by(run: Started, timeout: float = 20) -> int:
@@ -93,17 +78,17 @@ def test_tstp_stops_both_and_cont_resumes_both(programs: Programs, tmp_path: Pat
 
         send(signal.SIGTSTP)
         if less_like:
-            got = _next(run)
+            got = next_signal(run)
             assert got["sig"] == signal.SIGTSTP
         assert _stopped_by(run) == signal.SIGTSTP
         assert state(run.pid) == "T"
         assert state(cmd) in ("t", "T")
         send(signal.SIGCONT)
-        got = _next(run)
+        got = next_signal(run)
         assert got["sig"] == signal.SIGCONT
         wait_for("CMD to run again", lambda: state(cmd) in ("S", "R"))
         assert state(run.pid) in ("S", "R")
-        extra = _end(run)
+        extra = finish(run)
     assert extra == []
 
 
@@ -119,10 +104,10 @@ def test_sigstop_to_cmd_alone_stays_until_sigcont(programs: Programs, tmp_path: 
         _stays(cmd, ("t", "T"))
         assert state(run.pid) in ("S", "R")
         os.kill(cmd, signal.SIGCONT)
-        got = _next(run)
+        got = next_signal(run)
         assert (got["sig"], got["pid"]) == (signal.SIGCONT, os.getpid())
         wait_for("CMD to run again", lambda: state(cmd) in ("S", "R"))
-        extra = _end(run)
+        extra = finish(run)
     assert extra == []
 
 

@@ -11,36 +11,17 @@ from pathlib import Path
 
 import pytest
 from support.build import Programs
-from support.launch import Started, launch_argv, started
-from support.procs import libc_sigqueue, parse_sig, wait_for
+from support.launch import launch_argv, started
+from support.procs import libc_sigqueue, wait_for
+from support.sigrec import finish, next_signal
 
 from vgpu_launch.forwarding import shared_pending
 
 SI_USER, SI_QUEUE = 0, -1
 STANDARD = [s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
 REALTIME = [signal.SIGRTMIN, signal.SIGRTMIN + 1, signal.SIGRTMAX - 1, signal.SIGRTMAX]
-MARKER = signal.SIGRTMIN + 5  # sent last: anything forwarded before it has arrived by then
 
 
-def _next_signal(run: Started) -> dict[str, int]:
-    return parse_sig(run.out.expect(r"^sig=.*").group(0))
-
-
-def _finish(run: Started) -> list[dict[str, int]]:
-    """Send the marker, wait for it, end CMD; return every signal recorded after the ones
-    already read, marker excluded (so: the unexpected ones)."""
-    os.kill(run.pid, MARKER)
-    extra = []
-    while True:
-        got = _next_signal(run)
-        if got["sig"] == MARKER:
-            break
-        extra.append(got)
-    run.close_stdin()
-    run.out.expect(r"^done ")
-    status = run.wait_status()
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, run.stderr()
-    return extra
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
@@ -62,8 +43,8 @@ def test_every_signal_forwarded_once_in_order(programs: Programs, tmp_path: Path
                 os.kill(run.pid, sig)
             else:
                 libc_sigqueue(run.pid, sig, value)
-            got.append(_next_signal(run))
-        extra = _finish(run)
+            got.append(next_signal(run))
+        extra = finish(run)
     assert [g["sig"] for g in got] == [s for s, _v in plan]
     for (sig, value), g in zip(plan, got, strict=True):
         if value is None:
@@ -89,8 +70,8 @@ def test_signals_sent_to_the_process_group_arrive_once(programs: Programs, tmp_p
         got = []
         for sig in sigs:
             os.killpg(run.pid, sig)
-            got.append(_next_signal(run))
-        extra = _finish(run)
+            got.append(next_signal(run))
+        extra = finish(run)
     assert [g["sig"] for g in got] == sigs
     assert all(g["pid"] == os.getpid() for g in got)
     assert extra == []
@@ -102,8 +83,8 @@ def test_queued_signal_to_the_group_is_not_merged_away(programs: Programs, tmp_p
         run.out.expect(r"^ready ")
         for value in (1, 2, 3):
             libc_sigqueue(run.pid, signal.SIGRTMIN + 2, value)
-        got = [_next_signal(run) for _ in range(3)]
-        extra = _finish(run)
+        got = [next_signal(run) for _ in range(3)]
+        extra = finish(run)
     assert [g["value"] for g in got] == [1, 2, 3]
     assert extra == []
 
@@ -156,9 +137,9 @@ def test_mixed_targets_each_arrive_once(programs: Programs, tmp_path: Path, thre
                 os.kill(run.pid, sig)
             else:
                 os.killpg(run.pid, sig)
-            got = _next_signal(run)
+            got = next_signal(run)
             assert got["sig"] == sig, (target, got)
             wait_for("vgpu-launch to take its copy",
                      lambda s=sig: s not in shared_pending(run.pid))  # type: ignore[misc]
-        extra = _finish(run)
+        extra = finish(run)
     assert extra == []
