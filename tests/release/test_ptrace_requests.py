@@ -8,225 +8,189 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from pathlib import Path
-from typing import Any
 
 import pytest
-from relsupport import (
-    NOBODY,
-    SHELL_LOOP,
-    Built,
-    Tree,
-    build,
-    events,
-    launcher_argv,
-    need,
-    release,
-    run_env,
-    tool,
-    tracer,
-    tree,
-    wait_for,
-)
+from support.build import Programs
+from support.launch import ShellTree, clean_env, command, run
+from support.procs import tracer_pid, wait_for
 
 # The preload comes before libasan in the list of libraries: ASan's link-order check would
 # refuse to start, under vgpu-launch or not; the same setting runs both ways.
 ASAN = {"ASAN_OPTIONS": "verify_asan_link_order=0"}
 
 
-@pytest.fixture(scope="module")
-def built() -> Built:
-    return build()
+def preload(programs: Programs) -> list[str]:
+    return ["--preload", programs.librelmarker]
 
 
-def preload(built: Built) -> list[str]:
-    return ["--preload", built.librelmarker_so]
-
-
-def direct(argv: list[str], built: Built, env: dict[str, str] | None = None,
-           user: str | None = None) -> subprocess.CompletedProcess[str]:
+def direct(argv: list[str], programs: Programs,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """CMD without vgpu-launch, with the same preload in its environment."""
-    prefix = NOBODY if user == "nobody" else []
-    return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120,
-                          env=run_env(None, {"LD_PRELOAD": built.librelmarker_so, **(env or {})}))
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                          env=clean_env({"LD_PRELOAD": programs.librelmarker, **(env or {})}))
 
 
-def launched(args: list[str], env: dict[str, str] | None = None, user: str | None = None,
-             ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
-    proc = subprocess.run(launcher_argv(args, user), capture_output=True, text=True,
-                          timeout=120, env=run_env(user, env))
-    return proc, events(proc.stderr)
-
-
-def test_strace_f_as_cmd(built: Built) -> None:
+def test_strace_f_as_cmd(programs: Programs, strace: str) -> None:
     """`strace -f` as CMD, and run by CMD, exits 0 as it does directly (PTRACE_TRACEME
     and PTRACE_SEIZE of its children are handed to it)."""
-    strace = tool("strace", "Debian: strace")
     cmd = [strace, "-f", "-o", "/dev/null", "/bin/true"]
-    assert direct(cmd, built).returncode == 0
-    proc, evs = launched([*preload(built), "--", *cmd])
-    assert proc.returncode == 0, proc.stderr
-    assert "Operation not permitted" not in proc.stderr
-    reasons = {e["reason"] for e in evs if e["event"] == "released"}
-    assert "ptrace-seize" in reasons, proc.stderr
-    proc, _ = launched([*preload(built), "--", "/bin/sh", "-c", " ".join(cmd)])
-    assert proc.returncode == 0, proc.stderr
+    assert direct(cmd, programs).returncode == 0
+    res = run([*preload(programs), "--", *cmd])
+    assert res.returncode == 0, res.describe()
+    assert "Operation not permitted" not in res.stderr
+    reasons = {e["reason"] for e in res.of("released")}
+    assert "ptrace-seize" in reasons, res.describe()
+    res = run([*preload(programs), "--", "/bin/sh", "-c", " ".join(cmd)])
+    assert res.returncode == 0, res.describe()
 
 
-def test_gdb_running_a_program_as_cmd(built: Built) -> None:
+def test_gdb_running_a_program_as_cmd(programs: Programs, gdb: str) -> None:
     """`gdb -batch -ex run PROG` as CMD: the inferior runs and exits normally, as directly."""
-    gdb = tool("gdb", "Debian: gdb")
-    cmd = [gdb, "-batch", "-ex", "run", "--args", built.rel_probe]
-    want = direct(cmd, built)
+    cmd = [gdb, "-batch", "-ex", "run", "--args", programs.rel_probe]
+    want = direct(cmd, programs)
     assert "exited normally" in want.stdout, want
-    proc, _ = launched([*preload(built), "--", *cmd])
-    assert proc.returncode == want.returncode == 0, proc.stderr
-    assert "exited normally" in proc.stdout, proc.stdout + proc.stderr
+    res = run([*preload(programs), "--", *cmd])
+    assert res.returncode == want.returncode == 0, res.describe()
+    assert "exited normally" in res.stdout, res.describe()
     # the inferior asked with PTRACE_TRACEME; it got the preload before that, at its exec
-    assert "relprobe" in proc.stdout and "marker=1" in proc.stdout, proc.stdout
+    assert "relprobe" in res.stdout and "marker=1" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize("leak", [True, False], ids=["leak", "no-leak"])
-def test_leak_sanitizer(built: Built, leak: bool) -> None:
+def test_leak_sanitizer(programs: Programs, leak: bool) -> None:
     """A LeakSanitizer program (it attaches to its own threads from an untraced helper)
     reports its leak and exits 1, or exits 0 without one, as it does directly."""
-    prog = [need(built, "rel_leak"), *(["leak"] if leak else [])]
-    want = direct(prog, built, ASAN)
+    prog = [programs.rel_leak, *(["leak"] if leak else [])]
+    want = direct(prog, programs, ASAN)
     assert want.returncode == (1 if leak else 0), want
-    proc, evs = launched([*preload(built), "--", *prog], ASAN)
-    assert proc.returncode == want.returncode, proc.stderr
-    assert "does not work under ptrace" not in proc.stderr
+    res = run([*preload(programs), "--", *prog], env=ASAN)
+    assert res.returncode == want.returncode, res.describe()
+    assert "does not work under ptrace" not in res.stderr
     if leak:
-        assert "ERROR: LeakSanitizer: detected memory leaks" in proc.stderr, proc.stderr
-        assert "4242 byte(s) leaked" in proc.stderr, proc.stderr
-        (ev,) = [e for e in evs if e["event"] == "released"]
+        assert "ERROR: LeakSanitizer: detected memory leaks" in res.stderr, res.describe()
+        assert "4242 byte(s) leaked" in res.stderr, res.describe()
+        (ev,) = res.of("released")
         assert ev["reason"] == "ptrace-attach" and ev["exe"].endswith("/rel_leak"), ev
 
 
 @pytest.mark.parametrize("bits", [64, 32])
 @pytest.mark.parametrize("mode", ["traceme", "attach", "seize"])
-def test_ptrace_requests_of_the_tree(built: Built, mode: str, bits: int) -> None:
+def test_ptrace_requests_of_the_tree(programs: Programs, mode: str, bits: int) -> None:
     """PTRACE_TRACEME, PTRACE_ATTACH and PTRACE_SEIZE of a traced child work, from 64-bit and
     from i386 programs (other system call numbers, told apart by seccomp_data.arch)."""
-    prog = need(built, "rel_ptrace" if bits == 64 else "rel_ptrace32")
-    proc, evs = launched([*preload(built), "--", prog, mode])
-    assert proc.returncode == 0 and f"{mode}=ok" in proc.stdout, proc.stdout + proc.stderr
-    (ev,) = [e for e in evs if e["event"] == "released"]
+    prog = programs.rel_ptrace if bits == 64 else programs.rel_ptrace32
+    res = run([*preload(programs), "--", prog, mode])
+    assert res.returncode == 0 and f"{mode}=ok" in res.stdout, res.describe()
+    (ev,) = res.of("released")
     assert ev["reason"] == f"ptrace-{mode}", ev
 
 
-def test_caller_between_vfork_and_exec(built: Built) -> None:
+def test_caller_between_vfork_and_exec(programs: Programs) -> None:
     """A vfork child that calls PTRACE_TRACEME before its exec (its parent is stuck in vfork
     until then) is released, traced by its parent, and stops at its exec for it."""
-    proc, _ = launched([*preload(built), "--", built.rel_ptrace, "vfork-traceme",
-                        built.rel_probe])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "vfork-traceme=ok rc=0" in proc.stdout, proc.stdout
+    res = run([*preload(programs), "--", programs.rel_ptrace, "vfork-traceme",
+               programs.rel_probe])
+    assert res.returncode == 0, res.describe()
+    assert "vfork-traceme=ok rc=0" in res.stdout, res.stdout
 
 
-def run_ptrace_later(t: Tree, built: Built, name: str) -> int:
+def run_ptrace_later(t: ShellTree, programs: Programs, name: str) -> int:
     """A subshell of the tree that waits for {dir}/NAME.go, then execs rel_ptrace for each
     mode. Returns its pid."""
-    go, out = f"{t.dir}/{name}.go", f"{t.dir}/{name}.out"
+    go, out = t.dir / f"{name}.go", t.dir / f"{name}.out"
     script = (f"echo pid=$$ >{out}; while [ ! -e {go} ]; do sleep 0.01; done; "
-              f"for m in traceme attach; do {built.rel_ptrace} $m >>{out}; done; "
+              f"for m in traceme attach; do {programs.rel_ptrace} $m >>{out}; done; "
               f"echo done >>{out}")
     t.send(f"sh -c '{script}' &")
-    return int(wait_for(lambda: Path(out).exists() and Path(out).read_text().strip(),
-                        f"{name} to start").split("pid=")[1])
+    return int(wait_for(f"{name} to start", lambda: out.exists() and out.read_text().strip())
+               .split("pid=")[1])
 
 
-def results(t: Tree, name: str) -> str:
-    out = Path(t.dir) / f"{name}.out"
-    (Path(t.dir) / f"{name}.go").touch()
-    text: str = wait_for(lambda: "done" in out.read_text() and out.read_text(), name)
+def results(t: ShellTree, name: str) -> str:
+    out = t.dir / f"{name}.out"
+    (t.dir / f"{name}.go").touch()
+    text: str = wait_for(name, lambda: "done" in out.read_text() and out.read_text(), 30)
     return text
 
 
-def test_a_released_process_can_still_use_ptrace(built: Built) -> None:
+def test_a_released_process_can_still_use_ptrace(tree: ShellTree, programs: Programs) -> None:
     """After its release, a process and the programs it starts keep the filter, and their
     ptrace requests work while vgpu-launch runs (the listener answers them)."""
-    with tree([*preload(built), "--", *SHELL_LOOP]) as t:
-        pid = run_ptrace_later(t, built, "later")
-        wait_for(lambda: tracer(pid) != 0, "the subshell traced")
-        assert release(str(pid)).returncode == 0
-        text = results(t, "later")
-        assert "traceme=ok" in text and "attach=ok" in text, text
+    pid = run_ptrace_later(tree, programs, "later")
+    wait_for("the subshell traced", lambda: tracer_pid(pid) != 0)
+    assert command(["release", str(pid)]).returncode == 0
+    text = results(tree, "later")
+    assert "traceme=ok" in text and "attach=ok" in text, text
 
 
-def test_after_vgpu_launch_died_ptrace_requests_fail_with_enosys(built: Built) -> None:
+def test_after_vgpu_launch_died_ptrace_requests_fail_with_enosys(tree: ShellTree,
+                                                                 programs: Programs) -> None:
     """vgpu-launch is killed (fail open: the tree runs on untraced): the seccomp filter stays
     in every process of the tree and nobody answers it, so PTRACE_TRACEME and PTRACE_ATTACH
     fail with ENOSYS there (docs/launcher.md says so)."""
-    with tree([*preload(built), "--", *SHELL_LOOP]) as t:
-        run_ptrace_later(t, built, "orphan")
-        os.kill(t.launcher, signal.SIGKILL)
-        wait_for(lambda: not os.path.exists(f"/proc/{t.launcher}/task"), "vgpu-launch's end")
-        text = results(t, "orphan")
-        assert "traceme=ENOSYS" in text and "attach=ENOSYS" in text, text
+    run_ptrace_later(tree, programs, "orphan")
+    launcher = tree.launcher
+    os.kill(launcher, signal.SIGKILL)
+    wait_for("vgpu-launch's end", lambda: not os.path.exists(f"/proc/{launcher}/task"))
+    text = results(tree, "orphan")
+    assert "traceme=ENOSYS" in text and "attach=ENOSYS" in text, text
 
 
-def test_strict_mode_refuses_unless_allowed(built: Built) -> None:
+def test_strict_mode_refuses_unless_allowed(programs: Programs, strace: str) -> None:
     """--strict: the request fails with EPERM, as it did before release existed, with an
     error in the log; --strict-allow-release lets it through."""
-    strace = tool("strace", "Debian: strace")
     cmd = [strace, "-f", "-o", "/dev/null", "/bin/true"]
-    proc, evs = launched(["--strict", *preload(built), "--", *cmd])
-    assert proc.returncode == 1, proc.stderr
-    assert "Operation not permitted" in proc.stderr
-    refused = [e for e in evs if e["event"] == "release-refused"]
-    assert refused and refused[0]["level"] == "error", proc.stderr
+    res = run(["--strict", *preload(programs), "--", *cmd])
+    assert res.returncode == 1, res.describe()
+    assert "Operation not permitted" in res.stderr
+    refused = res.of("release-refused")
+    assert refused and refused[0]["level"] == "error", res.describe()
     assert "--strict-allow-release" in refused[0]["message"]
-    assert not [e for e in evs if e["event"] == "released"]
-    proc, evs = launched(["--strict", "--strict-allow-release", *preload(built), "--", *cmd])
-    assert proc.returncode == 0, proc.stderr
-    assert all(e["level"] == "warning" for e in evs if e["event"] == "released")
+    assert not res.of("released")
+    res = run(["--strict", "--strict-allow-release", *preload(programs), "--", *cmd])
+    assert res.returncode == 0, res.describe()
+    assert all(e["level"] == "warning" for e in res.of("released"))
 
 
-def test_turned_off(built: Built) -> None:
+def test_turned_off(programs: Programs) -> None:
     """--no-ptrace-requests: the tree runs without the seccomp filter, and its ptrace requests
     get EPERM as they did before release existed."""
-    script = f"grep ^Seccomp: /proc/self/status; exec {built.rel_ptrace} traceme"
-    proc, evs = launched(["--no-ptrace-requests", *preload(built), "--", "/bin/sh", "-c",
-                          script])
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Seccomp:\t0" in proc.stdout and "traceme=EPERM" in proc.stdout, proc.stdout
-    (ev,) = [e for e in evs if e["event"] == "ptrace-requests"]
+    script = f"grep ^Seccomp: /proc/self/status; exec {programs.rel_ptrace} traceme"
+    res = run(["--no-ptrace-requests", *preload(programs), "--", "/bin/sh", "-c", script])
+    assert res.returncode == 1, res.describe()
+    assert "Seccomp:\t0" in res.stdout and "traceme=EPERM" in res.stdout, res.stdout
+    (ev,) = res.of("ptrace-requests")
     assert ev["handled"] is False and "turned off" in ev["reason"], ev
-    proc, _ = launched([*preload(built), "--", "/bin/sh", "-c", script])
-    assert "Seccomp:\t2" in proc.stdout and "traceme=ok" in proc.stdout, proc.stdout
+    res = run([*preload(programs), "--", "/bin/sh", "-c", script])
+    assert "Seccomp:\t2" in res.stdout and "traceme=ok" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize("action", ["kill", "errno"])
-def test_a_filter_that_refuses_seccomp(built: Built, action: str) -> None:
+def test_a_filter_that_refuses_seccomp(programs: Programs, action: str) -> None:
     """Under a seccomp filter that refuses the seccomp call itself (a unit's SystemCallFilter=
     without it; systemd's default action kills with SIGSYS), CMD still runs: vgpu-launch tries
     the call in a throwaway child first, and logs why the requests are not handed over."""
-    proc = subprocess.run(
-        [built.rel_nosec, action, *launcher_argv([*preload(built), "--", built.rel_probe])],
-        capture_output=True, text=True, timeout=120, env=run_env())
-    assert proc.returncode == 0 and "relprobe" in proc.stdout, proc.stdout + proc.stderr
-    (ev,) = [e for e in events(proc.stderr) if e["event"] == "ptrace-requests"]
+    res = run([*preload(programs), "--", programs.rel_probe],
+              wrap=[programs.rel_nosec, action])
+    assert res.returncode == 0 and "relprobe" in res.stdout, res.describe()
+    (ev,) = res.of("ptrace-requests")
     assert ev["handled"] is False, ev
     assert ("kills the seccomp system call" if action == "kill" else "forbids") in ev["reason"]
 
 
-def test_unprivileged_without_no_new_privs(built: Built) -> None:
+def test_unprivileged_without_no_new_privs(programs: Programs, strace: str) -> None:
     """Run by a user without CAP_SYS_ADMIN and without no_new_privs, vgpu-launch installs no
     filter (setting no_new_privs would change setuid programs): the request fails with EPERM
     as before, and the log says why. With no_new_privs already set (systemd's
     NoNewPrivileges=yes, setpriv --no-new-privs), the filter is installed and it works."""
-    strace = tool("strace", "Debian: strace")
     cmd = ["--", strace, "-f", "-o", "/dev/null", "/bin/true"]
-    proc, evs = launched([*preload(built), *cmd], user="nobody")
-    assert proc.returncode == 1 and "Operation not permitted" in proc.stderr, proc.stderr
-    (ev,) = [e for e in evs if e["event"] == "ptrace-requests"]
+    res = run([*preload(programs), *cmd], user="nobody")
+    assert res.returncode == 1 and "Operation not permitted" in res.stderr, res.describe()
+    (ev,) = res.of("ptrace-requests")
     assert ev["handled"] is False and "no_new_privs" in ev["reason"], ev
 
-    argv = launcher_argv([*preload(built), *cmd], "nobody")
-    argv.insert(1, "--no-new-privs")
-    nnp = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                         env=run_env("nobody"))
-    assert nnp.returncode == 0, nnp.stderr
-    (ev,) = [e for e in events(nnp.stderr) if e["event"] == "ptrace-requests"]
+    nnp = run([*preload(programs), *cmd], user="nobody",
+              wrap=["setpriv", "--no-new-privs", "--"])
+    assert nnp.returncode == 0, nnp.describe()
+    (ev,) = nnp.of("ptrace-requests")
     assert ev["handled"] is True

@@ -110,6 +110,16 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "libaborts": ("libaborts.so", "cc", "aborts.c", SO),
     "_libdep": ("_link/libdep.so", "cc", "dep.c", SO),
     "libneeds": ("libneeds.so", "cc", "needs.c", [*SO, "-L{build}/_link", "-ldep"]),
+    # giving processes back: to debuggers, on the tree's own ptrace requests (tests/release)
+    "librelmarker": ("librelmarker.so", "cc", "librelmarker.c", SO),
+    "rel_probe": ("rel_probe", "cc", "rel_probe.c", []),
+    # -O0: gdb's backtrace must show the loops by name, not inlined
+    "rel_worker": ("rel_worker", "cc", "rel_worker.c", ["-pthread", "-O0"]),
+    "rel_ptrace": ("rel_ptrace", "cc", "rel_ptrace.c", []),
+    "rel_ptrace32": ("rel_ptrace32", "cc32", "rel_ptrace.c", []),
+    "rel_nosec": ("rel_nosec", "cc", "rel_nosec.c", []),
+    # LeakSanitizer; -O0 so that the leaked block is not optimised away
+    "rel_leak": ("rel_leak", "cc", "rel_leak.c", ["-fsanitize=address", "-O0"]),
 }
 
 LIB_TOKEN_PRELOAD = "$LIB/libmarker.so"

@@ -9,6 +9,9 @@
 - ``started(argv, tmp_path)``: any command line (``launch_argv(...)``, or a shell around it) as a
   direct child of the test, in a session or process group of its own, so that the test sees
   its wait status as a shell or systemd would (stops included).
+- ``ShellTree(options)``: a ``Tree`` whose CMD is a shell that runs the lines the test
+  ``send``s it (processes started, then acted on: released, debugged, killed).
+- ``command(args)``: a command that starts no tree (``release``, ``status``) to the end.
 - ``clean_env(updates)``: the environment every one of them starts from.
 
 ``user="nobody"`` runs vgpu-launch as nobody, from a copy of bin/ and vgpu_launch/ that nobody
@@ -454,6 +457,19 @@ class Tree(Started):
         """The processes of CMD's tree: the session without reap and vgpu-launch."""
         return [p for p in self.pids() if p not in (self.sid, self.launcher)]
 
+    def log(self) -> LaunchResult:
+        """What vgpu-launch has logged so far, while it runs (its exit status: -1, not yet
+        known)."""
+        return self._result(-1)
+
+    def wait_event(self, name: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
+        """Wait until vgpu-launch logs an event ``name`` with these ``fields``; return it."""
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.log().of(name)
+                         if all(e.get(k) == v for k, v in fields.items())), None)
+        return procs.wait_for(f"a {name} event with {fields}", found, timeout,
+                              describe=lambda: self.log().describe())
+
     def wait(self, timeout: float = 60) -> LaunchResult:
         """Wait for the end of vgpu-launch's output and of reap; vgpu-launch's status and
         output.  Fails if anything of the session is left."""
@@ -486,6 +502,52 @@ class Tree(Started):
         self.status_file.close()
 
 
+# CMD of a ShellTree: runs each line read from the FIFO "$0" as a shell command, until "exit".
+# It holds the FIFO open for reading and writing, so that no line is lost between two writers
+# and a writer that closes never looks like the end.
+SHELL_LOOP = ["/bin/sh", "-c", 'exec 3<>"$0"; while read -r line <&3; do eval "$line" 3<&-; done']
+
+
+class ShellTree(Tree):
+    """``vgpu-launch OPTIONS -- sh`` in the background (a ``Tree``), whose CMD, a shell, runs
+    each line that ``send`` gives it (one after the other: end a line with ``&`` to go on at
+    once) until ``exit``.  ``dir`` is a fresh directory that CMD may write to, as ``nobody``
+    too, for what those commands leave."""
+
+    def __init__(self, options: Sequence[Arg], *, user: str | None = None,
+                 env: Mapping[str, str | None] | None = None) -> None:
+        self.dir = build.public_dir("vgpu-launch-tests-shell-")
+        self.dir.chmod(0o777)
+        self.ctl = self.dir / "ctl"
+        os.mkfifo(self.ctl)
+        self.ctl.chmod(0o666)  # past the umask
+        try:
+            super().__init__([*options, "--", *SHELL_LOOP, self.ctl], user=user, env=env)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def send(self, line: str) -> None:
+        """Give CMD's shell one command line (once it reads them)."""
+        def opened() -> int | None:
+            try:
+                return os.open(self.ctl, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader, yet or any more
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"vgpu-launch has ended{self.log().describe()}"
+                                         ) from None
+                return None
+        fd = procs.wait_for("CMD's shell to read commands", opened, 30)
+        try:
+            os.write(fd, line.encode() + b"\n")
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def run(args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
         timeout: float = 120, user: str | None = None, input: bytes | None = None,
         log_format: str | None = "json", cwd: Arg | None = None,
@@ -499,6 +561,19 @@ def run(args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
             assert tree.proc.stdin is not None
             tree.proc.stdin.write(input)
         return tree.wait(timeout)
+
+
+def command(args: Sequence[Arg], *, user: str | None = None,
+            env: Mapping[str, str | None] | None = None, timeout: float = 120) -> LaunchResult:
+    """``vgpu-launch ARGS`` to the end, as a direct child of the test, for a command that
+    starts no tree (``release``, ``status``): its status and output, no ``--log-format``
+    added.  ``env`` updates ``clean_env()``."""
+    updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
+    updates.update(env or {})
+    argv = launcher_argv(args, user=user, log_format=None)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(updates),
+                          timeout=timeout, check=False)
+    return LaunchResult(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
 @functools.cache

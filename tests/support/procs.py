@@ -134,6 +134,19 @@ def all_threads_traced(pid: int) -> bool:
     )
 
 
+def tracer_pid(pid: int | str) -> int:
+    """The thread tracing ``pid`` (a process, or "PID/task/TID"): 0 for none, or when gone."""
+    return int(status_field(pid, "TracerPid") or 0)
+
+
+def threads_traced_by(pid: int, tracer: int) -> list[int]:
+    """The threads of ``pid`` whose tracer is a thread of process ``tracer`` (either gone:
+    OSError, so that a process that has ended never passes for an untraced one)."""
+    mine = {int(t) for t in os.listdir(f"/proc/{tracer}/task")}
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")
+            if tracer_pid(f"{pid}/task/{t}") in mine]
+
+
 def mask_of(*sigs: int) -> int:
     """A signal set as /proc/PID/status shows it (SigIgn, SigBlk): bit N-1 for signal N."""
     bits = 0

@@ -12,7 +12,7 @@ from support import REPO
 from support.build import PROGRAMS
 
 TESTS = REPO / "tests"
-AREAS = {"unit", "launcher", "robustness", "diagnostics", "system"}
+AREAS = {"unit", "launcher", "robustness", "diagnostics", "release", "system"}
 
 
 def _test_files() -> list[Path]:

@@ -26,7 +26,7 @@ PTRACE_PEEKUSER = 3
 
 def _raw_ptrace(request: int, pid: int) -> int:
     """ptrace(2) as a raw system call: the errno, 0 on success."""
-    nr = arch.PTRACE_SYSCALLS[next(iter(arch.PTRACE_SYSCALLS))][0]
+    nr = arch.current().native.ptrace_syscall
     r = _libc.syscall(ctypes.c_long(nr), ctypes.c_long(request), ctypes.c_long(pid), 0, 0)
     return ctypes.get_errno() if r < 0 else 0
 
@@ -64,7 +64,8 @@ def test_filter_holds_only_traceme_attach_and_seize() -> None:
             assert ready, "no call reached the listener"
             req = seccomp.receive(listener)
             seen.append((req.request, req.target, req.pid))
-            assert req.arch in arch.PTRACE_SYSCALLS and req.nr in arch.PTRACE_SYSCALLS[req.arch]
+            syscalls = arch.current().ptrace_syscalls
+            assert req.arch in syscalls and req.nr in syscalls[req.arch]
             assert seccomp.answer(listener, req, answer)
         assert seen == [(seccomp.PTRACE_ATTACH, 1, child), (seccomp.PTRACE_SEIZE, 1, child),
                         (seccomp.PTRACE_TRACEME, 0, child)]
@@ -86,10 +87,10 @@ def test_filter_covers_every_abi_of_this_machine() -> None:
     """x86_64 lists x86_64 (and x32) and i386; aarch64 lists AArch64 and AArch32."""
     from vgpu_launch.arch import aarch64, x86_64
 
-    assert x86_64.PTRACE_SYSCALLS == {0xC000003E: (101, 0x40000000 + 521), 0x40000003: (26,)}
-    assert aarch64.PTRACE_SYSCALLS == {0xC00000B7: (117,), 0x40000028: (26,)}
+    assert x86_64.ARCH.ptrace_syscalls == {0xC000003E: (101, 0x40000000 + 521), 0x40000003: (26,)}
+    assert aarch64.ARCH.ptrace_syscalls == {0xC00000B7: (117,), 0x40000028: (26,)}
     # every instruction is 8 bytes; the last two return USER_NOTIF and ALLOW
-    code = seccomp.filter_program(x86_64.PTRACE_SYSCALLS)
+    code = seccomp.filter_program(x86_64.ARCH.ptrace_syscalls)
     assert len(code) % 8 == 0
     assert struct.unpack_from("=HBBI", code, len(code) - 8)[3] == seccomp.SECCOMP_RET_USER_NOTIF
 
