@@ -220,8 +220,15 @@ def fixture() -> Workload:
 
 def prefix(mode: str, preload: Path, launch: list[str] | None = None) -> list[str]:
     if mode == "vgpu-launch":
-        return [str(VGPU_LAUNCH), "--log-level", "warning", "--preload", str(preload),
-                *(launch or []), "--"]
+        return [
+            str(VGPU_LAUNCH),
+            "--log-level",
+            "warning",
+            "--preload",
+            str(preload),
+            *(launch or []),
+            "--",
+        ]
     return STRACE if mode == "strace" else []
 
 
@@ -232,7 +239,10 @@ def run_timed(w: Workload, mode: str, preload: Path) -> Sample:
     started = time.clock_gettime(time.CLOCK_MONOTONIC)
     proc = subprocess.run(
         prefix(mode, preload, w.launch) + w.argv,
-        env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
     sample = Sample(time.perf_counter() - start, proc.returncode)
     sample.info["cpu_s"] = _children_cpu() - cpu
@@ -436,12 +446,19 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated workload names (default: all)")
     parser.add_argument("--idle-seconds", type=float, help="CMD's idle time (default 60, quick 2)")
     parser.add_argument("--modes", default=",".join(MODES), help="default: %(default)s")
-    parser.add_argument("--launch-options", default="", metavar="OPTIONS",
-                        help="more vgpu-launch options for every run, e.g. "
-                        "--launch-options=--no-ptrace-requests")
-    parser.add_argument("--measure", choices=("wall", "cpu"), default="wall",
-                        help="timed rows: wall time, or CPU time of the whole tree (less "
-                        "sensitive to other load on the machine); default: %(default)s")
+    parser.add_argument(
+        "--launch-options",
+        default="",
+        metavar="OPTIONS",
+        help="more vgpu-launch options for every run, e.g. --launch-options=--no-ptrace-requests",
+    )
+    parser.add_argument(
+        "--measure",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="timed rows: wall time, or CPU time of the whole tree (less "
+        "sensitive to other load on the machine); default: %(default)s",
+    )
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     reps = args.reps or (3 if args.quick else 7)
@@ -458,8 +475,14 @@ def main() -> int:
     n_mem = 10_000 // scale
     tracer_rows = [  # (name, label, target, spawns before "ready", idle seconds, what)
         ("memory", "tracer resident memory, at rest", "≤ 30 MB", 0, 0.0, "memory"),
-        ("memory", f"tracer resident memory, after {n_mem:,} spawns", "≤ 30 MB", n_mem, 0.0,
-         "memory"),
+        (
+            "memory",
+            f"tracer resident memory, after {n_mem:,} spawns",
+            "≤ 30 MB",
+            n_mem,
+            0.0,
+            "memory",
+        ),
         ("idle", f"tracer CPU time while CMD sleeps {idle:g} s", "≈ 0 (≤ 0.1 %)", 0, idle, "cpu"),
     ]
     names = [*timed, "memory", "idle"]
@@ -502,16 +525,23 @@ def main() -> int:
 
     command = shlex.join(["python3", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     print(f"Command: `{command}`\n")
-    print(f"Machine: {info['cpus']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
-          f"load average {info['load']} before the run; Python {info['python']}, "
-          f"{info['strace']}, {info['go']}; {info['vgpu-launch']} ({info['commit']})\n")
-    measured = "" if args.measure == "wall" else (
-        "times are CPU time of the whole tree (tracer included), not wall time; ")
-    print(f"Medians of {reps} alternating runs per mode ({reps * STARTUP_REPS_FACTOR} for "
-          f"start-up), after one warm-up round; {measured}"
-          "ratio = median(mode) / median(direct); net = less the mode's start-up time (first row), "
-          "which per-operation figures and targets use. "
-          "Tracer rows: the process named by CMD's TracerPid, one run each.\n")
+    print(
+        f"Machine: {info['cpus']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
+        f"load average {info['load']} before the run; Python {info['python']}, "
+        f"{info['strace']}, {info['go']}; {info['vgpu-launch']} ({info['commit']})\n"
+    )
+    measured = (
+        ""
+        if args.measure == "wall"
+        else ("times are CPU time of the whole tree (tracer included), not wall time; ")
+    )
+    print(
+        f"Medians of {reps} alternating runs per mode ({reps * STARTUP_REPS_FACTOR} for "
+        f"start-up), after one warm-up round; {measured}"
+        "ratio = median(mode) / median(direct); net = less the mode's start-up time (first row), "
+        "which per-operation figures and targets use. "
+        "Tracer rows: the process named by CMD's TracerPid, one run each.\n"
+    )
     print(table(rows, modes))
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -522,8 +552,11 @@ def main() -> int:
 
     errors = [
         f"{name} [{mode}]: {s['error']}"
-        for name, by_mode in raw.items() if "skipped" not in by_mode
-        for mode, ss in by_mode.items() for s in ss if s["error"]
+        for name, by_mode in raw.items()
+        if "skipped" not in by_mode
+        for mode, ss in by_mode.items()
+        for s in ss
+        if s["error"]
     ]
     for error in errors:
         print(f"bench: FAILED {error}", file=sys.stderr)

@@ -39,14 +39,21 @@ def probe() -> None:
         dev = ctypes.c_int(0)
         if lib.cuDeviceGet(ctypes.byref(dev), 0) == 0:
             lib.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
-    print(f"[parent] pid={pid} cuInit/cuDeviceGetCount rc={rc} count={n.value} "
-          f"device0_total_mib={total.value >> 20}", file=sys.stderr, flush=True)
+    print(
+        f"[parent] pid={pid} cuInit/cuDeviceGetCount rc={rc} count={n.value} "
+        f"device0_total_mib={total.value >> 20}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def stripped(name: str) -> bool:
     """The variables the parent leaves out of its worker's environment."""
-    return (name in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT") or name.startswith("VGPU_SHIM_")
-            or name.startswith("CUDA_DEVICE_MEMORY_LIMIT"))
+    return (
+        name in ("LD_PRELOAD", "CUDA_DEVICE_SM_LIMIT")
+        or name.startswith("VGPU_SHIM_")
+        or name.startswith("CUDA_DEVICE_MEMORY_LIMIT")
+    )
 
 
 def main() -> int:
@@ -56,8 +63,11 @@ def main() -> int:
     else:
         probe()
     env = {k: v for k, v in os.environ.items() if not stripped(k)}
-    print(f"[parent] pid={os.getpid()} starting the worker without LD_PRELOAD and the limits",
-          file=sys.stderr, flush=True)
+    print(
+        f"[parent] pid={os.getpid()} starting the worker without LD_PRELOAD and the limits",
+        file=sys.stderr,
+        flush=True,
+    )
     return subprocess.run([sys.executable, WORKER, *args], env=env).returncode
 
 

@@ -202,8 +202,12 @@ def main() -> int:
     p.add_argument("--size", type=int, default=8192, help="matrix side")
     p.add_argument("--hold-file", help="write PATH when ready, wait until it is removed")
     p.add_argument("--backend", choices=("torch", "stub"), default="torch")
-    p.add_argument("--alloc", type=lambda v: [float(x) for x in v.split(",")], default=[],
-                   help="GiB to allocate once each, comma-separated (torch backend)")
+    p.add_argument(
+        "--alloc",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[],
+        help="GiB to allocate once each, comma-separated (torch backend)",
+    )
     p.add_argument("--shim-name", default=SHIM_NAME, help="library reported as shim_mapped")
     args = p.parse_args()
     out: dict = {

@@ -30,66 +30,65 @@ PROG = "vgpu-launch"
 # names themselves come from vgpu_launch.options.SETTINGS, so a new key shows
 # up in the manual even before it is described here.
 ENV_TEXT: dict[str, str] = {
-    "VGPU_LAUNCH_PRELOAD":
-        "Libraries to preload, separated by colons or spaces; like \\fB\\-\\-preload\\fR.",
-    "VGPU_LAUNCH_ENV":
-        "NAME=VALUE assignments, separated by spaces, set where a program's environment "
-        "lacks them; like \\fB\\-\\-env\\fR.",
-    "VGPU_LAUNCH_FORCE_ENV":
-        "NAME=VALUE assignments, separated by spaces, set even where a program's environment "
-        "has a different value; like \\fB\\-\\-force\\-env\\fR.",
-    "VGPU_LAUNCH_EXCLUDE":
-        "Globs naming programs that are left as they are; like \\fB\\-\\-exclude\\fR.",
+    "VGPU_LAUNCH_PRELOAD": "Libraries to preload, separated by colons or spaces; like "
+    "\\fB\\-\\-preload\\fR.",
+    "VGPU_LAUNCH_ENV": "NAME=VALUE assignments, separated by spaces, set where a program's "
+    "environment "
+    "lacks them; like \\fB\\-\\-env\\fR.",
+    "VGPU_LAUNCH_FORCE_ENV": "NAME=VALUE assignments, separated by spaces, set even where a "
+    "program's environment "
+    "has a different value; like \\fB\\-\\-force\\-env\\fR.",
+    "VGPU_LAUNCH_EXCLUDE": "Globs naming programs that are left as they are; like "
+    "\\fB\\-\\-exclude\\fR.",
     "VGPU_LAUNCH_LOG_FORMAT": "\\fBjson\\fR or \\fBconsole\\fR; like \\fB\\-\\-log\\-format\\fR.",
-    "VGPU_LAUNCH_LOG_LEVEL":
-        "\\fBdebug\\fR, \\fBinfo\\fR, \\fBwarning\\fR or \\fBerror\\fR; like "
-        "\\fB\\-\\-log\\-level\\fR.",
+    "VGPU_LAUNCH_LOG_LEVEL": "\\fBdebug\\fR, \\fBinfo\\fR, \\fBwarning\\fR or \\fBerror\\fR; like "
+    "\\fB\\-\\-log\\-level\\fR.",
     "VGPU_LAUNCH_LOG_FILE": "A file the log is also appended to; like \\fB\\-\\-log\\-file\\fR.",
     "VGPU_LAUNCH_STRICT": "1 for \\fB\\-\\-strict\\fR, 0 to turn it off.",
     "VGPU_LAUNCH_NO_FOLLOW": "1 for \\fB\\-\\-no\\-follow\\fR, 0 to turn it off.",
-    "VGPU_LAUNCH_ALLOW_INSECURE":
-        "1 for \\fB\\-\\-allow\\-insecure\\fR, 0 to turn it off.",
+    "VGPU_LAUNCH_ALLOW_INSECURE": "1 for \\fB\\-\\-allow\\-insecure\\fR, 0 to turn it off.",
     "VGPU_LAUNCH_CONFIG": "The configuration file to read instead of the default one.",
-    "VGPU_LAUNCH_PYTHON":
-        "The Python interpreter that \\fI/usr/bin/vgpu\\-launch\\fR runs (default: "
-        "\\fI/usr/bin/python3\\fR, whatever \\fBPATH\\fR says); it needs python\\-ptrace, "
-        "python\\-prctl and structlog.  Not a setting: it is not read from the configuration "
-        "file, and \\fICMD\\fR inherits it like any other variable.",
-    "VGPU_LAUNCH_RELEASE_AFTER_EXEC":
-        "Globs separated by semicolons (a glob may contain spaces); like "
-        "\\fB\\-\\-release\\-after\\-exec\\fR.",
+    "VGPU_LAUNCH_PYTHON": "The Python interpreter that \\fI/usr/bin/vgpu\\-launch\\fR runs "
+    "(default: "
+    "\\fI/usr/bin/python3\\fR, whatever \\fBPATH\\fR says); it needs python\\-ptrace, "
+    "python\\-prctl and structlog.  Not a setting: it is not read from the configuration "
+    "file, and \\fICMD\\fR inherits it like any other variable.",
+    "VGPU_LAUNCH_RELEASE_AFTER_EXEC": "Globs separated by semicolons (a glob may contain spaces); "
+    "like "
+    "\\fB\\-\\-release\\-after\\-exec\\fR.",
     "VGPU_LAUNCH_STRICT_ALLOW_RELEASE": "1 for \\fB\\-\\-strict\\-allow\\-release\\fR, 0 to "
-                                        "turn it off.",
+    "turn it off.",
     "VGPU_LAUNCH_PTRACE_REQUESTS": "0 for \\fB\\-\\-no\\-ptrace\\-requests\\fR; 1 (the default) "
-                                   "to hand the tree's ptrace requests over.",
+    "to hand the tree's ptrace requests over.",
 }
 
 # Variables of the environment vgpu-launch is started with that are not its own settings.
 OTHER_ENV_TEXT: Sequence[tuple[str, str]] = (
-    ("LD_PRELOAD",
-     "Kept: \\fICMD\\fR gets the configured libraries first, then the entries the variable "
-     "already had, each once."),
+    (
+        "LD_PRELOAD",
+        "Kept: \\fICMD\\fR gets the configured libraries first, then the entries the variable "
+        "already had, each once.",
+    ),
 )
 
 CONFIG_TEXT: dict[str, str] = {
     "preload": "List of library paths; \\fB$LIB\\fR, \\fB$PLATFORM\\fR and \\fB$ORIGIN\\fR are "
-               "left for the dynamic loader to expand.",
+    "left for the dynamic loader to expand.",
     "exclude": "List of globs: one starting with / is matched against a program's absolute "
-               "path, any other against its base name.  Those programs are left as they are.",
+    "path, any other against its base name.  Those programs are left as they are.",
     "strict": "Boolean.",
     "no_follow": "Boolean.",
     "allow_insecure": "Boolean.",
-    "log_format": "\\fB\"json\"\\fR or \\fB\"console\"\\fR (default: console on a terminal, "
-                  "json otherwise).",
-    "log_level": "\\fB\"debug\"\\fR, \\fB\"info\"\\fR, \\fB\"warning\"\\fR or "
-                 "\\fB\"error\"\\fR.",
-    "log_file": "Path; \\fB\"\"\\fR for none.",
-    "env": "Table of NAME = \"VALUE\" set where a program's environment lacks NAME.",
-    "force_env": "Table of NAME = \"VALUE\" set even over a different value.",
+    "log_format": '\\fB"json"\\fR or \\fB"console"\\fR (default: console on a terminal, '
+    "json otherwise).",
+    "log_level": '\\fB"debug"\\fR, \\fB"info"\\fR, \\fB"warning"\\fR or \\fB"error"\\fR.',
+    "log_file": 'Path; \\fB""\\fR for none.',
+    "env": 'Table of NAME = "VALUE" set where a program\'s environment lacks NAME.',
+    "force_env": 'Table of NAME = "VALUE" set even over a different value.',
     "release_after_exec": "List of globs, each matched against a program's resolved path "
-                          "followed by its arguments (argv[1:]), joined by single spaces; "
-                          "\\fB*\\fR matches any text, slashes and spaces included.  A "
-                          "matching program is given back right after its exec.",
+    "followed by its arguments (argv[1:]), joined by single spaces; "
+    "\\fB*\\fR matches any text, slashes and spaces included.  A "
+    "matching program is given back right after its exec.",
     "strict_allow_release": "Boolean.",
     "ptrace_requests": "Boolean (default true).",
 }
@@ -99,17 +98,22 @@ TABLE_KEYS = ("env", "force_env")
 # are rendered from vgpu_launch.options.subcommand_parser(NAME); this summary
 # is shown only for one the program does not provide a parser for.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "doctor": ("[\\fB\\-\\-preload\\fR \\fIPATH\\fR] [\\fB\\-\\-unit\\fR \\fINAME\\fR] "
-               "[\\fB\\-\\-format\\fR \\fBjson\\fR]",
-               "Check this host: whether ptrace is allowed, the preload libraries, the "
-               "configuration and, with \\fB\\-\\-unit\\fR, a systemd unit."),
-    "status": ("[\\fIPID\\fR | \\fB\\-\\-unit\\fR \\fINAME\\fR] "
-               "[\\fB\\-\\-format\\fR \\fBjson\\fR]",
-               "Show which processes of a tree (a process and its descendants, or a unit's "
-               "processes) really have the preload libraries mapped."),
-    "release": ("\\fIPID\\fR [\\fIPID\\fR...] [\\fB\\-\\-tree\\fR]",
-                "Give processes back from the vgpu\\-launch that traces them, so that a "
-                "debugger can attach."),
+    "doctor": (
+        "[\\fB\\-\\-preload\\fR \\fIPATH\\fR] [\\fB\\-\\-unit\\fR \\fINAME\\fR] "
+        "[\\fB\\-\\-format\\fR \\fBjson\\fR]",
+        "Check this host: whether ptrace is allowed, the preload libraries, the "
+        "configuration and, with \\fB\\-\\-unit\\fR, a systemd unit.",
+    ),
+    "status": (
+        "[\\fIPID\\fR | \\fB\\-\\-unit\\fR \\fINAME\\fR] [\\fB\\-\\-format\\fR \\fBjson\\fR]",
+        "Show which processes of a tree (a process and its descendants, or a unit's "
+        "processes) really have the preload libraries mapped.",
+    ),
+    "release": (
+        "\\fIPID\\fR [\\fIPID\\fR...] [\\fB\\-\\-tree\\fR]",
+        "Give processes back from the vgpu\\-launch that traces them, so that a "
+        "debugger can attach.",
+    ),
 }
 
 # Variables that are not settings (test hooks, internal hand-over).
@@ -142,18 +146,27 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 EXIT_STATUS: Sequence[tuple[str, str]] = (
-    ("CMD's own", "When CMD exits, vgpu-launch exits with the same status.  When CMD is "
-                  "killed by a signal, vgpu-launch kills itself with the same signal, so its "
-                  "parent (a shell, systemd, a container runtime) sees what it would have "
-                  "seen for CMD; as PID 1 of a PID namespace it exits with 128 + the signal "
-                  "number instead."),
-    ("1", "From \\fBdoctor\\fR: a check failed; from \\fBstatus\\fR: a process lacks a "
-          "library.  (A run exits 1 only when \\fICMD\\fR did.)"),
+    (
+        "CMD's own",
+        "When CMD exits, vgpu-launch exits with the same status.  When CMD is "
+        "killed by a signal, vgpu-launch kills itself with the same signal, so its "
+        "parent (a shell, systemd, a container runtime) sees what it would have "
+        "seen for CMD; as PID 1 of a PID namespace it exits with 128 + the signal "
+        "number instead.",
+    ),
+    (
+        "1",
+        "From \\fBdoctor\\fR: a check failed; from \\fBstatus\\fR: a process lacks a "
+        "library.  (A run exits 1 only when \\fICMD\\fR did.)",
+    ),
     ("2", "Usage or configuration error, or an unusable preload library."),
-    ("125", "vgpu-launch cannot run CMD here: ptrace is refused (\\fBcannot trace\\fR; see "
-            "\\fBTROUBLESHOOTING\\fR), or the Python interpreter lacks python\\-ptrace, "
-            "python\\-prctl or structlog (one line names what is missing and the commands that "
-            "install it; \\fB\\-\\-version\\fR and \\fBdoctor\\fR exit so too)."),
+    (
+        "125",
+        "vgpu-launch cannot run CMD here: ptrace is refused (\\fBcannot trace\\fR; see "
+        "\\fBTROUBLESHOOTING\\fR), or the Python interpreter lacks python\\-ptrace, "
+        "python\\-prctl or structlog (one line names what is missing and the commands that "
+        "install it; \\fB\\-\\-version\\fR and \\fBdoctor\\fR exit so too).",
+    ),
     ("126", "CMD was found but is not executable."),
     ("127", "CMD was not found."),
 )
@@ -162,58 +175,129 @@ EXIT_STATUS: Sequence[tuple[str, str]] = (
 # The decision log (docs/configuration.md, "The decision log", says the same in Markdown;
 # tests/system/test_manpage.py checks that every event there is here).
 EVENTS: Sequence[tuple[str, str, str]] = (
-    ("start", "info",
-     "Once, first: \\fBversion\\fR, \\fBpid\\fR, \\fBcmd\\fR, \\fBexecutable\\fR, "
-     "\\fBfollow\\fR, the configuration in effect (\\fBpreload\\fR, \\fBenv\\fR, "
-     "\\fBforce_env\\fR, \\fBexclude\\fR, \\fBstrict\\fR, \\fBno_follow\\fR, "
-     "\\fBconfig_file\\fR; of \\fBenv\\fR and \\fBforce_env\\fR the names only: values are "
-     "often secrets), \\fBsources\\fR (where each value came from), "
-     "\\fBpreload_word_sizes\\fR and, where they apply, \\fBnotes\\fR (paths accepted because "
-     "their owner is outside this user namespace) and \\fBinsecure_accepted\\fR."),
-    ("exec", "info; warning when failed or lost; debug when gone",
-     "At every exec in the tree: \\fBpid\\fR, \\fBppid\\fR, \\fBexe\\fR (\\fI/proc/PID/exe\\fR), "
-     "\\fBargv\\fR (the first 16), \\fBpreload_before\\fR (the \\fBLD_PRELOAD\\fR the program "
-     "was executed with), \\fBdecision\\fR, \\fBpreload_after\\fR (the one it runs with), "
-     "\\fBstatic\\fR, \\fBbits\\fR, \\fBelapsed_us\\fR and, where they apply, \\fBenv_set\\fR "
-     "(the variables put back), \\fBformer_tid\\fR, \\fBnote\\fR (for example a 32\\-bit program "
-     "without a 32\\-bit build of the library), \\fBreason\\fR, \\fBlost\\fR (the setuid "
-     "identity or file capabilities a program did not get because vgpu\\-launch lacks "
-     "CAP_SYS_PTRACE) and \\fBaction\\fR."),
-    ("verify", "info, warning or debug",
-     "Shortly after each injected, merged or present exec, whether the libraries really got "
-     "mapped (\\fI/proc/PID/maps\\fR): \\fBresult\\fR (verified, at info; unverified, at "
-     "warning; exited, at debug: the program ended before it could be looked at), \\fBmapped\\fR "
-     "or \\fBmissing\\fR, \\fBbits\\fR, \\fBreason\\fR, \\fBafter_ms\\fR."),
-    ("fork, vfork, clone, exit", "debug",
-     "Every process and thread created or ended: \\fBpid\\fR, \\fBparent\\fR, \\fBstatus\\fR."),
-    ("no\\-follow", "warning",
-     "With \\fB\\-\\-no\\-follow\\fR: \\fICMD\\fR runs untraced."),
-    ("signal", "debug; warning when it could not be forwarded",
-     "Every signal that reached vgpu\\-launch: \\fBsignal\\fR, \\fBcode\\fR, \\fBsender\\fR, "
-     "\\fBaction\\fR (forwarded, or why not)."),
-    ("cmd\\-took", "debug",
-     "\\fICMD\\fR took a signal from another process: \\fBsignal\\fR, \\fBtid\\fR, "
-     "\\fBsender\\fR, \\fBgroup_kill\\fR (sent to the whole process group, so not forwarded "
-     "again)."),
-    ("verify\\-failed", "error",
-     "An internal error while verifying: \\fBerror\\fR; later programs are still verified."),
-    ("test\\-hook\\-ignored", "warning",
-     "\\fBVGPU_LAUNCH_TEST_FAULT\\fR is set outside the test suite: it changes nothing else."),
-    ("log\\-dropped", "warning",
-     "A reader of the log was too slow and events were dropped rather than stopping the "
-     "service: \\fBdropped\\fR (how many), \\fBsink\\fR (stderr, journal or file)."),
-    ("internal\\-error", "error",
-     "An internal error in the main thread (one signal, or sigwaitinfo): \\fBerror\\fR, "
-     "\\fBtraceback\\fR; vgpu\\-launch goes on supervising \\fICMD\\fR."),
-    ("tracer\\-failed", "error",
-     "An internal error of the tracer: \\fBerror\\fR, \\fBtraceback\\fR.  The tree runs on "
-     "untraced (in strict mode it is killed)."),
-    ("end", "info",
-     "Once, when \\fICMD\\fR has exited: \\fBcounts\\fR per decision, \\fBspawned\\fR, "
-     "\\fBtracees_left\\fR, \\fBseconds\\fR, \\fBcmd_exit\\fR or \\fBcmd_signal\\fR, "
-     "\\fBcpu_seconds\\fR, \\fBmax_rss_kb\\fR, \\fBverification\\fR (verified, unverified, "
-     "exited, skipped), \\fBtracer_failed\\fR after a tracer failure, and \\fBlog_dropped\\fR "
-     "and \\fBlog_errors\\fR (events this sink lost or could not write)."),
+    (
+        "start",
+        "info",
+        "Once, first: \\fBversion\\fR, \\fBpid\\fR, \\fBcmd\\fR, \\fBexecutable\\fR, "
+        "\\fBfollow\\fR, the configuration in effect (\\fBpreload\\fR, \\fBenv\\fR, "
+        "\\fBforce_env\\fR, \\fBexclude\\fR, \\fBstrict\\fR, \\fBno_follow\\fR, "
+        "\\fBconfig_file\\fR; of \\fBenv\\fR and \\fBforce_env\\fR the names only: values are "
+        "often secrets), \\fBsources\\fR (where each value came from), "
+        "\\fBpreload_word_sizes\\fR and, where they apply, \\fBnotes\\fR (paths accepted because "
+        "their owner is outside this user namespace) and \\fBinsecure_accepted\\fR.",
+    ),
+    (
+        "exec",
+        "info; warning when failed or lost; debug when gone",
+        "At every exec in the tree: \\fBpid\\fR, \\fBppid\\fR, \\fBexe\\fR "
+        "(\\fI/proc/PID/exe\\fR), "
+        "\\fBargv\\fR (the first 16), \\fBpreload_before\\fR (the \\fBLD_PRELOAD\\fR the program "
+        "was executed with), \\fBdecision\\fR, \\fBpreload_after\\fR (the one it runs with), "
+        "\\fBstatic\\fR, \\fBbits\\fR, \\fBelapsed_us\\fR and, where they apply, \\fBenv_set\\fR "
+        "(the variables put back), \\fBformer_tid\\fR, \\fBnote\\fR (for example a 32\\-bit "
+        "program "
+        "without a 32\\-bit build of the library), \\fBreason\\fR, \\fBlost\\fR (the setuid "
+        "identity or file capabilities a program did not get because vgpu\\-launch lacks "
+        "CAP_SYS_PTRACE) and \\fBaction\\fR.",
+    ),
+    (
+        "verify",
+        "info, warning or debug",
+        "Shortly after each injected, merged or present exec, whether the libraries really got "
+        "mapped (\\fI/proc/PID/maps\\fR): \\fBresult\\fR (verified, at info; unverified, at "
+        "warning; exited, at debug: the program ended before it could be looked at), "
+        "\\fBmapped\\fR "
+        "or \\fBmissing\\fR, \\fBbits\\fR, \\fBreason\\fR, \\fBafter_ms\\fR.",
+    ),
+    (
+        "fork, vfork, clone, exit",
+        "debug",
+        "Every process and thread created or ended: \\fBpid\\fR, \\fBparent\\fR, \\fBstatus\\fR.",
+    ),
+    ("no\\-follow", "warning", "With \\fB\\-\\-no\\-follow\\fR: \\fICMD\\fR runs untraced."),
+    (
+        "signal",
+        "debug; warning when it could not be forwarded",
+        "Every signal that reached vgpu\\-launch: \\fBsignal\\fR, \\fBcode\\fR, \\fBsender\\fR, "
+        "\\fBaction\\fR (forwarded, or why not).",
+    ),
+    (
+        "cmd\\-took",
+        "debug",
+        "\\fICMD\\fR took a signal from another process: \\fBsignal\\fR, \\fBtid\\fR, "
+        "\\fBsender\\fR, \\fBgroup_kill\\fR (sent to the whole process group, so not forwarded "
+        "again).",
+    ),
+    (
+        "verify\\-failed",
+        "error",
+        "An internal error while verifying: \\fBerror\\fR; later programs are still verified.",
+    ),
+    (
+        "test\\-hook\\-ignored",
+        "warning",
+        "\\fBVGPU_LAUNCH_TEST_FAULT\\fR is set outside the test suite: it changes nothing else.",
+    ),
+    (
+        "log\\-dropped",
+        "warning",
+        "A reader of the log was too slow and events were dropped rather than stopping the "
+        "service: \\fBdropped\\fR (how many), \\fBsink\\fR (stderr, journal or file).",
+    ),
+    (
+        "ptrace\\-requests",
+        "info",
+        "Once, at start: \\fBhandled\\fR, whether the tree's own \\fBptrace\\fR(2) requests "
+        "are handed over (a process of the tree that asks to trace another is given it); if "
+        "not, \\fBreason\\fR.",
+    ),
+    (
+        "released",
+        "info; warning in strict mode",
+        "A process was given back: \\fBpid\\fR, \\fBexe\\fR, \\fBreason\\fR (request, "
+        "ptrace\\-traceme, ptrace\\-attach, ptrace\\-seize, release_after_exec), \\fBby\\fR "
+        "(who asked), \\fBthreads\\fR, \\fBstops\\fR, \\fBstays_stopped\\fR, and "
+        "\\fBchildren\\fR: programs it starts are no longer followed.",
+    ),
+    (
+        "release\\-refused",
+        "warning; error in strict mode",
+        "A release asked by another user, or anything to release in strict mode without "
+        "\\fB\\-\\-strict\\-allow\\-release\\fR: \\fBpid\\fR or \\fBpids\\fR, "
+        "\\fBby\\fR, \\fBreason\\fR.",
+    ),
+    (
+        "release\\-channel",
+        "warning",
+        "At start, when the socket of \\fBvgpu\\-launch release\\fR cannot listen: \\fBerror\\fR.",
+    ),
+    (
+        "release\\-request\\-failed, ptrace\\-request\\-failed, ptrace\\-requests\\-stopped",
+        "warning or error",
+        "An internal error while serving a request: \\fBtraceback\\fR; the request proceeds "
+        "untouched.",
+    ),
+    (
+        "internal\\-error",
+        "error",
+        "An internal error in the main thread (one signal, or sigwaitinfo): \\fBerror\\fR, "
+        "\\fBtraceback\\fR; vgpu\\-launch goes on supervising \\fICMD\\fR.",
+    ),
+    (
+        "tracer\\-failed",
+        "error",
+        "An internal error of the tracer: \\fBerror\\fR, \\fBtraceback\\fR.  The tree runs on "
+        "untraced (in strict mode it is killed).",
+    ),
+    (
+        "end",
+        "info",
+        "Once, when \\fICMD\\fR has exited: \\fBcounts\\fR per decision, \\fBspawned\\fR, "
+        "\\fBtracees_left\\fR, \\fBseconds\\fR, \\fBcmd_exit\\fR or \\fBcmd_signal\\fR, "
+        "\\fBcpu_seconds\\fR, \\fBmax_rss_kb\\fR, \\fBverification\\fR (verified, unverified, "
+        "exited, skipped), \\fBtracer_failed\\fR after a tracer failure, and \\fBlog_dropped\\fR "
+        "and \\fBlog_errors\\fR (events this sink lost or could not write).",
+    ),
 )
 
 DECISIONS: Sequence[tuple[str, str]] = (
@@ -221,57 +305,79 @@ DECISIONS: Sequence[tuple[str, str]] = (
     ("merged", "It had one without (all of) the configured libraries: they were merged into it."),
     ("present", "It already had every configured library: nothing written."),
     ("excluded", "It matched \\fB\\-\\-exclude\\fR: left exactly as it is."),
-    ("setuid", "It runs with \\fBAT_SECURE\\fR (setuid, setgid, file capabilities), where "
-               "ld.so ignores the preload: left alone."),
+    (
+        "setuid",
+        "It runs with \\fBAT_SECURE\\fR (setuid, setgid, file capabilities), where "
+        "ld.so ignores the preload: left alone.",
+    ),
     ("gone", "It was killed while its exec was handled: nothing runs, logged at debug."),
-    ("failed", "Its memory could not be read or written (\\fBreason\\fR says why): it runs "
-               "without the preload, or is killed in strict mode (\\fBaction\\fR)."),
+    (
+        "failed",
+        "Its memory could not be read or written (\\fBreason\\fR says why): it runs "
+        "without the preload, or is killed in strict mode (\\fBaction\\fR).",
+    ),
 )
 
 # Symptom, then what to do: enough to operate it from this page alone.
 TROUBLESHOOTING: Sequence[tuple[str, str]] = (
-    ("Python modules ... missing (exit status 125)",
-     "The interpreter vgpu\\-launch runs lacks its libraries.  For \\fI/usr/bin/python3\\fR "
-     "install the distribution's packages (Debian: \\fBapt\\-get install python3\\-ptrace "
-     "python3\\-prctl python3\\-structlog\\fR), for another interpreter use its own "
-     "\\fBpip\\fR as the line says, or point \\fBVGPU_LAUNCH_PYTHON\\fR at an interpreter "
-     "that has them."),
-    ("cannot trace CMD ... (exit status 125)",
-     "ptrace is refused.  \\fBvgpu\\-launch doctor\\fR (in the container, or with "
-     "\\fB\\-\\-unit\\fR \\fINAME\\fR for a service) really traces a child and names the "
-     "cause: a seccomp profile without \\fBptrace\\fR (allow it), Yama's "
-     "\\fBkernel.yama.ptrace_scope\\fR 2 (needs \\fBCAP_SYS_PTRACE\\fR) or 3, another tracer "
-     "such as \\fBstrace \\-f\\fR, a unit's \\fBSystemCallFilter=\\fR without "
-     "\\fBptrace\\fR (add \\fBSystemCallFilter=ptrace\\fR in a drop\\-in).  Where ptrace "
-     "cannot be allowed, \\fB\\-\\-no\\-follow\\fR sets the variables for \\fICMD\\fR only."),
-    ("The service's helper processes (ollama's runners) find no GPU",
-     "\\fBvgpu\\-launch doctor \\-\\-unit\\fR \\fIUNIT\\fR checks the set\\-up: the "
-     "drop\\-in in effect, \\fBKillMode\\fR, \\fBNotifyAccess\\fR, the library readable by "
-     "the unit's \\fBUser=\\fR and not hidden by \\fBPrivateTmp=\\fR or "
-     "\\fBProtectHome=\\fR.  Then the log (\\fBLOG\\fR): each helper needs an \\fBexec\\fR "
-     "event with decision injected, merged or present, and no \\fBverify\\fR warning.  "
-     "\\fBvgpu\\-launch status \\-\\-unit\\fR \\fIUNIT\\fR shows which running processes "
-     "have the library mapped.  If all have it, look at the shim and the driver."),
-    ("A verify warning: injected, but not loaded",
-     "Its \\fBreason\\fR says why ld.so did not load the library: a 32\\-bit program and a "
-     "64\\-bit library (name a build per word size with \\fB$LIB\\fR in the path), no file "
-     "at the \\fB$LIB\\fR expansion, a static program (its children still get the preload), "
-     "or ld.so's own refusal, whose message is on the program's standard error."),
-    ("/proc/PID/environ does not show LD_PRELOAD",
-     "Expected: the variable is put in at the exec, after the kernel made the area that file "
-     "shows.  \\fI/proc/PID/maps\\fR (\\fBvgpu\\-launch status\\fR \\fIPID\\fR) says "
-     "whether the library is loaded."),
-    ("Some processes of the unit are marked escaped",
-     "They were not started from vgpu\\-launch's tree: \\fBExecStartPre=\\fR, "
-     "\\fBExecReload=\\fR, \\fBExecStop=\\fR commands, processes moved into the cgroup, "
-     "\\fBdocker exec\\fR.  Put vgpu\\-launch in front of them too."),
-    ("refusing preload library ...: writable by ... (exit status 2)",
-     "Users other than root or the file's owner can change the library, the configuration file "
-     "or a directory above it.  \\fBchown root:\\fR and \\fBchmod go\\-w\\fR them as the "
-     "message says, or accept the risk with \\fB\\-\\-allow\\-insecure\\fR."),
-    ("A Type=notify service never becomes active",
-     "Its readiness notification comes from \\fICMD\\fR, not from the main process: add "
-     "\\fBNotifyAccess=all\\fR to the drop\\-in."),
+    (
+        "Python modules ... missing (exit status 125)",
+        "The interpreter vgpu\\-launch runs lacks its libraries.  For \\fI/usr/bin/python3\\fR "
+        "install the distribution's packages (Debian: \\fBapt\\-get install python3\\-ptrace "
+        "python3\\-prctl python3\\-structlog\\fR), for another interpreter use its own "
+        "\\fBpip\\fR as the line says, or point \\fBVGPU_LAUNCH_PYTHON\\fR at an interpreter "
+        "that has them.",
+    ),
+    (
+        "cannot trace CMD ... (exit status 125)",
+        "ptrace is refused.  \\fBvgpu\\-launch doctor\\fR (in the container, or with "
+        "\\fB\\-\\-unit\\fR \\fINAME\\fR for a service) really traces a child and names the "
+        "cause: a seccomp profile without \\fBptrace\\fR (allow it), Yama's "
+        "\\fBkernel.yama.ptrace_scope\\fR 2 (needs \\fBCAP_SYS_PTRACE\\fR) or 3, another tracer "
+        "such as \\fBstrace \\-f\\fR, a unit's \\fBSystemCallFilter=\\fR without "
+        "\\fBptrace\\fR (add \\fBSystemCallFilter=ptrace\\fR in a drop\\-in).  Where ptrace "
+        "cannot be allowed, \\fB\\-\\-no\\-follow\\fR sets the variables for \\fICMD\\fR only.",
+    ),
+    (
+        "The service's helper processes (ollama's runners) find no GPU",
+        "\\fBvgpu\\-launch doctor \\-\\-unit\\fR \\fIUNIT\\fR checks the set\\-up: the "
+        "drop\\-in in effect, \\fBKillMode\\fR, \\fBNotifyAccess\\fR, the library readable by "
+        "the unit's \\fBUser=\\fR and not hidden by \\fBPrivateTmp=\\fR or "
+        "\\fBProtectHome=\\fR.  Then the log (\\fBLOG\\fR): each helper needs an \\fBexec\\fR "
+        "event with decision injected, merged or present, and no \\fBverify\\fR warning.  "
+        "\\fBvgpu\\-launch status \\-\\-unit\\fR \\fIUNIT\\fR shows which running processes "
+        "have the library mapped.  If all have it, look at the shim and the driver.",
+    ),
+    (
+        "A verify warning: injected, but not loaded",
+        "Its \\fBreason\\fR says why ld.so did not load the library: a 32\\-bit program and a "
+        "64\\-bit library (name a build per word size with \\fB$LIB\\fR in the path), no file "
+        "at the \\fB$LIB\\fR expansion, a static program (its children still get the preload), "
+        "or ld.so's own refusal, whose message is on the program's standard error.",
+    ),
+    (
+        "/proc/PID/environ does not show LD_PRELOAD",
+        "Expected: the variable is put in at the exec, after the kernel made the area that file "
+        "shows.  \\fI/proc/PID/maps\\fR (\\fBvgpu\\-launch status\\fR \\fIPID\\fR) says "
+        "whether the library is loaded.",
+    ),
+    (
+        "Some processes of the unit are marked escaped",
+        "They were not started from vgpu\\-launch's tree: \\fBExecStartPre=\\fR, "
+        "\\fBExecReload=\\fR, \\fBExecStop=\\fR commands, processes moved into the cgroup, "
+        "\\fBdocker exec\\fR.  Put vgpu\\-launch in front of them too.",
+    ),
+    (
+        "refusing preload library ...: writable by ... (exit status 2)",
+        "Users other than root or the file's owner can change the library, the configuration file "
+        "or a directory above it.  \\fBchown root:\\fR and \\fBchmod go\\-w\\fR them as the "
+        "message says, or accept the risk with \\fB\\-\\-allow\\-insecure\\fR.",
+    ),
+    (
+        "A Type=notify service never becomes active",
+        "Its readiness notification comes from \\fICMD\\fR, not from the main process: add "
+        "\\fBNotifyAccess=all\\fR to the drop\\-in.",
+    ),
 )
 
 DOC_DIR = "/usr/share/doc/vgpu-launch"
@@ -354,7 +460,8 @@ def subparser_actions(parser: argparse.ArgumentParser) -> list[argparse._SubPars
 
 def visible_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [
-        a for a in parser._actions
+        a
+        for a in parser._actions
         if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._SubParsersAction)
     ]
 
@@ -363,9 +470,9 @@ def usage_line(parser: argparse.ArgumentParser, name: str) -> str:
     """The usage of a (sub)parser with its program name in bold."""
     usage = " ".join(parser.format_usage().split())
     if usage.startswith("usage: "):
-        usage = usage[len("usage: "):]
+        usage = usage[len("usage: ") :]
     prefix = parser.prog
-    rest = usage[len(prefix):] if usage.startswith(prefix) else usage
+    rest = usage[len(prefix) :] if usage.startswith(prefix) else usage
     return f"\\fB{dashes(name)}\\fR{dashes(roff_escape(rest))}"
 
 
@@ -481,8 +588,10 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
         "\\fIollama.service.d/vgpu\\-launch.conf\\fR; they take effect only once linked or "
         "copied into \\fI/etc/systemd/system/\\fR (see \\fBEXAMPLES\\fR)."
     )
-    w(".TP\n\\fI/lib/systemd/system/vgpu\\-launch@.service\\fR, "
-      "\\fI/etc/vgpu\\-launch/\\fINAME\\fI.env\\fR")
+    w(
+        ".TP\n\\fI/lib/systemd/system/vgpu\\-launch@.service\\fR, "
+        "\\fI/etc/vgpu\\-launch/\\fINAME\\fI.env\\fR"
+    )
     w(
         "A template unit for a command without a unit of its own: "
         "\\fBsystemctl enable \\-\\-now vgpu\\-launch@\\fINAME\\fR runs the "
@@ -527,10 +636,9 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
     )
     w(".PP\n.RS\n.nf")
     w("journalctl \\-o cat \\-u ollama \\-\\-since \\-1h \\e")
-    w("  | jq \\-cR \\(aqfromjson? | select(.event==\"exec\")"
-      " | {pid, exe, decision, note}\\(aq")
+    w('  | jq \\-cR \\(aqfromjson? | select(.event=="exec") | {pid, exe, decision, note}\\(aq')
     w("journalctl \\-o cat \\-u ollama \\e")
-    w("  | jq \\-cR \\(aqfromjson? | select(.level==\"warning\" or .level==\"error\")\\(aq")
+    w('  | jq \\-cR \\(aqfromjson? | select(.level=="warning" or .level=="error")\\(aq')
     w(".fi\n.RE")
     w(".SH TROUBLESHOOTING")
     w(
@@ -606,11 +714,15 @@ def render(parser: argparse.ArgumentParser, *, version: str, date: str) -> str:
         "the tree."
     )
     w(".SH SEE ALSO")
-    w("\\fBld.so\\fR(8), \\fBptrace\\fR(2), \\fBsystemd.service\\fR(5), \\fBsystemd.kill\\fR(5), "
-      "\\fBsystemd.exec\\fR(5), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1), \\fBjq\\fR(1)")
+    w(
+        "\\fBld.so\\fR(8), \\fBptrace\\fR(2), \\fBsystemd.service\\fR(5), \\fBsystemd.kill\\fR(5), "
+        "\\fBsystemd.exec\\fR(5), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1), \\fBjq\\fR(1)"
+    )
     w(".PP")
-    w(f"\\fI{dashes(DOC_DIR)}/README.md\\fR and \\fI{dashes(DOC_DIR)}/docs/\\fR (see "
-      "\\fBFILES\\fR).")
+    w(
+        f"\\fI{dashes(DOC_DIR)}/README.md\\fR and \\fI{dashes(DOC_DIR)}/docs/\\fR (see "
+        "\\fBFILES\\fR)."
+    )
     return "\n".join(out) + "\n"
 
 

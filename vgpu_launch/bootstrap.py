@@ -76,16 +76,17 @@ def lacks(version: tuple[int, int]) -> bool:
     """Whether this interpreter cannot run vgpu-launch (nothing is imported to find out)."""
     from importlib.machinery import PathFinder
 
-    return version < MIN_PYTHON or any(PathFinder.find_spec(m) is None
-                                       for m in modules(version))
+    return version < MIN_PYTHON or any(PathFinder.find_spec(m) is None for m in modules(version))
 
 
 def too_old(python: str, explicit: bool, version: tuple[int, int]) -> str:
     """The one line for a Python older than MIN_PYTHON."""
     who = f"VGPU_LAUNCH_PYTHON={python}" if explicit else python
-    return (f"vgpu-launch: {who} is Python {version[0]}.{version[1]}; vgpu-launch needs "
-            f"Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or later: set VGPU_LAUNCH_PYTHON to one "
-            "that has python-ptrace, python-prctl and structlog")
+    return (
+        f"vgpu-launch: {who} is Python {version[0]}.{version[1]}; vgpu-launch needs "
+        f"Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or later: set VGPU_LAUNCH_PYTHON to one "
+        "that has python-ptrace, python-prctl and structlog"
+    )
 
 
 def _resolve(candidate: str) -> str | None:
@@ -101,9 +102,17 @@ def _usable(python: str, names: list[str]) -> bool:
 
     code = PROBE % (tuple(n for n in names if n != "tomli"), MIN_PYTHON)
     try:
-        return subprocess.run([python, "-E", "-c", code], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=60, check=False).returncode == 0
+        return (
+            subprocess.run(
+                [python, "-E", "-c", code],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+                check=False,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -125,6 +134,7 @@ def start(checkout: str, candidates: str) -> None:
         if version < MIN_PYTHON:
             # named as the user or the wrapper named it (a venv's python is a link to another)
             me = pythons[0] if "/" in pythons[0] else sys.executable
-            sys.stderr.write(too_old(me, bool(os.environ.get("VGPU_LAUNCH_PYTHON")), version)
-                             + "\n")
+            sys.stderr.write(
+                too_old(me, bool(os.environ.get("VGPU_LAUNCH_PYTHON")), version) + "\n"
+            )
             sys.exit(EXIT_MISSING)

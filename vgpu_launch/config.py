@@ -155,8 +155,9 @@ def read_file(path: str, *, allow_insecure: bool = False) -> dict[str, Any]:
     ``allow_insecure`` cannot vouch for the file (docs/security.md)."""
     try:
         with open(path, "rb") as f:
-            security.check_open(path, f.fileno(), "configuration file",
-                                allow_insecure=allow_insecure)
+            security.check_open(
+                path, f.fileno(), "configuration file", allow_insecure=allow_insecure
+            )
             loaded = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path}: not found") from None
@@ -165,14 +166,14 @@ def read_file(path: str, *, allow_insecure: bool = False) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path}: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"configuration file {path}: not UTF-8 ({exc.reason} at byte "
-                          f"{exc.start})") from None
+        raise ConfigError(
+            f"configuration file {path}: not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
     data: dict[str, Any] = dict(loaded)
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ConfigError(
-            f"configuration file {path}: unknown key {unknown[0]!r} "
-            f"(known: {', '.join(SETTINGS)})"
+            f"configuration file {path}: unknown key {unknown[0]!r} (known: {', '.join(SETTINGS)})"
         )
     return data
 
@@ -236,4 +237,3 @@ def load(
             "drop one of the two"
         )
     return cfg
-

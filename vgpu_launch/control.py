@@ -89,8 +89,15 @@ def _command(pid: int) -> str:
 class Server:
     """Serves release requests on ``@vgpu-launch/<pid>``, one connection at a time."""
 
-    def __init__(self, releaser: Releaser, log: Any, *, strict: bool, allowed: bool,
-                 wait: float = RELEASE_WAIT) -> None:
+    def __init__(
+        self,
+        releaser: Releaser,
+        log: Any,
+        *,
+        strict: bool,
+        allowed: bool,
+        wait: float = RELEASE_WAIT,
+    ) -> None:
         self.releaser = releaser
         self.log = log
         self.strict = strict
@@ -105,8 +112,10 @@ class Server:
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as exc:
-            return (f"no unix socket ({exc.strerror}): RestrictAddressFamilies= or a seccomp "
-                    "profile without AF_UNIX")
+            return (
+                f"no unix socket ({exc.strerror}): RestrictAddressFamilies= or a seccomp "
+                "profile without AF_UNIX"
+            )
         try:
             sock.bind(self.name)
             sock.listen(8)
@@ -145,36 +154,62 @@ class Server:
             return
         if uid not in (0, self.uid):
             self.log.warning(
-                "release-refused", pids=pids, by=by,
+                "release-refused",
+                pids=pids,
+                by=by,
                 reason=f"uid {uid} is neither root nor vgpu-launch's user (uid {self.uid})",
             )
-            _send(conn, {"ok": False, "error": f"only root or uid {self.uid} (the user "
-                         "vgpu-launch runs as) may release its processes"})
+            _send(
+                conn,
+                {
+                    "ok": False,
+                    "error": f"only root or uid {self.uid} (the user "
+                    "vgpu-launch runs as) may release its processes",
+                },
+            )
             return
         if self.strict and not self.allowed:
             self.log.error(
-                "release-refused", pids=pids, by=by, reason="strict mode",
+                "release-refused",
+                pids=pids,
+                by=by,
+                reason="strict mode",
                 message="strict mode: release is not allowed (start vgpu-launch with "
                 "--strict-allow-release, or strict_allow_release = true, to allow it)",
             )
-            _send(conn, {"ok": False, "error": "strict mode: release is not allowed here "
-                         "(vgpu-launch was not started with --strict-allow-release)"})
+            _send(
+                conn,
+                {
+                    "ok": False,
+                    "error": "strict mode: release is not allowed here "
+                    "(vgpu-launch was not started with --strict-allow-release)",
+                },
+            )
             return
         if self.releaser.closed:
-            _send(conn, {"ok": False, "error": "vgpu-launch no longer traces this tree "
-                         "(CMD has exited, or the tracer failed)"})
+            _send(
+                conn,
+                {
+                    "ok": False,
+                    "error": "vgpu-launch no longer traces this tree "
+                    "(CMD has exited, or the tracer failed)",
+                },
+            )
             return
         job = Job(pids, "request", by, tree=tree)
         self.releaser.submit(job)
         job.done.wait(self.wait)
         done = set(job.released) | set(job.not_traced) | set(job.gone)
-        _send(conn, {
-            "ok": True,
-            "released": {str(p): n for p, n in job.released.items()},
-            "not_traced": job.not_traced,
-            "gone": job.gone,
-            "pending": [p for p in job.pids if p not in done],
-        })
+        _send(
+            conn,
+            {
+                "ok": True,
+                "released": {str(p): n for p, n in job.released.items()},
+                "not_traced": job.not_traced,
+                "gone": job.gone,
+                "pending": [p for p in job.pids if p not in done],
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +221,9 @@ def _describe(pid: int) -> str:
     return f"{pid} ({cmd[:60]}{'...' if len(cmd) > 60 else ''})"
 
 
-def request(tracer: int, pids: Sequence[int], tree: bool,
-            timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
+def request(
+    tracer: int, pids: Sequence[int], tree: bool, timeout: float = CLIENT_TIMEOUT
+) -> dict[str, Any]:
     """Ask vgpu-launch ``tracer``; raise OSError or LaunchError when it cannot be asked."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
@@ -196,12 +232,15 @@ def request(tracer: int, pids: Sequence[int], tree: bool,
         if holder != tracer:
             raise LaunchError(
                 f"@vgpu-launch/{tracer} is held by pid {holder} ({procfs.comm(holder)}), not "
-                f"by vgpu-launch {tracer}: not asking it", EXIT_PROBLEM_FOUND)
+                f"by vgpu-launch {tracer}: not asking it",
+                EXIT_PROBLEM_FOUND,
+            )
         _send(sock, {"op": "release", "pids": list(pids), "tree": tree})
         line = _read_line(sock)
     if not line:
-        raise LaunchError(f"vgpu-launch {tracer} closed the connection without answering",
-                          EXIT_PROBLEM_FOUND)
+        raise LaunchError(
+            f"vgpu-launch {tracer} closed the connection without answering", EXIT_PROBLEM_FOUND
+        )
     answer: dict[str, Any] = json.loads(line)
     return answer
 
@@ -221,8 +260,10 @@ def main(args: Sequence[str]) -> int:
         tid = procfs.status_field(pid, "TracerPid") or "0"
         tracer = procfs.tgid_of(int(tid)) if tid.isdigit() and tid != "0" else None
         if tracer is None:
-            print(f"not traced: {_describe(pid)}: no tracer (already released, or not "
-                  "under vgpu-launch)")
+            print(
+                f"not traced: {_describe(pid)}: no tracer (already released, or not "
+                "under vgpu-launch)"
+            )
             code = EXIT_PROBLEM_FOUND
             continue
         by_tracer.setdefault(tracer, []).append(pid)
@@ -240,17 +281,18 @@ def main(args: Sequence[str]) -> int:
                 f"traces {', '.join(map(str, group))}: {why}. It is not a vgpu-launch (a "
                 "debugger?), or one without a release channel (see its log), or it runs in "
                 f"another network namespace: then run `nsenter -t {tracer} -n vgpu-launch "
-                "release ...`\n")
+                "release ...`\n"
+            )
             code = EXIT_PROBLEM_FOUND
             continue
         if not answer.get("ok"):
-            sys.stderr.write(f"vgpu-launch release: vgpu-launch {tracer} refused: "
-                             f"{answer.get('error')}\n")
+            sys.stderr.write(
+                f"vgpu-launch release: vgpu-launch {tracer} refused: {answer.get('error')}\n"
+            )
             code = EXIT_PROBLEM_FOUND
             continue
         for p, threads in answer.get("released", {}).items():
-            print(f"released: {_describe(int(p))}: {threads} thread"
-                  f"{'s' if threads != 1 else ''}")
+            print(f"released: {_describe(int(p))}: {threads} thread{'s' if threads != 1 else ''}")
         for p in answer.get("not_traced", []):
             print(f"not traced: {_describe(p)}: vgpu-launch {tracer} does not trace it")
             if p in group:
@@ -260,7 +302,9 @@ def main(args: Sequence[str]) -> int:
             if p in group:
                 code = EXIT_PROBLEM_FOUND
         for p in answer.get("pending", []):
-            print(f"pending: {_describe(p)}: a thread has not stopped yet (uninterruptible "
-                  "sleep?); it is released when it does")
+            print(
+                f"pending: {_describe(p)}: a thread has not stopped yet (uninterruptible "
+                "sleep?); it is released when it does"
+            )
             code = EXIT_PROBLEM_FOUND
     return code

@@ -56,8 +56,9 @@ def traced_by_hint(tracer: int | str) -> str:
     argv = procfs.cmdline(owner) if owner else None
     if owner is None or argv is None or launcher_args(argv) is None:
         return ""
-    return (f" (thread {tracer} of vgpu-launch {owner}: `vgpu-launch release PID` gives a "
-            "process back)")
+    return (
+        f" (thread {tracer} of vgpu-launch {owner}: `vgpu-launch release PID` gives a process back)"
+    )
 
 
 def untraced_note(pid: int, launchers: set[int]) -> str | None:
@@ -68,6 +69,8 @@ def untraced_note(pid: int, launchers: set[int]) -> str | None:
         owner = procfs.tgid_of(tid)
         if owner in launchers:
             return None
-        return (f"released: traced by pid {owner} ({procfs.comm(owner or tid)}), not by "
-                "vgpu-launch; programs it starts are not followed")
+        return (
+            f"released: traced by pid {owner} ({procfs.comm(owner or tid)}), not by "
+            "vgpu-launch; programs it starts are not followed"
+        )
     return "released: not traced by vgpu-launch; programs it starts are not followed"

@@ -131,7 +131,7 @@ OPTIONS: tuple[Option, ...] = (
         Kind.GLOBS,
         metavar="GLOB",
         help="give back a program right after its exec (once injected) when GLOB matches "
-        "its path and arguments, \"EXE ARG1 ARG2...\" joined by spaces; its threads and "
+        'its path and arguments, "EXE ARG1 ARG2..." joined by spaces; its threads and '
         "signals then cost nothing, and the programs it starts are not followed "
         "(repeatable; refused with --strict)",
     ),
@@ -473,8 +473,9 @@ def cli_values(ns: argparse.Namespace) -> dict[str, Any]:
         values[opt.name] = v
     if ns.verbose:
         if ns.log_level is not None:
-            raise LaunchError("give -v or --log-level, not both (see vgpu-launch --help)",
-                              EXIT_USAGE)
+            raise LaunchError(
+                "give -v or --log-level, not both (see vgpu-launch --help)", EXIT_USAGE
+            )
         values["log_level"] = "info" if ns.verbose == 1 else "debug"
     return values
 

@@ -131,6 +131,8 @@ def overflow_id(kind: str) -> int:
             return int(f.read())
     except (OSError, ValueError):
         return 65534
+
+
 def pids() -> list[int]:
     """Every process visible in /proc."""
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]

@@ -80,8 +80,7 @@ class UserNamespace:
 
     def ambiguous_owner(self, uid: int) -> bool:
         """The overflow uid, mapped to a user here: a file of someone outside looks the same."""
-        return (not self.initial and uid == self.overflow_uid
-                and self._mapped(uid, self.uid_map))
+        return not self.initial and uid == self.overflow_uid and self._mapped(uid, self.uid_map)
 
     def outside_group(self, gid: int) -> bool:
         """A group not mapped into the namespace: processes inside may still hold it as a
@@ -99,8 +98,12 @@ class UserNamespace:
 
 @functools.cache
 def user_namespace() -> UserNamespace:
-    return UserNamespace(tuple(procfs.id_map("uid")), tuple(procfs.id_map("gid")),
-                         procfs.overflow_id("uid"), procfs.overflow_id("gid"))
+    return UserNamespace(
+        tuple(procfs.id_map("uid")),
+        tuple(procfs.id_map("gid")),
+        procfs.overflow_id("uid"),
+        procfs.overflow_id("gid"),
+    )
 
 
 def start_fields() -> dict[str, list[str]]:
@@ -140,13 +143,17 @@ class Finding:
         """What to do about it; ``owners``: who may own the path ("root", "root (or ollama)")."""
         if self.outside:
             # chown and chmod need its owner, who is not in this namespace: only outside.
-            return (f"make {self.path} not writable by others where it comes from (chmod go-w "
-                    "on the host, or in the image it is mounted from): nobody in this user "
-                    "namespace can change it")
+            return (
+                f"make {self.path} not writable by others where it comes from (chmod go-w "
+                "on the host, or in the image it is mounted from): nobody in this user "
+                "namespace can change it"
+            )
         if self.ambiguous:
-            return (f"make the path owned by {owners} and not writable by others (in the image, "
-                    f"for one), or map no user to uid {self.st.st_uid} in this user namespace, "
-                    "so that a file of a user outside it is told apart")
+            return (
+                f"make the path owned by {owners} and not writable by others (in the image, "
+                f"for one), or map no user to uid {self.st.st_uid} in this user namespace, "
+                "so that a file of a user outside it is told apart"
+            )
         return f"make the path owned by {owners} and not writable by others"
 
 
@@ -273,8 +280,11 @@ def walk(path: str, trusted: Collection[int] | None = None) -> Walk:
             # directory (judged already); in a sticky directory its owner can replace it.
             if cur_sticky_open and st.st_uid not in trusted:
                 if not user_namespace().outside_owner(st.st_uid):
-                    return done(_judge(entry, st, "symbolic link", trusted, sticky_parent=True,
-                                       outside=outside))
+                    return done(
+                        _judge(
+                            entry, st, "symbolic link", trusted, sticky_parent=True, outside=outside
+                        )
+                    )
                 outside.append(entry)
             links += 1
             if links > _MAX_LINKS:
@@ -318,9 +328,11 @@ def _judge(
         why = f"is owned by {_user(st.st_uid)}, not {_trusted_names(trusted)}"
         ambiguous = ns.ambiguous_owner(st.st_uid)
         if ambiguous:
-            why += (f" (uid {st.st_uid} is also the overflow uid, which files of users outside "
-                    "this user namespace show: with a user mapped to it here, the two cannot "
-                    "be told apart)")
+            why += (
+                f" (uid {st.st_uid} is also the overflow uid, which files of users outside "
+                "this user namespace show: with a user mapped to it here, the two cannot "
+                "be told apart)"
+            )
         if sticky_parent:
             why += " (in a sticky directory that others can write)"
         return Finding(path, kind, st, why, ambiguous=ambiguous)
@@ -354,15 +366,18 @@ def check(path: str, what: str, *, allow_insecure: bool = False, source: str = "
     if not result.outside:
         return None
     ns = user_namespace()
-    note = (f"{what} {path}: accepted {', '.join(result.outside)}, owned by uid "
-            f"{ns.overflow_uid} (the overflow uid: a user outside this user namespace, whom "
-            "nobody in it can act as) and not writable by others")
+    note = (
+        f"{what} {path}: accepted {', '.join(result.outside)}, owned by uid "
+        f"{ns.overflow_uid} (the overflow uid: a user outside this user namespace, whom "
+        "nobody in it can act as) and not writable by others"
+    )
     notes.append(note)
     return note
 
 
-def check_open(path: str, fd: int, what: str, *, allow_insecure: bool = False,
-               source: str = "") -> None:
+def check_open(
+    path: str, fd: int, what: str, *, allow_insecure: bool = False, source: str = ""
+) -> None:
     """``check`` for a file already open as ``fd``: also refuse it if the path no longer leads
     to the file that was opened (it was replaced in between)."""
     check(path, what, allow_insecure=allow_insecure, source=source)
@@ -394,5 +409,6 @@ def _who() -> str:
     if ns.initial:
         return name
     outer = ns.outside_id(euid)
-    return f"{name} of this user namespace" + (f" (uid {outer} outside it)" if outer is not None
-                                               else "")
+    return f"{name} of this user namespace" + (
+        f" (uid {outer} outside it)" if outer is not None else ""
+    )

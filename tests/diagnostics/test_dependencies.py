@@ -85,9 +85,12 @@ def vgpu(empty_config: str) -> Runner:
     with no configuration of this host; (exit status, stdout, stderr)."""
 
     def run(python: Path | str, *args: str) -> tuple[int, str, str]:
-        result = launch.run(args, log_format=None, timeout=60,
-                            env={"VGPU_LAUNCH_PYTHON": str(python),
-                                 "VGPU_LAUNCH_CONFIG": empty_config})
+        result = launch.run(
+            args,
+            log_format=None,
+            timeout=60,
+            env={"VGPU_LAUNCH_PYTHON": str(python), "VGPU_LAUNCH_CONFIG": empty_config},
+        )
         return result.returncode, result.stdout, result.stderr
 
     return run
@@ -106,8 +109,7 @@ def test_version_names_every_version_and_where_it_runs_from(vgpu: Runner) -> Non
         assert f"{pip_name} {importlib.metadata.version(pip_name)}" in line, line
 
 
-def test_version_with_a_missing_dependency_says_which(partial_python: Path,
-                                                       vgpu: Runner) -> None:
+def test_version_with_a_missing_dependency_says_which(partial_python: Path, vgpu: Runner) -> None:
     """Without structlog, --version exits 125 with one line naming it and how to install it."""
     rc, out, err = vgpu(partial_python, "--version")
     assert rc == 125, (out, err)
@@ -123,8 +125,9 @@ def test_version_with_a_missing_dependency_says_which(partial_python: Path,
 
 
 @pytest.mark.parametrize("command", [["doctor"], ["doctor", "--unit", "ollama"]])
-def test_doctor_without_dependencies_is_one_line(bare_python: Path, command: list[str],
-                                                 vgpu: Runner) -> None:
+def test_doctor_without_dependencies_is_one_line(
+    bare_python: Path, command: list[str], vgpu: Runner
+) -> None:
     """doctor without the dependencies: exit 125, one line naming the Debian and pip packages."""
     rc, out, err = vgpu(bare_python, *command, "--preload", "/opt/vgpu/libvgpu.so")
     assert rc == 125, (out, err)
@@ -134,8 +137,9 @@ def test_doctor_without_dependencies_is_one_line(bare_python: Path, command: lis
     assert f"-m pip install {' '.join(DEPENDENCIES.values())}" in err, err
 
 
-def test_run_without_dependencies_is_one_line(bare_python: Path, tmp_path: Path,
-                                              vgpu: Runner) -> None:
+def test_run_without_dependencies_is_one_line(
+    bare_python: Path, tmp_path: Path, vgpu: Runner
+) -> None:
     """Running CMD with a dependency missing: one line, exit status 125, CMD never started."""
     marker = tmp_path / "ran"
     rc, out, err = vgpu(

@@ -76,18 +76,36 @@ def journal(programs: Programs) -> bytes:
     script = "; ".join(f"printf '%s\\n' {shlex.quote(line)} >&2" for line in SERVICE_LINES)
     # A real run, so that the documented commands meet the fields vgpu-launch really writes
     # (to stderr: without JOURNAL_STREAM it does not look for the journal).
-    res = launch.run(["--preload", programs.libquiet, "--",
-                      "sh", "-c", f"{script}; env -i /bin/true"],
-                     env={"JOURNAL_STREAM": None})
+    res = launch.run(
+        ["--preload", programs.libquiet, "--", "sh", "-c", f"{script}; env -i /bin/true"],
+        env={"JOURNAL_STREAM": None},
+    )
     assert res.returncode == 0, res.describe()
     own = [
-        {"event": "exec", "level": "warning", "ts": "2026-01-01T00:00:01.000000Z", "pid": 4301,
-         "ppid": 4300, "exe": "/usr/local/bin/ollama", "argv": ["ollama", "runner"],
-         "decision": "failed", "reason": "OSError: ...", "action": "runs without the preload",
-         "bits": 64, "static": False},
-        {"event": "verify", "level": "warning", "ts": "2026-01-01T00:00:02.000000Z",
-         "pid": 4301, "exe": "/usr/local/bin/ollama", "result": "unverified", "bits": 64,
-         "reason": "not mapped"},
+        {
+            "event": "exec",
+            "level": "warning",
+            "ts": "2026-01-01T00:00:01.000000Z",
+            "pid": 4301,
+            "ppid": 4300,
+            "exe": "/usr/local/bin/ollama",
+            "argv": ["ollama", "runner"],
+            "decision": "failed",
+            "reason": "OSError: ...",
+            "action": "runs without the preload",
+            "bits": 64,
+            "static": False,
+        },
+        {
+            "event": "verify",
+            "level": "warning",
+            "ts": "2026-01-01T00:00:02.000000Z",
+            "pid": 4301,
+            "exe": "/usr/local/bin/ollama",
+            "result": "unverified",
+            "bits": 64,
+            "reason": "not mapped",
+        },
     ]
     lines = res.stderr.encode().splitlines()
     names = set()
@@ -107,7 +125,7 @@ def test_a_documented_jq_command_reads_a_mixed_journal(
     """The jq part of the command, fed the journal: no error, and it finds its events."""
     if shutil.which("jq") is None:
         pytest.fail("jq is needed (apt-get install jq; scripts/setup.sh installs it)")
-    jq = shlex.split(command[command.rindex("| jq") + 2:])
+    jq = shlex.split(command[command.rindex("| jq") + 2 :])
     res = subprocess.run(jq, input=journal, capture_output=True, timeout=60, check=False)
     assert res.returncode == 0 and not res.stderr, f"{where}: {command}\n{res.stderr!r}"
     assert res.stdout.strip(), f"{where}: {command} found nothing"

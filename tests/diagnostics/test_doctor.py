@@ -65,9 +65,14 @@ os.execvp(sys.argv[1], sys.argv[1:])
 @pytest.fixture(scope="module")
 def libs(programs: Programs) -> dict[str, str]:
     """The libraries doctor looks at, by role."""
-    return {"dir": programs.dir, "lib": programs.libshim, "lib32": programs.libshim32,
-            "aborts": programs.libaborts, "needs": programs.libneeds,
-            "token": programs.shim_lib_token}
+    return {
+        "dir": programs.dir,
+        "lib": programs.libshim,
+        "lib32": programs.libshim32,
+        "aborts": programs.libaborts,
+        "needs": programs.libneeds,
+        "token": programs.shim_lib_token,
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -109,11 +114,13 @@ class Result:
         return f"exit {self.rc}\n" + "\n".join(lines) + f"\n{self.stderr}"
 
 
-def doctor(*args: str, env: dict[str, str] | None = None,
-           prefix: list[str] | None = None) -> Result:
+def doctor(
+    *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None
+) -> Result:
     argv = [*(prefix or []), str(LAUNCHER), "doctor", *args, "--format", "json"]
-    proc = subprocess.run(argv, env=env or _env(), capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        argv, env=env or _env(), capture_output=True, text=True, timeout=120, check=False
+    )
     try:
         checks = json.loads(proc.stdout)["checks"]
     except (ValueError, KeyError):
@@ -161,8 +168,14 @@ def test_good_lib_token_both_word_sizes(libs: dict[str, str]) -> None:
 
 def test_text_format(libs: dict[str, str]) -> None:
     """The text report: one line per check, then the count of failures."""
-    proc = subprocess.run([str(LAUNCHER), "doctor", "--preload", libs["lib"]], env=_env(),
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [str(LAUNCHER), "doctor", "--preload", libs["lib"]],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("ok    ptrace ")
@@ -268,8 +281,9 @@ def test_ptrace_refused_by_seccomp(libs: dict[str, str], tmp_path: Path) -> None
     assert r.status_of(f"library {libs['lib']}: loads (64-bit)") == "ok"
 
 
-def test_ptrace_that_kills_is_reported_not_suffered(libs: dict[str, str],
-                                                    programs: Programs) -> None:
+def test_ptrace_that_kills_is_reported_not_suffered(
+    libs: dict[str, str], programs: Programs
+) -> None:
     """Under a filter that kills ptrace callers (SIGSYS), doctor survives and fails the check
     with the reason the launcher would give."""
     r = doctor("--preload", libs["lib"], prefix=[programs.seccomp_ptrace, "kill"])
@@ -333,16 +347,18 @@ def test_nothing_configured() -> None:
 # --unit, against a fake systemctl
 
 
-
-
 def _exec(argv: str) -> str:
     path = argv.split()[0]
-    return (f"{{ path={path} ; argv[]={argv} ; ignore_errors=no ; start_time=[n/a] ; "
-            "stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }")
+    return (
+        f"{{ path={path} ; argv[]={argv} ; ignore_errors=no ; start_time=[n/a] ; "
+        "stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }"
+    )
 
 
-SYSTEM_SERVICE = ("_llseek accept accept4 access brk capget clone clone3 close execve exit "
-                  "exit_group fork getpid kill mmap munmap openat prctl read wait4 waitid write")
+SYSTEM_SERVICE = (
+    "_llseek accept accept4 access brk capget clone clone3 close execve exit "
+    "exit_group fork getpid kill mmap munmap openat prctl read wait4 waitid write"
+)
 
 
 def _unit_env(tmp_path: Path, units: dict[str, dict[str, Any]], fail: str = "") -> dict[str, str]:
@@ -354,18 +370,32 @@ def test_unit_good(libs: dict[str, str], tmp_path: Path) -> None:
     """A well-set-up unit: every unit check is ok and the unit's settings are used."""
     envfile = tmp_path / "ollama.env"
     envfile.write_text('# shim settings\nCUDA_DEVICE_MEMORY_LIMIT_0="8g"\n')
-    env = _unit_env(tmp_path, {"ollama.service": {
-        "Id": "ollama.service", "LoadState": "loaded", "ActiveState": "active",
-        "FragmentPath": "/etc/systemd/system/ollama.service",
-        "DropInPaths": "/etc/systemd/system/ollama.service.d/vgpu-launch.conf",
-        "Type": "simple", "KillMode": "mixed", "NotifyAccess": "none", "User": "root",
-        "ExecStart": _exec(f"{LAUNCHER} --env CUDA_DEVICE_SM_LIMIT=50 -- /usr/bin/sleep inf"),
-        "Environment": f"VGPU_LAUNCH_PRELOAD={libs['lib']} PATH=/usr/bin:/bin",
-        "EnvironmentFiles": f"{envfile} (ignore_errors=no)",
-        "SystemCallFilter": "", "NoNewPrivileges": "yes",
-        "CapabilityBoundingSet": "cap_chown cap_sys_ptrace cap_setuid",
-        "ProtectKernelTunables": "yes", "PrivateDevices": "no",
-    }})
+    env = _unit_env(
+        tmp_path,
+        {
+            "ollama.service": {
+                "Id": "ollama.service",
+                "LoadState": "loaded",
+                "ActiveState": "active",
+                "FragmentPath": "/etc/systemd/system/ollama.service",
+                "DropInPaths": "/etc/systemd/system/ollama.service.d/vgpu-launch.conf",
+                "Type": "simple",
+                "KillMode": "mixed",
+                "NotifyAccess": "none",
+                "User": "root",
+                "ExecStart": _exec(
+                    f"{LAUNCHER} --env CUDA_DEVICE_SM_LIMIT=50 -- /usr/bin/sleep inf"
+                ),
+                "Environment": f"VGPU_LAUNCH_PRELOAD={libs['lib']} PATH=/usr/bin:/bin",
+                "EnvironmentFiles": f"{envfile} (ignore_errors=no)",
+                "SystemCallFilter": "",
+                "NoNewPrivileges": "yes",
+                "CapabilityBoundingSet": "cap_chown cap_sys_ptrace cap_setuid",
+                "ProtectKernelTunables": "yes",
+                "PrivateDevices": "no",
+            }
+        },
+    )
     r = doctor("--unit", "ollama", env=env)
     assert r.rc == 0, r.describe()
     assert "VGPU_LAUNCH_PRELOAD (Environment= of ollama)" in r.one("config: preload")["why"]
@@ -386,14 +416,26 @@ def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
     in_tmp = Path(tempfile.mkdtemp(prefix="vgpu-doctor-", dir="/tmp"))
     lib = str(in_tmp / "libshim.so")
     shutil.copy(libs["lib"], lib)
-    env = _unit_env(tmp_path, {"ollama.service": {
-        "Id": "ollama.service", "LoadState": "loaded", "ActiveState": "active",
-        "Type": "notify", "KillMode": "control-group", "NotifyAccess": "main",
-        "ExecStart": _exec("/usr/local/bin/ollama serve"), "User": "root",
-        "SystemCallFilter": SYSTEM_SERVICE, "SystemCallErrorNumber": "EPERM",
-        "CapabilityBoundingSet": "cap_chown cap_setuid", "PrivateDevices": "yes",
-        "PrivateTmp": "yes",
-    }})
+    env = _unit_env(
+        tmp_path,
+        {
+            "ollama.service": {
+                "Id": "ollama.service",
+                "LoadState": "loaded",
+                "ActiveState": "active",
+                "Type": "notify",
+                "KillMode": "control-group",
+                "NotifyAccess": "main",
+                "ExecStart": _exec("/usr/local/bin/ollama serve"),
+                "User": "root",
+                "SystemCallFilter": SYSTEM_SERVICE,
+                "SystemCallErrorNumber": "EPERM",
+                "CapabilityBoundingSet": "cap_chown cap_setuid",
+                "PrivateDevices": "yes",
+                "PrivateTmp": "yes",
+            }
+        },
+    )
     try:
         r = doctor("--unit", "ollama", "--preload", lib, env=env)
     finally:
@@ -417,19 +459,38 @@ def test_unit_broken(libs: dict[str, str], tmp_path: Path) -> None:
 
 def test_unit_deny_list(libs: dict[str, str], tmp_path: Path) -> None:
     """SystemCallFilter: ptrace denied fails; allowed, or not named by a deny-list, is ok."""
-    base = {"LoadState": "loaded", "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
-            "KillMode": "mixed", "User": "root"}
-    env = _unit_env(tmp_path, {
-        "deny.service": {**base, "SystemCallFilter": "~ptrace process_vm_writev"},
-        "allow.service": {**base, "SystemCallFilter": SYSTEM_SERVICE + " ptrace"},
-        "other.service": {**base, "SystemCallFilter": "~mount umount2"},
-    })
-    assert doctor("--unit", "deny", "--preload", libs["lib"], env=env).status_of(
-        "unit deny: SystemCallFilter") == "fail"
-    assert doctor("--unit", "allow", "--preload", libs["lib"], env=env).status_of(
-        "unit allow: SystemCallFilter") == "ok"
-    assert doctor("--unit", "other", "--preload", libs["lib"], env=env).status_of(
-        "unit other: SystemCallFilter") == "ok"
+    base = {
+        "LoadState": "loaded",
+        "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
+        "KillMode": "mixed",
+        "User": "root",
+    }
+    env = _unit_env(
+        tmp_path,
+        {
+            "deny.service": {**base, "SystemCallFilter": "~ptrace process_vm_writev"},
+            "allow.service": {**base, "SystemCallFilter": SYSTEM_SERVICE + " ptrace"},
+            "other.service": {**base, "SystemCallFilter": "~mount umount2"},
+        },
+    )
+    assert (
+        doctor("--unit", "deny", "--preload", libs["lib"], env=env).status_of(
+            "unit deny: SystemCallFilter"
+        )
+        == "fail"
+    )
+    assert (
+        doctor("--unit", "allow", "--preload", libs["lib"], env=env).status_of(
+            "unit allow: SystemCallFilter"
+        )
+        == "ok"
+    )
+    assert (
+        doctor("--unit", "other", "--preload", libs["lib"], env=env).status_of(
+            "unit other: SystemCallFilter"
+        )
+        == "ok"
+    )
 
 
 def test_unit_user_cannot_read(libs: dict[str, str], tmp_path: Path) -> None:
@@ -445,10 +506,17 @@ def test_unit_user_cannot_read(libs: dict[str, str], tmp_path: Path) -> None:
         lib = d / "libshim.so"
         shutil.copy(libs["lib"], lib)
         lib.chmod(0o644)
-        env = _unit_env(tmp_path, {"svc.service": {
-            "LoadState": "loaded", "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
-            "KillMode": "mixed", "User": "nobody",
-        }})
+        env = _unit_env(
+            tmp_path,
+            {
+                "svc.service": {
+                    "LoadState": "loaded",
+                    "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
+                    "KillMode": "mixed",
+                    "User": "nobody",
+                }
+            },
+        )
         r = doctor("--unit", "svc", "--preload", str(lib), env=env)
     finally:
         shutil.rmtree(top)
@@ -482,10 +550,25 @@ def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     env = _env({"PATH": str(tmp_path / "bin")})
     # bin/vgpu-launch needs sh from PATH: run the module directly (PYTHONPATH names the checkout)
-    proc = subprocess.run([sys.executable, "-m", "vgpu_launch", "doctor", "--unit", "ollama",
-                           "--preload", libs["lib"], "--format", "json"],
-                          env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vgpu_launch",
+            "doctor",
+            "--unit",
+            "ollama",
+            "--preload",
+            libs["lib"],
+            "--format",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr
     checks = json.loads(proc.stdout)["checks"]
     unit = [c for c in checks if c["what"] == "unit ollama"]
@@ -495,6 +578,7 @@ def test_unit_without_systemctl(libs: dict[str, str], tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # the programs that will run: --check PROGRAM and the unit's CMD
 
+
 @pytest.fixture(scope="module")
 def progs(programs: Programs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Programs that do nothing (tests/programs/nothing.c), 64-bit, 32-bit and static, and a
@@ -502,12 +586,17 @@ def progs(programs: Programs, tmp_path_factory: pytest.TempPathFactory) -> dict[
     script = tmp_path_factory.mktemp("progs") / "script32"
     script.write_text(f"#!{programs.nothing32}\n")
     script.chmod(0o755)
-    return {"prog64": programs.nothing64, "prog32": programs.nothing32,
-            "static64": programs.nothing_static, "script32": str(script)}
+    return {
+        "prog64": programs.nothing64,
+        "prog32": programs.nothing32,
+        "static64": programs.nothing_static,
+        "script32": str(script),
+    }
 
 
-def test_32bit_program_turns_the_note_into_a_warning(libs: dict[str, str],
-                                                     progs: dict[str, str]) -> None:
+def test_32bit_program_turns_the_note_into_a_warning(
+    libs: dict[str, str], progs: dict[str, str]
+) -> None:
     """--check names a 32-bit program: the missing 32-bit build is now a warning naming it."""
     if not HAS32:
         pytest.skip("no 32-bit loader on this host")
@@ -532,8 +621,7 @@ def test_64bit_programs_leave_it_a_note(libs: dict[str, str], progs: dict[str, s
     assert s["status"] == "note" and "statically linked" in s["why"], r.describe()
 
 
-def test_a_script_is_judged_by_its_interpreter(libs: dict[str, str],
-                                               progs: dict[str, str]) -> None:
+def test_a_script_is_judged_by_its_interpreter(libs: dict[str, str], progs: dict[str, str]) -> None:
     """A #! script whose interpreter is 32-bit counts as a 32-bit program."""
     if not HAS32:
         pytest.skip("no 32-bit loader on this host")
@@ -551,15 +639,25 @@ def test_check_a_missing_program(libs: dict[str, str]) -> None:
     assert c["status"] == "fail" and "not found on PATH" in c["why"], r.describe()
 
 
-def test_unit_execstart_32bit_program_warns(libs: dict[str, str], progs: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_unit_execstart_32bit_program_warns(
+    libs: dict[str, str], progs: dict[str, str], tmp_path: Path
+) -> None:
     """The CMD of the unit's ExecStart is 32-bit: the missing 32-bit build is a warning."""
     if not HAS32:
         pytest.skip("no 32-bit loader on this host")
-    env = _unit_env(tmp_path, {"old.service": {
-        "LoadState": "loaded", "KillMode": "mixed", "User": "root",
-        "ExecStart": _exec(f"{LAUNCHER} --preload {libs['lib']} -- {progs['prog32']} serve"),
-    }})
+    env = _unit_env(
+        tmp_path,
+        {
+            "old.service": {
+                "LoadState": "loaded",
+                "KillMode": "mixed",
+                "User": "root",
+                "ExecStart": _exec(
+                    f"{LAUNCHER} --preload {libs['lib']} -- {progs['prog32']} serve"
+                ),
+            }
+        },
+    )
     r = doctor("--unit", "old", env=env)
     assert r.status_of(f"program {progs['prog32']}") == "ok", r.describe()
     w = r.one(f"library {libs['lib']}: 32-bit")
@@ -577,26 +675,31 @@ def test_setuid_note_without_cap_sys_ptrace(libs: dict[str, str]) -> None:
         pytest.skip("needs root and setpriv (util-linux) to drop CAP_SYS_PTRACE")
     with_cap = doctor("--preload", libs["lib"]).one("ptrace: setuid programs")
     assert with_cap["status"] == "ok" and "keep their privileges" in with_cap["why"]
-    r = doctor("--preload", libs["lib"],
-               prefix=["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"])
+    r = doctor(
+        "--preload",
+        libs["lib"],
+        prefix=["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"],
+    )
     c = r.one("ptrace: setuid programs")
     assert c["status"] == "note", r.describe()
     assert "lacks CAP_SYS_PTRACE" in c["why"] and "run without their privileges" in c["why"]
     assert r.rc == 0  # a note, not a failure
 
 
-def test_setuid_note_for_a_unit_run_as_another_user(libs: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_setuid_note_for_a_unit_run_as_another_user(libs: dict[str, str], tmp_path: Path) -> None:
     """A unit with User=nobody runs vgpu-launch without CAP_SYS_PTRACE: a note; root: ok."""
-    base = {"LoadState": "loaded", "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
-            "KillMode": "mixed"}
-    env = _unit_env(tmp_path, {"nobody.service": {**base, "User": "nobody"},
-                               "root.service": {**base, "User": "root"}})
-    c = doctor("--unit", "nobody", "--preload", libs["lib"], env=env).one(
-        "ptrace: setuid programs")
+    base = {
+        "LoadState": "loaded",
+        "ExecStart": _exec(f"{LAUNCHER} -- /bin/true"),
+        "KillMode": "mixed",
+    }
+    env = _unit_env(
+        tmp_path,
+        {"nobody.service": {**base, "User": "nobody"}, "root.service": {**base, "User": "root"}},
+    )
+    c = doctor("--unit", "nobody", "--preload", libs["lib"], env=env).one("ptrace: setuid programs")
     assert c["status"] == "note" and "run as nobody by unit nobody" in c["why"], c
-    c = doctor("--unit", "root", "--preload", libs["lib"], env=env).one(
-        "ptrace: setuid programs")
+    c = doctor("--unit", "root", "--preload", libs["lib"], env=env).one("ptrace: setuid programs")
     assert c["status"] == "ok" and "run as root by unit root" in c["why"], c
 
 
@@ -611,32 +714,56 @@ def test_env_values_are_hidden(libs: dict[str, str], tmp_path: Path) -> None:
     and JSON, in the configuration lines and in the unit's ExecStart."""
     conf = tmp_path / "vgpu-launch.conf"
     conf.write_text(f'[force_env]\nDB_PASSWORD = "{SECRETS[1]}"\n')
-    env = _unit_env(tmp_path, {"svc.service": {
-        "LoadState": "loaded", "KillMode": "mixed", "User": "root",
-        "ExecStart": _exec(f"{LAUNCHER} --env API_KEY={SECRETS[2]} --env=OTHER=x -- /bin/true"),
-        "Environment": f"VGPU_LAUNCH_ENV=TOKEN={SECRETS[0]} VGPU_LAUNCH_CONFIG={conf}",
-    }})
+    env = _unit_env(
+        tmp_path,
+        {
+            "svc.service": {
+                "LoadState": "loaded",
+                "KillMode": "mixed",
+                "User": "root",
+                "ExecStart": _exec(
+                    f"{LAUNCHER} --env API_KEY={SECRETS[2]} --env=OTHER=x -- /bin/true"
+                ),
+                "Environment": f"VGPU_LAUNCH_ENV=TOKEN={SECRETS[0]} VGPU_LAUNCH_CONFIG={conf}",
+            }
+        },
+    )
     args = ["doctor", "--unit", "svc", "--preload", libs["lib"]]
     for fmt in ("text", "json"):
-        proc = subprocess.run([str(LAUNCHER), *args, "--format", fmt], env=env,
-                              capture_output=True, text=True, timeout=120, check=False)
+        proc = subprocess.run(
+            [str(LAUNCHER), *args, "--format", fmt],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         for secret in SECRETS:
             assert secret not in proc.stdout + proc.stderr, (fmt, proc.stdout)
         for name in ("API_KEY", "TOKEN", "DB_PASSWORD", "OTHER"):
             assert name in proc.stdout, (fmt, name, proc.stdout)
     r = doctor(*args[1:], env=env)
-    assert "--env API_KEY=(hidden) --env=OTHER=(hidden) -- /bin/true" in r.one(
-        "unit svc: ExecStart")["why"], r.describe()
+    assert (
+        "--env API_KEY=(hidden) --env=OTHER=(hidden) -- /bin/true"
+        in r.one("unit svc: ExecStart")["why"]
+    ), r.describe()
     assert "--show-values" in r.one("config: env")["why"]
 
 
 def test_show_values_shows_them(libs: dict[str, str], tmp_path: Path) -> None:
     """--show-values: the values are shown, as asked."""
-    env = _unit_env(tmp_path, {"svc.service": {
-        "LoadState": "loaded", "KillMode": "mixed", "User": "root",
-        "ExecStart": _exec(f"{LAUNCHER} --env API_KEY={SECRETS[2]} -- /bin/true"),
-        "Environment": f"VGPU_LAUNCH_ENV=TOKEN={SECRETS[0]}",
-    }})
+    env = _unit_env(
+        tmp_path,
+        {
+            "svc.service": {
+                "LoadState": "loaded",
+                "KillMode": "mixed",
+                "User": "root",
+                "ExecStart": _exec(f"{LAUNCHER} --env API_KEY={SECRETS[2]} -- /bin/true"),
+                "Environment": f"VGPU_LAUNCH_ENV=TOKEN={SECRETS[0]}",
+            }
+        },
+    )
     r = doctor("--unit", "svc", "--preload", libs["lib"], "--show-values", env=env)
     assert f"TOKEN={SECRETS[0]}" in r.one("config: env")["why"], r.describe()
     assert f"API_KEY={SECRETS[2]}" in r.one("config: env")["why"]

@@ -23,9 +23,14 @@ from support.procs import children
 
 def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, Any, str]:
     """Run ``vgpu-launch status ARGS --format json``: (exit status, parsed JSON, stderr)."""
-    proc = subprocess.run([str(LAUNCHER), "status", *args, "--format", "json"],
-                          env=env or clean_env(), capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [str(LAUNCHER), "status", *args, "--format", "json"],
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     try:
         data = json.loads(proc.stdout)
     except ValueError:
@@ -62,8 +67,9 @@ def _wait_tree(pid: int, n: int, exes: list[str] | None = None, timeout: float =
 
 @contextlib.contextmanager
 def _running(argv: list[str], **kw: Any) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, **kw)
+    proc = subprocess.Popen(
+        argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw
+    )
     try:
         yield proc
     finally:
@@ -85,8 +91,10 @@ def _by_command(data: dict[str, Any], needle: str) -> list[dict[str, Any]]:
 
 def test_tree_outside_vgpu_launch(programs: Programs) -> None:
     """Some processes were given LD_PRELOAD by hand, some not: the ones without are found."""
-    script = (f"LD_PRELOAD={programs.libshim} {programs.sleeper} 5000 & "
-              f"{programs.sleeper} 5001 & {programs.sleeper_static} 5002 & wait")
+    script = (
+        f"LD_PRELOAD={programs.libshim} {programs.sleeper} 5000 & "
+        f"{programs.sleeper} 5001 & {programs.sleeper_static} 5002 & wait"
+    )
     with _running(["sh", "-c", script], env=clean_env()) as sh:
         _wait_tree(sh.pid, 3, [programs.sleeper, programs.sleeper_static])
         rc, data, err = status(str(sh.pid), "--preload", programs.libshim)
@@ -120,9 +128,18 @@ def test_tree_outside_vgpu_launch(programs: Programs) -> None:
 def test_tree_under_vgpu_launch(programs: Programs, tmp_path: Path) -> None:
     """Every process has the library; the one started with `env -i` shows no LD_PRELOAD in
     /proc/PID/environ, and the note says why. A 32-bit program lacks the 64-bit library."""
-    script = (f"env -i {programs.sleeper} 6000 & {programs.sleeper} 6001 & wait")
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
-            "sh", "-c", script]
+    script = f"env -i {programs.sleeper} 6000 & {programs.sleeper} 6001 & wait"
+    argv = [
+        str(LAUNCHER),
+        "--log-format",
+        "json",
+        "--preload",
+        programs.libshim,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]
     with _running(argv, env=clean_env()) as launcher:
         _wait_tree(launcher.pid, 3, [programs.sleeper])
         rc, data, err = status(str(launcher.pid), "--preload", programs.libshim)
@@ -141,8 +158,9 @@ def test_tree_under_vgpu_launch(programs: Programs, tmp_path: Path) -> None:
         # process above it when neither --preload nor the configuration names them
         empty = tmp_path / "empty.conf"
         empty.write_text("")
-        rc, data, err = status(str(injected["pid"]),
-                               env=clean_env({"VGPU_LAUNCH_CONFIG": str(empty)}))
+        rc, data, err = status(
+            str(injected["pid"]), env=clean_env({"VGPU_LAUNCH_CONFIG": str(empty)})
+        )
         assert rc == 0, err
         assert data["libraries"] == [programs.libshim]
         assert f"vgpu-launch pid {launcher.pid}" in data["libraries_from"]
@@ -154,8 +172,16 @@ def test_tree_under_vgpu_launch(programs: Programs, tmp_path: Path) -> None:
 
 def test_32bit_program_in_tree(programs: Programs) -> None:
     """A 32-bit program under a 64-bit-only library is shown without it, and why."""
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
-            programs.sleeper32, "5000"]
+    argv = [
+        str(LAUNCHER),
+        "--log-format",
+        "json",
+        "--preload",
+        programs.libshim,
+        "--",
+        programs.sleeper32,
+        "5000",
+    ]
     with _running(argv, env=clean_env()) as launcher:
         _wait_tree(launcher.pid, 1, [programs.sleeper32])
         rc, data, err = status(str(launcher.pid), "--preload", programs.libshim)
@@ -168,13 +194,28 @@ def test_32bit_program_in_tree(programs: Programs) -> None:
 
 def test_text_output(programs: Programs) -> None:
     """The text report: what is looked for, a table of processes, and the verdict."""
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
-            "env", "-i", programs.sleeper, "5000"]
+    argv = [
+        str(LAUNCHER),
+        "--log-format",
+        "json",
+        "--preload",
+        programs.libshim,
+        "--",
+        "env",
+        "-i",
+        programs.sleeper,
+        "5000",
+    ]
     with _running(argv, env=clean_env()) as launcher:
         _wait_tree(launcher.pid, 1, [programs.sleeper])
-        proc = subprocess.run([str(LAUNCHER), "status", str(launcher.pid), "--preload",
-                               programs.libshim], env=clean_env(), capture_output=True, text=True,
-                              timeout=60, check=False)
+        proc = subprocess.run(
+            [str(LAUNCHER), "status", str(launcher.pid), "--preload", programs.libshim],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"looking for: {programs.libshim} (from --preload)"
@@ -209,8 +250,6 @@ def _cgroup2_root() -> str | None:
     return None
 
 
-
-
 def test_unit_cgroup_finds_escaped_process(programs: Programs, tmp_path: Path) -> None:
     """--unit looks at the unit's whole cgroup and finds a process that escaped."""
     root = _cgroup2_root()
@@ -226,19 +265,42 @@ def test_unit_cgroup_finds_escaped_process(programs: Programs, tmp_path: Path) -
         with open(f"{root}{cg}/cgroup.procs", "w") as f:
             f.write("0")
 
-    systemctl.install(tmp_path / "bin", {"demo.service": {
-        "Id": "demo.service", "LoadState": "loaded", "ActiveState": "active",
-        "ControlGroup": cg, "ExecStart": f"{{ path={LAUNCHER} ; argv[]={LAUNCHER} --preload "
-        f"{programs.libshim} -- sh -c x ; ignore_errors=no ; start_time=[n/a] }}",
-    }})
-    env = clean_env({"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-                "VGPU_LAUNCH_CONFIG": str(tmp_path / "none.conf")})
+    systemctl.install(
+        tmp_path / "bin",
+        {
+            "demo.service": {
+                "Id": "demo.service",
+                "LoadState": "loaded",
+                "ActiveState": "active",
+                "ControlGroup": cg,
+                "ExecStart": f"{{ path={LAUNCHER} ; argv[]={LAUNCHER} --preload "
+                f"{programs.libshim} -- sh -c x ; ignore_errors=no ; start_time=[n/a] }}",
+            }
+        },
+    )
+    env = clean_env(
+        {
+            "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+            "VGPU_LAUNCH_CONFIG": str(tmp_path / "none.conf"),
+        }
+    )
     (tmp_path / "none.conf").write_text("")
-    argv = [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--",
-            "sh", "-c", f"env -i {programs.sleeper} 6000 & wait"]
+    argv = [
+        str(LAUNCHER),
+        "--log-format",
+        "json",
+        "--preload",
+        programs.libshim,
+        "--",
+        "sh",
+        "-c",
+        f"env -i {programs.sleeper} 6000 & wait",
+    ]
     try:
-        with _running(argv, env=clean_env(), preexec_fn=enter) as launcher, \
-             _running([programs.sleeper, "6002"], env=clean_env(), preexec_fn=enter) as outside:
+        with (
+            _running(argv, env=clean_env(), preexec_fn=enter) as launcher,
+            _running([programs.sleeper, "6002"], env=clean_env(), preexec_fn=enter) as outside,
+        ):
             _wait_tree(launcher.pid, 2, [programs.sleeper])
             rc, data, err = status("--unit", "demo", env=env)
         assert rc == 1, (err, data)
@@ -262,8 +324,13 @@ def test_unit_without_systemctl(tmp_path: Path) -> None:
     """--unit without systemctl: exit 2, saying so."""
     (tmp_path / "bin").mkdir()
     env = clean_env({"PATH": str(tmp_path / "bin")})
-    proc = subprocess.run([sys.executable, "-m", "vgpu_launch", "status", "--unit", "demo"],
-                          env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vgpu_launch", "status", "--unit", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "systemctl not found" in proc.stderr

@@ -32,8 +32,10 @@ def _end(events: list[dict[str, Any]]) -> dict[str, Any]:
 def test_launcher_verifies_each_injection(programs: Programs) -> None:
     """64-bit dynamic: verified; 32-bit program with a 64-bit-only library: warning naming the
     word size; static binary: warning naming it; /bin/true: exits first (counted only)."""
-    script = (f"{programs.sleeper} 300 & env -i {programs.sleeper32} 300 & "
-              f"{programs.sleeper_static} 300 & /bin/true; wait")
+    script = (
+        f"{programs.sleeper} 300 & env -i {programs.sleeper32} 300 & "
+        f"{programs.sleeper_static} 300 & /bin/true; wait"
+    )
     res = run(["--preload", programs.libshim, "--", "sh", "-c", script])
     assert res.returncode == 0, res.describe()
     by_exe = _verify_events(res.events)
@@ -88,8 +90,7 @@ def test_musl_ignores_lib_token(programs: Programs) -> None:
 def test_warning_level_keeps_only_problems(programs: Programs) -> None:
     """At --log-level warning only the unverified injections are logged."""
     script = f"{programs.sleeper} 200 & {programs.sleeper32} 200; wait"
-    res = run(["--log-level", "warning", "--preload", programs.libshim, "--", "sh", "-c",
-                      script])
+    res = run(["--log-level", "warning", "--preload", programs.libshim, "--", "sh", "-c", script])
     assert res.returncode == 0, res.describe()
     results = [e["result"] for e in res.events if e.get("event") == "verify"]
     assert results == ["unverified"], res.describe()
@@ -122,8 +123,16 @@ class _Log:
 
 
 def _outcome(pid: int, exe: str, word: int = 8, static: bool = False) -> Outcome:
-    return Outcome(pid=pid, decision=Decision.INJECTED, exe=exe, argv=[exe], preload_after="x",
-                   static=static, word=word, elapsed_us=1)
+    return Outcome(
+        pid=pid,
+        decision=Decision.INJECTED,
+        exe=exe,
+        argv=[exe],
+        preload_after="x",
+        static=static,
+        word=word,
+        elapsed_us=1,
+    )
 
 
 def test_verifier_in_process(programs: Programs) -> None:
@@ -138,8 +147,12 @@ def test_verifier_in_process(programs: Programs) -> None:
         v.schedule(_outcome(with_lib.pid, programs.sleeper))
         v.schedule(_outcome(without.pid, programs.sleeper))
         v.schedule(_outcome(gone.pid, "/usr/bin/true"))
-        wait_for("3 verify events", lambda: len([e for e in log.events if e[1] == "verify"]) >= 3,
-                 5.0, 0.01)
+        wait_for(
+            "3 verify events",
+            lambda: len([e for e in log.events if e[1] == "verify"]) >= 3,
+            5.0,
+            0.01,
+        )
         # schedule only queued: every check ran on the verifier's one thread, none on the
         # caller's (the tracer's, which must never wait on /proc)
         assert set(log.threads) == {v._thread}, log.threads
@@ -148,8 +161,7 @@ def test_verifier_in_process(programs: Programs) -> None:
         for p in (with_lib, without):
             p.kill()
             p.wait()
-    results = {kw["pid"]: (level, kw["result"]) for level, ev, kw in log.events
-               if ev == "verify"}
+    results = {kw["pid"]: (level, kw["result"]) for level, ev, kw in log.events if ev == "verify"}
     assert results[with_lib.pid] == ("info", "verified")
     assert results[without.pid] == ("warning", "unverified")
     assert results[gone.pid] == ("debug", "exited")

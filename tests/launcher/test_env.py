@@ -19,20 +19,32 @@ from support.build import Programs
 from support.launch import clean_env, launch_argv, started
 from support.procs import mask_of
 
-SHOWSIG = re.compile(r"^(cmd|child) ign=([0-9a-f]+) blk=([0-9a-f]+) cwd=(.*) umask=(\d+)$",
-                     re.MULTILINE)
+SHOWSIG = re.compile(
+    r"^(cmd|child) ign=([0-9a-f]+) blk=([0-9a-f]+) cwd=(.*) umask=(\d+)$", re.MULTILINE
+)
 
 
-def _showsig(programs: Programs, tmp_path: Path, preexec: Callable[[], object] | None = None,
-             module: bool = False,
-             cmd: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
-    r = subprocess.run(launch_argv(programs.libtest, *(cmd or (str(programs.showsig),)),
-                                   module=module),
-                       capture_output=True, text=True, timeout=60, env=clean_env(),
-                       cwd=tmp_path, stdin=subprocess.DEVNULL, preexec_fn=preexec)
+def _showsig(
+    programs: Programs,
+    tmp_path: Path,
+    preexec: Callable[[], object] | None = None,
+    module: bool = False,
+    cmd: tuple[str, ...] = (),
+) -> dict[str, tuple[int, int]]:
+    r = subprocess.run(
+        launch_argv(programs.libtest, *(cmd or (str(programs.showsig),)), module=module),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=preexec,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    found = {m.group(1): (int(m.group(2), 16), int(m.group(3), 16))
-             for m in SHOWSIG.finditer(r.stdout)}
+    found = {
+        m.group(1): (int(m.group(2), 16), int(m.group(3), 16)) for m in SHOWSIG.finditer(r.stdout)
+    }
     assert set(found) == {"cmd", "child"}, r.stdout
     return found
 
@@ -43,8 +55,9 @@ def _ignore_and_block() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 
 
-def test_inherited_ignored_and_blocked_signals_reach_a_grandchild(programs: Programs,
-                                                                  tmp_path: Path) -> None:
+def test_inherited_ignored_and_blocked_signals_reach_a_grandchild(
+    programs: Programs, tmp_path: Path
+) -> None:
     """Signals ignored and blocked where vgpu-launch starts are so in CMD and its child."""
     got = _showsig(programs, tmp_path, _ignore_and_block)
     want = (mask_of(signal.SIGINT, signal.SIGTTOU, signal.SIGPIPE), mask_of(signal.SIGUSR1))
@@ -52,8 +65,9 @@ def test_inherited_ignored_and_blocked_signals_reach_a_grandchild(programs: Prog
 
 
 @pytest.mark.parametrize("module", [False, True], ids=["bin-vgpu-launch", "python-m"])
-def test_nothing_python_sets_for_itself_leaks(programs: Programs, tmp_path: Path,
-                                              module: bool) -> None:
+def test_nothing_python_sets_for_itself_leaks(
+    programs: Programs, tmp_path: Path, module: bool
+) -> None:
     """CPython ignores SIGPIPE and SIGXFSZ and handles SIGINT; vgpu-launch blocks every
     forwardable signal: CMD sees none of it."""
     got = _showsig(programs, tmp_path, module=module)
@@ -65,13 +79,20 @@ def _ignore_chld() -> None:
 
 
 @pytest.mark.parametrize("module", [False, True], ids=["bin-vgpu-launch", "python-m"])
-def test_sigchld_ignored_at_start_still_gives_cmds_status(programs: Programs, tmp_path: Path,
-                                                          module: bool) -> None:
+def test_sigchld_ignored_at_start_still_gives_cmds_status(
+    programs: Programs, tmp_path: Path, module: bool
+) -> None:
     """Started with SIGCHLD ignored, the kernel would reap CMD behind vgpu-launch's back:
     vgpu-launch sets it back to default for itself and still sees CMD's exit status."""
-    r = subprocess.run(launch_argv(programs.libtest, programs.die, "exit", "9", module=module),
-                       capture_output=True, text=True, timeout=60, env=clean_env(),
-                       preexec_fn=_ignore_chld, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        launch_argv(programs.libtest, programs.die, "exit", "9", module=module),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        preexec_fn=_ignore_chld,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 9, r.stderr[-2000:]
 
 
@@ -84,10 +105,13 @@ def test_sigchld_ignored_at_start_reaches_cmd_python_m(programs: Programs, tmp_p
 _SH_IS_DASH = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
 
 
-@pytest.mark.xfail(_SH_IS_DASH, strict=True,
-                   reason="/bin/sh is dash, which catches SIGCHLD when it starts and runs its "
-                   "commands with SIGCHLD at default: a SIGCHLD ignored by vgpu-launch's parent "
-                   "is lost before bin/vgpu-launch (a sh script) can record it")
+@pytest.mark.xfail(
+    _SH_IS_DASH,
+    strict=True,
+    reason="/bin/sh is dash, which catches SIGCHLD when it starts and runs its "
+    "commands with SIGCHLD at default: a SIGCHLD ignored by vgpu-launch's parent "
+    "is lost before bin/vgpu-launch (a sh script) can record it",
+)
 def test_sigchld_ignored_at_start_reaches_cmd_wrapper(programs: Programs, tmp_path: Path) -> None:
     """SIGCHLD ignored where bin/vgpu-launch starts is ignored in CMD too."""
     got = _showsig(programs, tmp_path, _ignore_chld)
@@ -126,8 +150,9 @@ def _limits() -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("listen_pid", ["self", "other"])
-def test_cwd_umask_rlimits_fds_and_socket_activation(programs: Programs, tmp_path: Path,
-                                                     listen_pid: str) -> None:
+def test_cwd_umask_rlimits_fds_and_socket_activation(
+    programs: Programs, tmp_path: Path, listen_pid: str
+) -> None:
     """As systemd starts a socket-activated service: fd 3 passed, LISTEN_FDS=1 and
     LISTEN_PID=<main pid>. CMD (another pid) gets fd 3 and LISTEN_PID naming it, so that
     sd_listen_fds() accepts the fds; a LISTEN_PID naming some other process is left alone."""
@@ -143,10 +168,14 @@ def test_cwd_umask_rlimits_fds_and_socket_activation(programs: Programs, tmp_pat
         for name, value in limits.items():
             resource.setrlimit(getattr(resource, name), value)
 
-    pid_value = '$$' if listen_pid == "self" else "1"
-    argv = ["/bin/bash", "-c",
-            f'exec 3<&{r} {r}<&-; LISTEN_PID={pid_value} LISTEN_FDS=1 exec "$@"', "bash",
-            *launch_argv(programs.libtest, sys.executable, "-c", PROBE)]
+    pid_value = "$$" if listen_pid == "self" else "1"
+    argv = [
+        "/bin/bash",
+        "-c",
+        f'exec 3<&{r} {r}<&-; LISTEN_PID={pid_value} LISTEN_FDS=1 exec "$@"',
+        "bash",
+        *launch_argv(programs.libtest, sys.executable, "-c", PROBE),
+    ]
     with started(argv, tmp_path, cwd=work, preexec_fn=setup, pass_fds=(r,)) as run:
         status = run.wait_status()
         lines = run.out.rest()
@@ -164,8 +193,9 @@ def test_cwd_umask_rlimits_fds_and_socket_activation(programs: Programs, tmp_pat
 
 
 def _env_of(argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, str]:
-    r = subprocess.run(argv, capture_output=True, env=env, cwd=cwd, timeout=60,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        argv, capture_output=True, env=env, cwd=cwd, timeout=60, stdin=subprocess.DEVNULL
+    )
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
     return dict(e.split("=", 1) for e in r.stdout.decode().split("\0") if e)
 
@@ -178,10 +208,21 @@ def test_environment_reaches_cmd_untouched(programs: Programs, tmp_path: Path, s
     if shape == "minimal":
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     else:
-        env = clean_env(PYTHONPATH="/nonexistent/for-cmd", PYTHONHOME="/nonexistent/home",
-                         PYTHONWARNINGS="error", PWD="/", SHLVL="7", _="/usr/bin/someone",
-                         OLDPWD="/tmp", LC_ALL=None, LANG=None, LC_CTYPE=None,
-                         ODD="two\nlines", EMPTY="", SPACES="a b  c")
+        env = clean_env(
+            PYTHONPATH="/nonexistent/for-cmd",
+            PYTHONHOME="/nonexistent/home",
+            PYTHONWARNINGS="error",
+            PWD="/",
+            SHLVL="7",
+            _="/usr/bin/someone",
+            OLDPWD="/tmp",
+            LC_ALL=None,
+            LANG=None,
+            LC_CTYPE=None,
+            ODD="two\nlines",
+            EMPTY="",
+            SPACES="a b  c",
+        )
     if "VGPU_LAUNCH_PYTHON" in os.environ:
         env["VGPU_LAUNCH_PYTHON"] = os.environ["VGPU_LAUNCH_PYTHON"]
     direct = _env_of(["/usr/bin/env", "-0"], env, tmp_path)

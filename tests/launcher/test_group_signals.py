@@ -72,8 +72,6 @@ def tracer_thread(cmd: int) -> int:
     raise AssertionError(f"no TracerPid in /proc/{cmd}/status")
 
 
-
-
 def stopped_threads(pid: int) -> list[int]:
     """The threads of ``pid`` in a ptrace stop (state ``t``)."""
     found = []

@@ -38,8 +38,6 @@ def _text(path: Path) -> str:
         return ""
 
 
-
-
 def _stopped_by(run: Started, timeout: float = 20) -> int:
     """Wait (as the parent, WUNTRACED) until vgpu-launch reports a stop; the stop signal."""
     deadline = time.monotonic() + timeout
@@ -59,14 +57,19 @@ def _stopped_by(run: Started, timeout: float = 20) -> int:
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
 @pytest.mark.parametrize("target", ["pid", "group"])
 @pytest.mark.parametrize("less_like", [False, True], ids=["tstp-default", "tstp-like-less"])
-def test_tstp_stops_both_and_cont_resumes_both(programs: Programs, tmp_path: Path, target: str,
-                                               less_like: bool, threads: int) -> None:
+def test_tstp_stops_both_and_cont_resumes_both(
+    programs: Programs, tmp_path: Path, target: str, less_like: bool, threads: int
+) -> None:
     """SIGTSTP to vgpu-launch (`kill -TSTP PID`) or to the job (`kill -TSTP %1`): CMD stops,
     then vgpu-launch stops with the same signal (the shell's view); SIGCONT resumes both and
     CMD sees SIGCONT once. The process group is not orphaned (its parent is in the session),
     else the kernel would ignore the stop signal for CMD and vgpu-launch alike."""
-    sigrec: list[str | os.PathLike[str]] = [programs.sigrec, "-T", str(threads),
-                                            "-t" if less_like else "-d20"]
+    sigrec: list[str | os.PathLike[str]] = [
+        programs.sigrec,
+        "-T",
+        str(threads),
+        "-t" if less_like else "-d20",
+    ]
     with started(launch_argv(programs.libtest, *sigrec), tmp_path, new_session=False) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
 
@@ -96,8 +99,9 @@ def test_sigstop_to_cmd_alone_stays_until_sigcont(programs: Programs, tmp_path: 
     """SIGSTOP sent to CMD: CMD stays stopped (the tracer parks it, it does not resume it)
     until a SIGCONT sent to CMD alone, which must be enough: vgpu-launch does not stop itself
     for a stop it did not get, so its tracer is there to let CMD go on."""
-    with started(launch_argv(programs.libtest, programs.sigrec), tmp_path,
-                 new_session=False) as run:
+    with started(
+        launch_argv(programs.libtest, programs.sigrec), tmp_path, new_session=False
+    ) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         os.kill(cmd, signal.SIGSTOP)
         wait_for("CMD to stop", lambda: state(cmd) in ("t", "T"))
@@ -130,7 +134,9 @@ def test_sigstop_to_a_grandchild_stays_until_sigcont(programs: Programs, tmp_pat
         status = run.wait_status()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, run.stderr()
     assert [ln for ln in out.read_text().splitlines() if ln.startswith("sig=")] == [
-        f"sig=18 code=0 pid={os.getpid()} value=0", f"sig=10 code=0 pid={os.getpid()} value=0"]
+        f"sig=18 code=0 pid={os.getpid()} value=0",
+        f"sig=10 code=0 pid={os.getpid()} value=0",
+    ]
 
 
 # -- in a terminal --------------------------------------------------------------------------------
@@ -140,9 +146,16 @@ PROMPT = "PROMPT> "
 
 def _bash(tmp_path: Path) -> pexpect.spawn:
     env = clean_env(PS1=PROMPT, TERM="dumb", HISTFILE="/dev/null", PROMPT_COMMAND=None)
-    child = pexpect.spawn("/bin/bash", ["--norc", "--noprofile", "-i"], env=env,
-                          cwd=str(tmp_path), timeout=20, encoding="utf-8",
-                          codec_errors="replace", dimensions=(40, 200))
+    child = pexpect.spawn(
+        "/bin/bash",
+        ["--norc", "--noprofile", "-i"],
+        env=env,
+        cwd=str(tmp_path),
+        timeout=20,
+        encoding="utf-8",
+        codec_errors="replace",
+        dimensions=(40, 200),
+    )
     child.expect_exact(PROMPT)
     return child
 
@@ -162,8 +175,9 @@ def test_terminal_ctrl_c_ctrl_z_fg(programs: Programs, tmp_path: Path, less_like
     launcher = 0
     try:
         tstp = "-t" if less_like else "-d 20"
-        child.sendline(f"{LAUNCHER} --preload {programs.libtest} -- {programs.sigrec} {tstp} "
-                       f"2>{tmp_path}/err")
+        child.sendline(
+            f"{LAUNCHER} --preload {programs.libtest} -- {programs.sigrec} {tstp} 2>{tmp_path}/err"
+        )
         child.expect(r"ready pid=(\d+) pgid=(\d+)")
         cmd, pgid = int(child.match.group(1)), int(child.match.group(2))
         launcher = pgid  # bash made the job a process group, vgpu-launch its leader
@@ -227,8 +241,10 @@ def test_bash_m_under_vgpu_launch_has_job_control(programs: Programs, tmp_path: 
     child = _bash(tmp_path)
     launcher = 0
     try:
-        child.sendline(f"{LAUNCHER} --preload {programs.libtest} -- /usr/bin/env PS1='INNER> ' "
-                       f"/bin/bash --norc --noprofile -i -m 2>&1; echo rc=$?")
+        child.sendline(
+            f"{LAUNCHER} --preload {programs.libtest} -- /usr/bin/env PS1='INNER> ' "
+            f"/bin/bash --norc --noprofile -i -m 2>&1; echo rc=$?"
+        )
         child.expect_exact("INNER> ")
         assert "no job control" not in (child.before or "")
         assert "cannot set terminal process group" not in (child.before or "")
@@ -239,9 +255,14 @@ def test_bash_m_under_vgpu_launch_has_job_control(programs: Programs, tmp_path: 
         launcher = ppid(inner) or 0
         child.expect_exact("INNER> ")
         child.sendline("sleep 60")
-        wait_for("sleep to start", lambda: any(
-            Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
-            for p in os.listdir("/proc") if p.isdigit() and ppid(int(p)) == inner))
+        wait_for(
+            "sleep to start",
+            lambda: any(
+                Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
+                for p in os.listdir("/proc")
+                if p.isdigit() and ppid(int(p)) == inner
+            ),
+        )
         child.sendcontrol("z")
         child.expect(r"Stopped\s+sleep 60")
         child.expect_exact("INNER> ")
@@ -263,10 +284,22 @@ def test_vgpu_launch_as_session_leader_terminal(programs: Programs, tmp_path: Pa
     PID 1 with a tty): Ctrl-C reaches CMD once; a hang-up, which the kernel sends to the
     session leader alone, is passed on to CMD (SIGHUP, then the kernel's SIGCONT)."""
     out = tmp_path / "rec.out"
-    child = pexpect.spawn(str(LAUNCHER), ["--preload", str(programs.libtest), "--", "/bin/sh",
-                                          "-c", f"exec {programs.sigrec} -n -e 1 > {out}"],
-                          env=clean_env(), cwd=str(tmp_path), timeout=20,
-                          encoding="utf-8", codec_errors="replace")
+    child = pexpect.spawn(
+        str(LAUNCHER),
+        [
+            "--preload",
+            str(programs.libtest),
+            "--",
+            "/bin/sh",
+            "-c",
+            f"exec {programs.sigrec} -n -e 1 > {out}",
+        ],
+        env=clean_env(),
+        cwd=str(tmp_path),
+        timeout=20,
+        encoding="utf-8",
+        codec_errors="replace",
+    )
     try:
         wait_for("CMD to be ready", lambda: "ready" in _text(out))
         child.sendcontrol("c")
@@ -276,7 +309,9 @@ def test_vgpu_launch_as_session_leader_terminal(programs: Programs, tmp_path: Pa
         wait_for("CMD to end", lambda: "done" in _text(out))
         recs = [parse_sig(x) for x in out.read_text().splitlines() if x.startswith("sig=")]
         assert [(r["sig"], r["code"], r["pid"]) for r in recs][:2] == [
-            (2, SI_KERNEL, 0), (1, 0, launcher)]
+            (2, SI_KERNEL, 0),
+            (1, 0, launcher),
+        ]
         assert [r["sig"] for r in recs].count(2) == 1
         assert [r["sig"] for r in recs].count(1) == 1
         _pid, status = wait_for("vgpu-launch to end", lambda: _reaped(launcher))

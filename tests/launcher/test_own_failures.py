@@ -60,7 +60,7 @@ def test_script_without_interpreter_line_runs_with_sh(programs: Programs, tmp_pa
     """execvp(3) and the shell run an executable file the kernel refuses (ENOEXEC) with
     /bin/sh."""
     script = tmp_path / "script"
-    script.write_text("echo from-script \"$1\"\nexit 7\n")
+    script.write_text('echo from-script "$1"\nexit 7\n')
     script.chmod(0o755)
     r = _run(programs, [script, "arg"], tmp_path)
     assert (r.returncode, r.stdout) == (7, "from-script arg\n"), r.stderr

@@ -29,11 +29,23 @@ def pidns() -> list[str]:
 
 def test_pid1_reaps_everything(programs: Programs, tmp_path: Path, pidns: list[str]) -> None:
     """As PID 1, vgpu-launch reaps 300 orphans that exit at once: none left, no zombie."""
-    r = subprocess.run([*pidns, *launch_argv(programs.libtest, "/bin/sh", "-c",
-                                             f"echo pid=$$ ppid=$PPID; "
-                                             f"exec {programs.orphans} 300")],
-                       capture_output=True, text=True, timeout=180, env=clean_env(),
-                       cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            *pidns,
+            *launch_argv(
+                programs.libtest,
+                "/bin/sh",
+                "-c",
+                f"echo pid=$$ ppid=$PPID; exec {programs.orphans} 300",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env(),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert " ppid=1\n" in r.stdout  # vgpu-launch is PID 1
     assert "released 300" in r.stdout
@@ -41,22 +53,30 @@ def test_pid1_reaps_everything(programs: Programs, tmp_path: Path, pidns: list[s
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
-def test_pid1_cmd_killed_by_signal_exits_128_plus_n(programs: Programs, tmp_path: Path,
-                                                   pidns: list[str], sig: int) -> None:
+def test_pid1_cmd_killed_by_signal_exits_128_plus_n(
+    programs: Programs, tmp_path: Path, pidns: list[str], sig: int
+) -> None:
     """As PID 1, with CMD killed by signal N, vgpu-launch exits 128+N (init cannot die of it)."""
-    r = subprocess.run([*pidns, *launch_argv(programs.libtest, programs.die, "signal",
-                                             str(int(sig)))],
-                       capture_output=True, text=True, timeout=60, env=clean_env(),
-                       cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [*pidns, *launch_argv(programs.libtest, programs.die, "signal", str(int(sig)))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
     # unshare passes its child's exit status on: an exit, not a death by signal
     assert r.returncode == 128 + sig, r.stderr[-3000:]
 
 
-def test_pid1_exit_code_and_signal_forwarding(programs: Programs, tmp_path: Path,
-                                              pidns: list[str]) -> None:
+def test_pid1_exit_code_and_signal_forwarding(
+    programs: Programs, tmp_path: Path, pidns: list[str]
+) -> None:
     """`docker stop`: SIGTERM to PID 1 from outside the namespace (sender pid 0 there)."""
-    with started([*pidns, *launch_argv(programs.libtest, programs.sigrec, "-e", "15")],
-                 tmp_path) as run:
+    with started(
+        [*pidns, *launch_argv(programs.libtest, programs.sigrec, "-e", "15")], tmp_path
+    ) as run:
         run.out.expect(r"^ready pid=\d+ ")
         init = wait_for("vgpu-launch as PID 1", lambda: children(run.pid))[0]
         os.kill(init, signal.SIGUSR1)

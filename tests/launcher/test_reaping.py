@@ -17,8 +17,11 @@ def test_hundreds_of_orphans_at_once_leave_no_zombie(programs: Programs, tmp_pat
         run.out.expect(rf"^released {n}$", timeout=120)
         # seen from outside as well: nothing but CMD left under vgpu-launch, no zombie
         cmd = wait_for("CMD", lambda: children(run.pid))[0]
-        wait_for("the orphans to be reaped",
-                 lambda: [p for p in children(run.pid) if p != cmd] == [], timeout=60)
+        wait_for(
+            "the orphans to be reaped",
+            lambda: [p for p in children(run.pid) if p != cmd] == [],
+            timeout=60,
+        )
         m = run.out.expect(r"^left=(\d+) zombies=(\d+)$", timeout=60)
         status = run.wait_status(timeout=60)
     assert m.groups() == ("0", "0")
@@ -28,8 +31,10 @@ def test_hundreds_of_orphans_at_once_leave_no_zombie(programs: Programs, tmp_pat
 def test_orphans_while_cmd_keeps_running(programs: Programs, tmp_path: Path) -> None:
     """A daemonising child (double fork) is re-parented to vgpu-launch, not to init, and
     reaped when it exits; CMD's own status is still the one that counts."""
-    script = (f"/bin/sh -c '/bin/sh -c \"echo gc=\\$\\$; read x < {tmp_path}/fifo\" &'; "
-              f"read x < {tmp_path}/done; exit 4")
+    script = (
+        f"/bin/sh -c '/bin/sh -c \"echo gc=\\$\\$; read x < {tmp_path}/fifo\" &'; "
+        f"read x < {tmp_path}/done; exit 4"
+    )
     os.mkfifo(tmp_path / "fifo")
     os.mkfifo(tmp_path / "done")
     with started(launch_argv(programs.libtest, "/bin/sh", "-c", script), tmp_path) as run:

@@ -22,8 +22,7 @@ from support.launch import LaunchResult, preload_entries, run
 DEVICES = "2"
 
 
-def launch(preload: Path | str, cmd: list[Any], *, env_opt: bool = True, **kw: Any
-           ) -> LaunchResult:
+def launch(preload: Path | str, cmd: list[Any], *, env_opt: bool = True, **kw: Any) -> LaunchResult:
     opts: list[Any] = ["--preload", preload]
     if env_opt:
         opts += ["--env", f"VGPU_TEST_DEVICES={DEVICES}"]
@@ -121,9 +120,7 @@ def test_posix_spawn_from_8_threads_at_once(programs: Programs) -> None:
 
 def test_execve_from_non_leader_thread(programs: Programs) -> None:
     """execve() from a thread other than the leader: the new program gets the preload."""
-    res = launch(
-        programs.libmarker, [programs.spawn, "nonleader-exec", "--", programs.probe]
-    )
+    res = launch(programs.libmarker, [programs.spawn, "nonleader-exec", "--", programs.probe])
     (probe,) = check_leaf(res, programs.probe, programs.libmarker)
     # the exec is reported under the thread group leader: same pid as the spawn program had
     assert res.exec_events(exe=programs.spawn, pid=probe["pid"]), res.describe()
@@ -142,9 +139,7 @@ def _script(path: Path, text: str) -> Path:
     return path
 
 
-def test_shebang_script_with_empty_env(
-    programs: Programs, tmp_path: Path
-) -> None:
+def test_shebang_script_with_empty_env(programs: Programs, tmp_path: Path) -> None:
     """A `#!probe` script started with an empty environment: its interpreter gets the preload."""
     # '#!probe': the kernel runs the interpreter, which is the only exec stop
     script = _script(tmp_path / "direct.sh", f"#!{programs.probe}\n")
@@ -152,9 +147,7 @@ def test_shebang_script_with_empty_env(
     check_leaf(res, programs.probe, programs.libmarker)
 
 
-def test_shell_script_with_empty_env(
-    programs: Programs, tmp_path: Path
-) -> None:
+def test_shell_script_with_empty_env(programs: Programs, tmp_path: Path) -> None:
     """A `#!/bin/sh` script with an empty environment: sh gets it, the probe inherits it."""
     # '#!/bin/sh' started with an empty environment: the shell gets the preload, the probe it
     # runs inherits it from the shell
@@ -192,9 +185,7 @@ def test_static_parent_spawning_dynamic_child(programs: Programs) -> None:
 def test_static_leaf_gets_env_but_cannot_load(programs: Programs) -> None:
     """A static leaf gets LD_PRELOAD in its environment (it has no ld.so to load it)."""
     # a static program has no ld.so: the variable is there, the library cannot be
-    res = launch(
-        programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_static]
-    )
+    res = launch(programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_static])
     check_leaf(res, programs.probe_static, programs.libmarker, marker=0, static=True)
 
 
@@ -210,9 +201,7 @@ def test_32bit_program_with_lib_token_preload(programs: Programs) -> None:
 
 def test_musl_program(programs: Programs) -> None:
     """A musl program started with an empty environment gets the preload."""
-    res = launch(
-        programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_musl]
-    )
+    res = launch(programs.libmarker, [programs.spawn, "fork-exec", "--", programs.probe_musl])
     check_leaf(res, programs.probe_musl, programs.libmarker)
 
 
@@ -262,9 +251,7 @@ def test_preload_already_present_is_left_alone(programs: Programs) -> None:
 def test_20000_variables(programs: Programs) -> None:
     """20,000 environment variables arrive intact beside the preload."""
     n = 20000
-    res = launch(
-        programs.libmarker, [programs.manyenv, str(n), programs.probe, "--env"]
-    )
+    res = launch(programs.libmarker, [programs.manyenv, str(n), programs.probe, "--env"])
     check_leaf(res, programs.probe, programs.libmarker)
     env = res.stdout.splitlines()[1:]
     big = [e for e in env if re.fullmatch(r"V\d{5}=v{8}", e)]

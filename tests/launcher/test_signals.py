@@ -22,19 +22,19 @@ STANDARD = [s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP,
 REALTIME = [signal.SIGRTMIN, signal.SIGRTMIN + 1, signal.SIGRTMAX - 1, signal.SIGRTMAX]
 
 
-
-
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_every_signal_forwarded_once_in_order(programs: Programs, tmp_path: Path,
-                                              threads: int) -> None:
+def test_every_signal_forwarded_once_in_order(
+    programs: Programs, tmp_path: Path, threads: int
+) -> None:
     """Every catchable signal sent to vgpu-launch reaches CMD once, in order, with its value."""
     me = os.getpid()
     plan: list[tuple[int, int | None]] = [(s, None) for s in STANDARD]
     plan += [(s, 1000 + s) for s in REALTIME]  # queued, with a value
     plan += [(signal.SIGUSR1, 0x7FFF_FFFF_0000_0001), (signal.SIGTERM, 42)]
     random.Random(3).shuffle(plan)
-    with started(launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)),
-                 tmp_path) as run:
+    with started(
+        launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)), tmp_path
+    ) as run:
         ready = run.out.expect(r"^ready pid=(\d+)")
         cmd = int(ready.group(1))
         got = []
@@ -57,15 +57,25 @@ def test_every_signal_forwarded_once_in_order(programs: Programs, tmp_path: Path
 
 
 @pytest.mark.parametrize("threads", [0, 4], ids=["1-thread", "5-threads"])
-def test_signals_sent_to_the_process_group_arrive_once(programs: Programs, tmp_path: Path,
-                                                       threads: int) -> None:
+def test_signals_sent_to_the_process_group_arrive_once(
+    programs: Programs, tmp_path: Path, threads: int
+) -> None:
     """`kill -s SIG -PGID` (`kill %1`, `fg`, `kill 0`): CMD gets it from the kernel as
     vgpu-launch does; forwarding it as well would deliver it twice. With threads, any thread
     of CMD may take it (as in a Go program)."""
-    sigs = [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCONT,
-            signal.SIGWINCH, signal.SIGUSR2, signal.SIGQUIT] * 3
-    with started(launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)),
-                 tmp_path) as run:
+    sigs = [
+        signal.SIGUSR1,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGINT,
+        signal.SIGCONT,
+        signal.SIGWINCH,
+        signal.SIGUSR2,
+        signal.SIGQUIT,
+    ] * 3
+    with started(
+        launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)), tmp_path
+    ) as run:
         run.out.expect(r"^ready ")
         got = []
         for sig in sigs:
@@ -94,10 +104,10 @@ def test_signals_from_cmd_itself_are_not_sent_back(programs: Programs, tmp_path:
     neither case does CMD get it (again) from vgpu-launch. A descendant's ``kill 0`` likewise."""
     script = (
         'c=0; trap "c=\\$((c+1))" USR1; trap "echo usr1=\\$c; exit 0" USR2\n'
-        'kill -USR1 0; echo step1\n'
-        'read x; kill -USR1 $PPID; echo step2\n'
+        "kill -USR1 0; echo step1\n"
+        "read x; kill -USR1 $PPID; echo step2\n"
         'read x; /bin/sh -c "kill -USR1 0"; echo step3\n'
-        'while :; do sleep 0.05; done\n'
+        "while :; do sleep 0.05; done\n"
     )
     with started(launch_argv(programs.libtest, "/bin/sh", "-c", script), tmp_path) as run:
         assert run.proc.stdin is not None
@@ -125,8 +135,9 @@ def test_mixed_targets_each_arrive_once(programs: Programs, tmp_path: Path, thre
     standard signals pending at once merge, in vgpu-launch as in any process."""
     sigs = [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGCONT]
     rnd = random.Random(7)
-    with started(launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)),
-                 tmp_path) as run:
+    with started(
+        launch_argv(programs.libtest, programs.sigrec, "-T", str(threads)), tmp_path
+    ) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         for _ in range(60):
             sig = rnd.choice(sigs)
@@ -139,7 +150,6 @@ def test_mixed_targets_each_arrive_once(programs: Programs, tmp_path: Path, thre
                 os.killpg(run.pid, sig)
             got = next_signal(run)
             assert got["sig"] == sig, (target, got)
-            wait_for("vgpu-launch to take its copy",
-                     lambda s=sig: s not in shared_pending(run.pid))  # type: ignore[misc]
+            wait_for("vgpu-launch to take its copy", lambda s=sig: s not in shared_pending(run.pid))  # type: ignore[misc]
         extra = finish(run)
     assert extra == []

@@ -36,10 +36,25 @@ def test_suite_passes_under_nohup_in_the_background(tmp_path: Path) -> None:
     """Under `nohup ... &` (SIGHUP, SIGINT, SIGQUIT ignored) the signal-state tests pass."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     proc = subprocess.run(
-        ["nohup", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         f"--basetemp={tmp_path / 'inner'}", *SUBSET],
-        cwd=REPO, env=env, preexec_fn=_as_a_background_job, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=540, check=False,
+        [
+            "nohup",
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'inner'}",
+            *SUBSET,
+        ],
+        cwd=REPO,
+        env=env,
+        preexec_fn=_as_a_background_job,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

@@ -35,16 +35,20 @@ def script(path: Path, text: str) -> Path:
 def checkout_copy(root: Path) -> Path:
     """A copy of bin/ and vgpu_launch/, as a fresh clone has them (no .venv); its wrapper."""
     shutil.copytree(REPO / "bin", root / "bin")
-    shutil.copytree(REPO / "vgpu_launch", root / "vgpu_launch",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "vgpu_launch", root / "vgpu_launch", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return root / "bin" / "vgpu-launch"
 
 
 def env_with(path_first: Path | None = None, **updates: str | None) -> dict[str, str]:
     """This environment without VGPU_LAUNCH_* and LD_PRELOAD, with ``path_first`` at the
     head of PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("VGPU_LAUNCH_") and k != "LD_PRELOAD"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("VGPU_LAUNCH_") and k != "LD_PRELOAD"
+    }
     if path_first is not None:
         env["PATH"] = f"{path_first}:{env.get('PATH', '/usr/bin:/bin')}"
     for k, v in updates.items():
@@ -55,29 +59,51 @@ def env_with(path_first: Path | None = None, **updates: str | None) -> dict[str,
     return env
 
 
-def run(argv: list[str | os.PathLike[str]], env: dict[str, str],
-        **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([os.fspath(a) for a in argv], env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL, check=False, **kw)
+def run(
+    argv: list[str | os.PathLike[str]], env: dict[str, str], **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [os.fspath(a) for a in argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kind", ["foreign", "broken"])
-def test_python3_first_in_path_without_the_libraries(programs: Any, tmp_path: Path,
-                                                     kind: str) -> None:
+def test_python3_first_in_path_without_the_libraries(
+    programs: Any, tmp_path: Path, kind: str
+) -> None:
     """With a python3 that lacks the libraries first in PATH, vgpu-launch still runs CMD."""
     script(tmp_path / "path" / "python3", FOREIGN if kind == "foreign" else BROKEN)
-    r = run([WRAPPER, "--log-format", "json", "--preload", programs.libmarker, "--",
-             "/bin/sh", "-c", f"exec env -u LD_PRELOAD {programs.probe}"],
-            env_with(tmp_path / "path"))
+    r = run(
+        [
+            WRAPPER,
+            "--log-format",
+            "json",
+            "--preload",
+            programs.libmarker,
+            "--",
+            "/bin/sh",
+            "-c",
+            f"exec env -u LD_PRELOAD {programs.probe}",
+        ],
+        env_with(tmp_path / "path"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "marker=1" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("args", [["--version"], ["doctor"],
-                                  ["--preload", "/nonexistent.so", "--", "true"]],
-                         ids=["version", "doctor", "run"])
-def test_interpreter_without_the_libraries_gives_one_line(tmp_path: Path,
-                                                          args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["doctor"], ["--preload", "/nonexistent.so", "--", "true"]],
+    ids=["version", "doctor", "run"],
+)
+def test_interpreter_without_the_libraries_gives_one_line(tmp_path: Path, args: list[str]) -> None:
     """VGPU_LAUNCH_PYTHON naming a python3 without the libraries (and no other to hand over
     to): one line that names them and the commands installing them, exit status 125, --version
     too."""
@@ -98,25 +124,31 @@ def test_interpreter_that_does_not_exist_gives_one_line() -> None:
     assert r.returncode == 125
     assert r.stderr.splitlines() == [
         "vgpu-launch: VGPU_LAUNCH_PYTHON=/nonexistent/python3 is not an executable file: name a "
-        "python3 that has python-ptrace, python-prctl and structlog, or unset it"]
+        "python3 that has python-ptrace, python-prctl and structlog, or unset it"
+    ]
 
 
 def test_the_checkouts_venv_is_preferred(programs: Any, tmp_path: Path) -> None:
     """A checkout set up by scripts/setup.sh runs with its .venv, not with PATH's python3."""
     log = tmp_path / "started"
     wrapper = checkout_copy(tmp_path / "clone")
-    venv_python = script(tmp_path / "clone" / ".venv" / "bin" / "python",
-                         RECORDING.format(log=log))
+    venv_python = script(tmp_path / "clone" / ".venv" / "bin" / "python", RECORDING.format(log=log))
     script(tmp_path / "path" / "python3", BROKEN)
-    r = run([wrapper, "--log-format", "json", "--preload", programs.libmarker, "--",
-             programs.probe], env_with(tmp_path / "path"))
+    r = run(
+        [wrapper, "--log-format", "json", "--preload", programs.libmarker, "--", programs.probe],
+        env_with(tmp_path / "path"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "marker=1" in r.stdout
     assert [os.path.normpath(p) for p in log.read_text().splitlines()] == [str(venv_python)]
 
 
-def _state_of(argv: list[str | os.PathLike[str]], env: dict[str, str], cwd: Path,
-              preexec: Callable[[], object]) -> tuple[dict[str, str], list[str]]:
+def _state_of(
+    argv: list[str | os.PathLike[str]],
+    env: dict[str, str],
+    cwd: Path,
+    preexec: Callable[[], object],
+) -> tuple[dict[str, str], list[str]]:
     """The environment and the SigIgn/SigBlk lines of ``cat /proc/self/status`` run as CMD."""
     code = "env -0; printf '\\n--\\n'; exec grep -E '^Sig(Ign|Blk):' /proc/self/status"
     r = run([*argv, "/bin/bash", "-c", code], env, cwd=cwd, preexec_fn=preexec)
@@ -138,11 +170,23 @@ def test_handing_over_keeps_what_cmd_inherits(programs: Any, tmp_path: Path) -> 
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 
-    env = env_with(tmp_path / "path", PWD="/", SHLVL="4", OLDPWD="/tmp", LC_ALL=None,
-                   LANG=None, LC_CTYPE=None, PYTHONPATH="/for/cmd")
+    env = env_with(
+        tmp_path / "path",
+        PWD="/",
+        SHLVL="4",
+        OLDPWD="/tmp",
+        LC_ALL=None,
+        LANG=None,
+        LC_CTYPE=None,
+        PYTHONPATH="/for/cmd",
+    )
     want_env, want_sigs = _state_of([], env, tmp_path, preexec)
-    got_env, got_sigs = _state_of([wrapper, "--log-format", "json", "--preload",
-                                   programs.libmarker, "--"], env, tmp_path, preexec)
+    got_env, got_sigs = _state_of(
+        [wrapper, "--log-format", "json", "--preload", programs.libmarker, "--"],
+        env,
+        tmp_path,
+        preexec,
+    )
     assert got_env.pop("LD_PRELOAD") == str(programs.libmarker)
     # bash sets "_" to the program it runs, which differs when it is started under a wrapper
     for e in (got_env, want_env):
@@ -159,8 +203,11 @@ def test_a_packaged_copy_uses_only_its_pinned_python(tmp_path: Path) -> None:
     text = WRAPPER.read_text()
     assert re.search(r"^pinned=$", text, re.M)
     pinned = script(tmp_path / "usr" / "bin" / "python3", FOREIGN)
-    shutil.copytree(REPO / "vgpu_launch", tmp_path / "usr" / "vgpu_launch",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "vgpu_launch",
+        tmp_path / "usr" / "vgpu_launch",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     installed = tmp_path / "usr" / "bin" / "vgpu-launch"
     installed.write_text(re.sub(r"^pinned=$", f"pinned={pinned}", text, flags=re.M))
     installed.chmod(0o755)

@@ -36,8 +36,9 @@ def _tool(name: str, package: str) -> str:
     # py-spy comes from pip: it may sit next to the interpreter, off PATH
     path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if path is None:
-        pytest.fail(f"{name} is needed: install it ({package}; scripts/setup.sh does)",
-                    pytrace=False)
+        pytest.fail(
+            f"{name} is needed: install it ({package}; scripts/setup.sh does)", pytrace=False
+        )
     return path
 
 

@@ -31,8 +31,10 @@ def test_matching_program_runs_untraced_with_its_preload(programs: Programs) -> 
         assert ev["reason"] == "release_after_exec" and ev["by"] == {"pattern": pattern}, ev
 
         go.touch()
-        lines = wait_for("the probe's child", lambda: len(out.read_text().splitlines()) == 2
-                         and out.read_text().splitlines())
+        lines = wait_for(
+            "the probe's child",
+            lambda: len(out.read_text().splitlines()) == 2 and out.read_text().splitlines(),
+        )
         child = lines[1]
         assert "tracer=0 preload=(unset) marker=0" in child, child
         # CMD's shell, which did not match, is still traced and still injects
@@ -46,8 +48,18 @@ def test_pattern_is_matched_against_path_and_arguments(programs: Programs) -> No
     """The pattern sees "EXE ARG1 ARG2..." (the resolved path, then argv[1:]): a pattern on
     the program's name alone does not match a call with arguments."""
     probe = programs.rel_probe
-    res = run(["--preload", programs.librelmarker, "--release-after-exec", "*/rel_probe",
-               "--", "/bin/sh", "-c", f"{probe}; {probe} --wait /"])
+    res = run(
+        [
+            "--preload",
+            programs.librelmarker,
+            "--release-after-exec",
+            "*/rel_probe",
+            "--",
+            "/bin/sh",
+            "-c",
+            f"{probe}; {probe} --wait /",
+        ]
+    )
     assert res.returncode == 0, res.describe()
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("relprobe")]
     assert "tracer=0" in lines[0] and "tracer=0" not in lines[1], lines
@@ -57,8 +69,18 @@ def test_pattern_is_matched_against_path_and_arguments(programs: Programs) -> No
 
 def test_strict_mode_refuses_release_after_exec(programs: Programs) -> None:
     """--strict with release_after_exec is refused before anything runs (exit 2)."""
-    res = run(["--strict", "--strict-allow-release", "--preload", programs.librelmarker,
-               "--release-after-exec", "*", "--", "/bin/true"])
+    res = run(
+        [
+            "--strict",
+            "--strict-allow-release",
+            "--preload",
+            programs.librelmarker,
+            "--release-after-exec",
+            "*",
+            "--",
+            "/bin/true",
+        ]
+    )
     assert res.returncode == 2, res.describe()
     assert "cannot be combined with release_after_exec" in res.stderr, res.describe()
 
@@ -70,8 +92,7 @@ def test_configuration_file_and_environment(programs: Programs, tmp_path: Path) 
     conf = tmp_path / "conf.toml"
     conf.write_text(f'release_after_exec = ["{probe} *", "/nothing"]\n')
     conf.chmod(0o644)
-    args = ["--config", str(conf), "--preload", programs.librelmarker, "--",
-            probe, "--wait", "/"]
+    args = ["--config", str(conf), "--preload", programs.librelmarker, "--", probe, "--wait", "/"]
     res = run(args)
     assert res.returncode == 0 and "tracer=0" in res.stdout, res.describe()
     env = {"VGPU_LAUNCH_RELEASE_AFTER_EXEC": f"/nothing here; {probe} --wait *"}

@@ -23,11 +23,17 @@ def preload(programs: Programs) -> list[str]:
     return ["--preload", programs.librelmarker]
 
 
-def direct(argv: list[str], programs: Programs,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def direct(
+    argv: list[str], programs: Programs, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """CMD without vgpu-launch, with the same preload in its environment."""
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                          env=clean_env({"LD_PRELOAD": programs.librelmarker, **(env or {})}))
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env({"LD_PRELOAD": programs.librelmarker, **(env or {})}),
+    )
 
 
 def test_strace_f_as_cmd(programs: Programs, strace: str) -> None:
@@ -88,8 +94,7 @@ def test_ptrace_requests_of_the_tree(programs: Programs, mode: str, bits: int) -
 def test_caller_between_vfork_and_exec(programs: Programs) -> None:
     """A vfork child that calls PTRACE_TRACEME before its exec (its parent is stuck in vfork
     until then) is released, traced by its parent, and stops at its exec for it."""
-    res = run([*preload(programs), "--", programs.rel_ptrace, "vfork-traceme",
-               programs.rel_probe])
+    res = run([*preload(programs), "--", programs.rel_ptrace, "vfork-traceme", programs.rel_probe])
     assert res.returncode == 0, res.describe()
     assert "vfork-traceme=ok rc=0" in res.stdout, res.stdout
 
@@ -98,12 +103,17 @@ def run_ptrace_later(t: ShellTree, programs: Programs, name: str) -> int:
     """A subshell of the tree that waits for {dir}/NAME.go, then execs rel_ptrace for each
     mode. Returns its pid."""
     go, out = t.dir / f"{name}.go", t.dir / f"{name}.out"
-    script = (f"echo pid=$$ >{out}; while [ ! -e {go} ]; do sleep 0.01; done; "
-              f"for m in traceme attach; do {programs.rel_ptrace} $m >>{out}; done; "
-              f"echo done >>{out}")
+    script = (
+        f"echo pid=$$ >{out}; while [ ! -e {go} ]; do sleep 0.01; done; "
+        f"for m in traceme attach; do {programs.rel_ptrace} $m >>{out}; done; "
+        f"echo done >>{out}"
+    )
     t.send(f"sh -c '{script}' &")
-    return int(wait_for(f"{name} to start", lambda: out.exists() and out.read_text().strip())
-               .split("pid=")[1])
+    return int(
+        wait_for(f"{name} to start", lambda: out.exists() and out.read_text().strip()).split(
+            "pid="
+        )[1]
+    )
 
 
 def results(t: ShellTree, name: str) -> str:
@@ -123,8 +133,9 @@ def test_a_released_process_can_still_use_ptrace(tree: ShellTree, programs: Prog
     assert "traceme=ok" in text and "attach=ok" in text, text
 
 
-def test_after_vgpu_launch_died_ptrace_requests_fail_with_enosys(tree: ShellTree,
-                                                                 programs: Programs) -> None:
+def test_after_vgpu_launch_died_ptrace_requests_fail_with_enosys(
+    tree: ShellTree, programs: Programs
+) -> None:
     """vgpu-launch is killed (fail open: the tree runs on untraced): the seccomp filter stays
     in every process of the tree and nobody answers it, so PTRACE_TRACEME and PTRACE_ATTACH
     fail with ENOSYS there (docs/launcher.md says so)."""
@@ -170,8 +181,7 @@ def test_a_filter_that_refuses_seccomp(programs: Programs, action: str) -> None:
     """Under a seccomp filter that refuses the seccomp call itself (a unit's SystemCallFilter=
     without it; systemd's default action kills with SIGSYS), CMD still runs: vgpu-launch tries
     the call in a throwaway child first, and logs why the requests are not handed over."""
-    res = run([*preload(programs), "--", programs.rel_probe],
-              wrap=[programs.rel_nosec, action])
+    res = run([*preload(programs), "--", programs.rel_probe], wrap=[programs.rel_nosec, action])
     assert res.returncode == 0 and "relprobe" in res.stdout, res.describe()
     (ev,) = res.of("ptrace-requests")
     assert ev["handled"] is False, ev
@@ -189,8 +199,7 @@ def test_unprivileged_without_no_new_privs(programs: Programs, strace: str) -> N
     (ev,) = res.of("ptrace-requests")
     assert ev["handled"] is False and "no_new_privs" in ev["reason"], ev
 
-    nnp = run([*preload(programs), *cmd], user="nobody",
-              wrap=["setpriv", "--no-new-privs", "--"])
+    nnp = run([*preload(programs), *cmd], user="nobody", wrap=["setpriv", "--no-new-privs", "--"])
     assert nnp.returncode == 0, nnp.describe()
     (ev,) = nnp.of("ptrace-requests")
     assert ev["handled"] is True

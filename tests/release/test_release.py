@@ -21,16 +21,17 @@ def release(*args: str, user: str | None = None) -> LaunchResult:
     return command(["release", *args], user=user)
 
 
-def start_worker(t: ShellTree, programs: Programs, threads: int = 3,
-                 name: str = "worker") -> int:
+def start_worker(t: ShellTree, programs: Programs, threads: int = 3, name: str = "worker") -> int:
     """A rel_worker in the background, child of CMD's shell; its pid once all its threads are
     traced."""
     t.send(f"{programs.rel_worker} {t.dir}/{name}.hb {threads} >{t.dir}/{name}.out &")
     out = t.dir / f"{name}.out"
     line = wait_for(f"{name} to start", lambda: out.exists() and out.read_text().strip())
     pid = int(line.split("pid=")[1])
-    wait_for(f"every thread of {name} traced",
-             lambda: len(threads_traced_by(pid, t.launcher)) == threads + 1)
+    wait_for(
+        f"every thread of {name} traced",
+        lambda: len(threads_traced_by(pid, t.launcher)) == threads + 1,
+    )
     return pid
 
 
@@ -53,14 +54,14 @@ def probe_child_gets_preload(t: ShellTree, programs: Programs) -> None:
     assert "tracer=0" not in line, line
 
 
-def test_gdb_attaches_to_a_released_process(tree: ShellTree, programs: Programs,
-                                            gdb: str) -> None:
+def test_gdb_attaches_to_a_released_process(tree: ShellTree, programs: Programs, gdb: str) -> None:
     """gdb -p gives a backtrace of every thread of a released process; it and the tree go on,
     and a program that another process of the tree starts afterwards still gets the preload."""
     t = tree
     pid = start_worker(t, programs)
-    before = subprocess.run([gdb, "-p", str(pid), "-batch", "-ex", "bt"],
-                            capture_output=True, text=True, timeout=120)
+    before = subprocess.run(
+        [gdb, "-p", str(pid), "-batch", "-ex", "bt"], capture_output=True, text=True, timeout=120
+    )
     assert "Operation not permitted" in before.stdout + before.stderr, before
 
     r = release(str(pid))
@@ -68,8 +69,12 @@ def test_gdb_attaches_to_a_released_process(tree: ShellTree, programs: Programs,
     assert r.stdout.startswith(f"released: {pid} (") and "4 threads" in r.stdout, r.describe()
     assert threads_traced_by(pid, t.launcher) == []
 
-    bt = subprocess.run([gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
-                        capture_output=True, text=True, timeout=120)
+    bt = subprocess.run(
+        [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bt.returncode == 0, bt
     assert "rel_worker_main_loop" in bt.stdout, bt.stdout
     assert bt.stdout.count("rel_worker_thread_loop") == 3, bt.stdout
@@ -87,17 +92,24 @@ def test_gdb_attaches_to_a_released_process(tree: ShellTree, programs: Programs,
     assert result.end["released"] == 1
 
 
-def test_strace_attaches_to_a_released_process(tree: ShellTree, programs: Programs,
-                                               strace: str) -> None:
+def test_strace_attaches_to_a_released_process(
+    tree: ShellTree, programs: Programs, strace: str
+) -> None:
     """strace -p traces a released process's system calls and detaches cleanly."""
     pid = start_worker(tree, programs, threads=1)
     assert release(str(pid)).returncode == 0
     trace = tree.dir / "strace.out"
-    proc = subprocess.Popen([strace, "-p", str(pid), "-o", str(trace)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [strace, "-p", str(pid), "-o", str(trace)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for("strace to show the worker's sleeps",
-                 lambda: trace.exists() and "nanosleep" in trace.read_text())
+        wait_for(
+            "strace to show the worker's sleeps",
+            lambda: trace.exists() and "nanosleep" in trace.read_text(),
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -120,22 +132,24 @@ def test_py_spy_dumps_a_released_python_process(tree: ShellTree, py_spy: str) ->
     (tree.dir / "wait.py").write_text(script)
     tree.send(f"{SYSTEM_PYTHON} {tree.dir}/wait.py >{tree.dir}/py.out &")
     out = tree.dir / "py.out"
-    pid = int(wait_for("python", lambda: out.exists() and out.read_text().strip())
-              .split("pid=")[1])
-    blocked = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True,
-                             text=True, timeout=120)
+    pid = int(wait_for("python", lambda: out.exists() and out.read_text().strip()).split("pid=")[1])
+    blocked = subprocess.run(
+        [py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=120
+    )
     assert blocked.returncode != 0, blocked
 
     assert release(str(pid)).returncode == 0
-    dump = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True,
-                          text=True, timeout=120)
+    dump = subprocess.run(
+        [py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=120
+    )
     assert dump.returncode == 0, dump
     assert "rel_py_wait_here" in dump.stdout, dump.stdout
     assert tracer_pid(pid) == 0
 
 
-def test_a_stopped_process_stays_stopped_after_its_release(tree: ShellTree,
-                                                           programs: Programs) -> None:
+def test_a_stopped_process_stays_stopped_after_its_release(
+    tree: ShellTree, programs: Programs
+) -> None:
     """A process stopped by job control (parked in a group-stop) is released stopped, as it
     would be without vgpu-launch, and SIGCONT resumes it."""
     pid = start_worker(tree, programs, threads=2)
@@ -155,11 +169,14 @@ def test_tree_releases_every_descendant(tree: ShellTree, programs: Programs) -> 
     """--tree gives back a process and everything below it; its siblings stay traced."""
     t = tree
     other = start_worker(t, programs, threads=1, name="other")
-    t.send(f"sh -c 'echo sub pid=$$ >{t.dir}/sub.out; {programs.rel_worker} {t.dir}/a.hb 1 "
-           f">/dev/null & {programs.rel_worker} {t.dir}/b.hb 1 >/dev/null & wait' &")
+    t.send(
+        f"sh -c 'echo sub pid=$$ >{t.dir}/sub.out; {programs.rel_worker} {t.dir}/a.hb 1 "
+        f">/dev/null & {programs.rel_worker} {t.dir}/b.hb 1 >/dev/null & wait' &"
+    )
     sub_out = t.dir / "sub.out"
-    sub = int(wait_for("sub", lambda: sub_out.exists() and sub_out.read_text().strip())
-              .split("pid=")[1])
+    sub = int(
+        wait_for("sub", lambda: sub_out.exists() and sub_out.read_text().strip()).split("pid=")[1]
+    )
 
     def kids() -> list[int]:
         text = Path(f"/proc/{sub}/task/{sub}/children").read_text().split()
@@ -208,8 +225,7 @@ def test_strict_mode_refuses_release_unless_allowed(programs: Programs) -> None:
         ev = t.wait_event("release-refused")
         assert ev["level"] == "error" and "strict" in ev["message"], ev
         assert len(threads_traced_by(pid, t.launcher)) == 2
-    with ShellTree(["--strict", "--strict-allow-release", "--preload",
-                    programs.librelmarker]) as t:
+    with ShellTree(["--strict", "--strict-allow-release", "--preload", programs.librelmarker]) as t:
         pid = start_worker(t, programs, threads=1)
         assert release(str(pid)).returncode == 0
         assert t.wait_event("released", pid=pid)["level"] == "warning"
@@ -222,8 +238,11 @@ def test_status_shows_released_processes(tree: ShellTree, programs: Programs) ->
     traced = start_worker(tree, programs, threads=1, name="traced")
     assert release(str(pid)).returncode == 0
     st = command(["status", str(tree.launcher), "--preload", programs.librelmarker])
-    lines = {int(ln.split()[0]): ln for ln in st.stdout.splitlines()
-             if ln.strip() and ln.split()[0].isdigit()}
+    lines = {
+        int(ln.split()[0]): ln
+        for ln in st.stdout.splitlines()
+        if ln.strip() and ln.split()[0].isdigit()
+    }
     assert "released" in lines[pid], st.stdout
     assert "released" not in lines[traced], st.stdout
 

@@ -13,11 +13,18 @@ from support import launch
 from support.build import Programs
 
 
-def refused(programs: Programs, tmp_path: Path, args: list[str], *,
-            env: dict[str, str | None] | None = None, expect: str = "") -> str:
+def refused(
+    programs: Programs,
+    tmp_path: Path,
+    args: list[str],
+    *,
+    env: dict[str, str | None] | None = None,
+    expect: str = "",
+) -> str:
     ran = tmp_path / "ran"
-    run = launch.run([*args, "--", programs.rprobe, "--touch", str(ran)],
-                     env=env, timeout=30, log_format="")
+    run = launch.run(
+        [*args, "--", programs.rprobe, "--touch", str(ran)], env=env, timeout=30, log_format=""
+    )
     lines = run.stderr.splitlines()
     assert run.returncode == 2, run.describe()
     assert len(lines) == 1 and lines[0].startswith("vgpu-launch: "), run.describe()
@@ -48,13 +55,17 @@ FILE_CASES = {
     "env not a table": ('preload = ["{lib}"]\nenv = "A=B"\n', "env must be a table"),
     "env value not a string": ('preload = ["{lib}"]\n[env]\nA = 1\n', "env.A must be"),
     "env bad name": ('preload = ["{lib}"]\n[env]\n"A-B" = "1"\n', "env.A-B must be"),
-    "LD_PRELOAD through env": ('preload = ["{lib}"]\n[env]\nLD_PRELOAD = "/x.so"\n',
-                               "set LD_PRELOAD with preload"),
+    "LD_PRELOAD through env": (
+        'preload = ["{lib}"]\n[env]\nLD_PRELOAD = "/x.so"\n',
+        "set LD_PRELOAD with preload",
+    ),
     "log_level": ('preload = ["{lib}"]\nlog_level = "loud"\n', "log_level must be one of"),
     "log_format": ('preload = ["{lib}"]\nlog_format = "xml"\n', "log_format must be one of"),
     "exclude not paths": ('preload = ["{lib}"]\nexclude = [1]\n', "exclude must be a list"),
-    "allow_insecure not a boolean": ('preload = ["{lib}"]\nallow_insecure = 1\n',
-                                     "allow_insecure must be true or false"),
+    "allow_insecure not a boolean": (
+        'preload = ["{lib}"]\nallow_insecure = 1\n',
+        "allow_insecure must be true or false",
+    ),
     "preload path with a colon": ('preload = ["/a:b.so"]\n', "contains ':' or whitespace"),
 }
 
@@ -85,8 +96,13 @@ def test_configuration_file_is_a_directory(programs: Programs, tmp_path: Path) -
 def test_configuration_file_missing(programs: Programs, tmp_path: Path) -> None:
     """A configuration file named (option or variable) but missing is refused."""
     refused(programs, tmp_path, ["--config", str(tmp_path / "nope.conf")], expect="not found")
-    refused(programs, tmp_path, [], env={"VGPU_LAUNCH_CONFIG": str(tmp_path / "nope.conf")},
-            expect="not found")
+    refused(
+        programs,
+        tmp_path,
+        [],
+        env={"VGPU_LAUNCH_CONFIG": str(tmp_path / "nope.conf")},
+        expect="not found",
+    )
 
 
 # ---- environment variables ----------------------------------------------------------------------
@@ -94,8 +110,10 @@ def test_configuration_file_missing(programs: Programs, tmp_path: Path) -> None:
 ENV_CASES = {
     "unknown variable": ({"VGPU_LAUNCH_STRICTNESS": "1"}, "unknown environment variable"),
     "strict not a boolean": ({"VGPU_LAUNCH_STRICT": "maybe"}, "VGPU_LAUNCH_STRICT"),
-    "allow_insecure not a boolean": ({"VGPU_LAUNCH_ALLOW_INSECURE": "perhaps"},
-                                     "VGPU_LAUNCH_ALLOW_INSECURE"),
+    "allow_insecure not a boolean": (
+        {"VGPU_LAUNCH_ALLOW_INSECURE": "perhaps"},
+        "VGPU_LAUNCH_ALLOW_INSECURE",
+    ),
     "no_follow not a boolean": ({"VGPU_LAUNCH_NO_FOLLOW": "2"}, "VGPU_LAUNCH_NO_FOLLOW"),
     "env not assignments": ({"VGPU_LAUNCH_ENV": "JUSTANAME"}, "not NAME=VALUE"),
     "force_env bad name": ({"VGPU_LAUNCH_FORCE_ENV": "1X=2"}, "not NAME=VALUE"),
@@ -149,28 +167,44 @@ def test_preload_32bit_only(programs: Programs, tmp_path: Path) -> None:
 
 def test_bad_env_option(programs: Programs, tmp_path: Path) -> None:
     """--env without NAME=VALUE is refused."""
-    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--env", "NOVALUE"],
-            expect="not NAME=VALUE")
+    refused(
+        programs,
+        tmp_path,
+        ["--preload", programs.librobustmark, "--env", "NOVALUE"],
+        expect="not NAME=VALUE",
+    )
 
 
 def test_unknown_option(programs: Programs, tmp_path: Path) -> None:
     """An unknown option is refused, naming it."""
-    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--frobnicate"],
-            expect="--frobnicate")
+    refused(
+        programs,
+        tmp_path,
+        ["--preload", programs.librobustmark, "--frobnicate"],
+        expect="--frobnicate",
+    )
 
 
 def test_bad_log_level_option(programs: Programs, tmp_path: Path) -> None:
     """An unknown --log-level is refused, naming it."""
-    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--log-level", "loud"],
-            expect="loud")
+    refused(
+        programs,
+        tmp_path,
+        ["--preload", programs.librobustmark, "--log-level", "loud"],
+        expect="loud",
+    )
 
 
 @pytest.mark.parametrize("where", ["missing directory", "a directory"])
 def test_unusable_log_file(programs: Programs, tmp_path: Path, where: str) -> None:
     """A --log-file that cannot be written is refused, naming it."""
     path = tmp_path / "no" / "x.log" if where == "missing directory" else tmp_path
-    refused(programs, tmp_path, ["--preload", programs.librobustmark, "--log-file", str(path)],
-            expect=str(path))
+    refused(
+        programs,
+        tmp_path,
+        ["--preload", programs.librobustmark, "--log-file", str(path)],
+        expect=str(path),
+    )
 
 
 def test_nothing_started_even_with_a_valid_command(programs: Programs, tmp_path: Path) -> None:

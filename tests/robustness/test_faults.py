@@ -50,17 +50,30 @@ def assert_clean_end(run: launch.LaunchResult, exit_code: int = 0) -> None:
 
 
 def read_pid(path: Path) -> int:
-    return int(procs.wait_for(str(path),
-                              lambda: path.read_text().strip() if path.exists() else None, 10))
+    return int(
+        procs.wait_for(str(path), lambda: path.read_text().strip() if path.exists() else None, 10)
+    )
 
 
-def event_tree(programs: Programs, pub: Path, mode: str, fifo: Path, *args: str,
-               extra: tuple[str, ...] = ()) -> launch.Tree:
+def event_tree(
+    programs: Programs, pub: Path, mode: str, fifo: Path, *args: str, extra: tuple[str, ...] = ()
+) -> launch.Tree:
     """CMD: rtool reap (a subreaper, so CMD ends only when its tree is gone) running
     ``rtool event MODE`` (the victim), which waits on ``fifo`` and then runs ``args``."""
     return launch.Tree(
-        [*preload(programs), *extra, "--", programs.rtool, "reap", programs.rtool, "event", mode,
-         str(pub / "pid"), str(fifo), *args],
+        [
+            *preload(programs),
+            *extra,
+            "--",
+            programs.rtool,
+            "reap",
+            programs.rtool,
+            "event",
+            mode,
+            str(pub / "pid"),
+            str(fifo),
+            *args,
+        ],
     )
 
 
@@ -70,9 +83,10 @@ def event_tree(programs: Programs, pub: Path, mode: str, fifo: Path, *args: str,
 @pytest.mark.parametrize("mode", ["fork", "vfork", "clone", "exec", "stop"])
 def test_killed_at_a_stop_the_tracer_has_not_seen(programs: Programs, pub: Path, mode: str) -> None:
     """A tracee SIGKILLed at a stop the tracer has not seen yet: the run ends clean."""
-    with procs.fifo(pub) as fifo, event_tree(
-        programs, pub, mode, fifo, programs.rprobe, "--touch", str(pub / "ran")
-    ) as tree:
+    with (
+        procs.fifo(pub) as fifo,
+        event_tree(programs, pub, mode, fifo, programs.rprobe, "--touch", str(pub / "ran")) as tree,
+    ):
         tree.tracer_ready()
         victim = read_pid(pub / "pid")
         tree.freeze()
@@ -129,16 +143,33 @@ def test_killed_between_waitpid_and_the_next_ptrace_call(
         tree.tracer_ready()
         victim = read_pid(pub / "pid")
         strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-e", "trace=ptrace,wait4", "-e", "signal=none",
-             "-e", "inject=ptrace:delay_enter=400000", "-o", str(log), "-p", str(tree.launcher)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=ptrace,wait4",
+                "-e",
+                "signal=none",
+                "-e",
+                "inject=ptrace:delay_enter=400000",
+                "-o",
+                str(log),
+                "-p",
+                str(tree.launcher),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             procs.wait_for("strace to attach", lambda: procs.all_threads_traced(tree.launcher), 10)
             procs.release(fifo)
             stop_seen = _EVENT_STOP[mode].replace("{pid}", str(victim))
-            procs.wait_for("the tracer's wait4 to return the victim's stop",
-                           lambda: _strace_log_has(log, stop_seen), 30)
+            procs.wait_for(
+                "the tracer's wait4 to return the victim's stop",
+                lambda: _strace_log_has(log, stop_seen),
+                30,
+            )
             os.kill(victim, signal.SIGKILL)
             run = tree.wait(60)
         finally:
@@ -153,22 +184,40 @@ def test_killed_between_waitpid_and_the_next_ptrace_call(
 def test_child_stop_reported_before_its_parents_fork_event(programs: Programs, pub: Path) -> None:
     """A child's first stop reported before its parent's fork event: it gets the preload."""
     log = pub / "strace.log"
-    with procs.fifo(pub) as fifo, event_tree(
-        programs, pub, "fork", fifo, programs.rtool, "rlimit-exec", "8388608", programs.rprobe
-    ) as tree:
+    with (
+        procs.fifo(pub) as fifo,
+        event_tree(
+            programs, pub, "fork", fifo, programs.rtool, "rlimit-exec", "8388608", programs.rprobe
+        ) as tree,
+    ):
         tree.tracer_ready()
         parent = read_pid(pub / "pid")
         strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-e", "trace=wait4", "-e", "signal=none", "-o", str(log),
-             "-p", str(tree.launcher)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=wait4",
+                "-e",
+                "signal=none",
+                "-o",
+                str(log),
+                "-p",
+                str(tree.launcher),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             procs.wait_for("strace to attach", lambda: procs.all_threads_traced(tree.launcher), 10)
             tree.freeze()
             procs.release(fifo)
-            procs.wait_for("parent and child at their stops",
-                           lambda: len(procs.stopped(tree.tree_pids())) >= 2, 10)
+            procs.wait_for(
+                "parent and child at their stops",
+                lambda: len(procs.stopped(tree.tree_pids())) >= 2,
+                10,
+            )
             tree.thaw()
             run = tree.wait(60)
         finally:
@@ -177,11 +226,16 @@ def test_child_stop_reported_before_its_parents_fork_event(programs: Programs, p
     # environment (rlimit-exec) and still got the preload.
     (child,) = probes(run.stdout)
     assert child["marker"] == "1", run.describe()
-    reported = [(what, int(pid)) for what, pid in
-                re.findall(r"wait4\(-1, \[(.*?)\], __WALL, NULL\) = (\d+)", log.read_text())]
+    reported = [
+        (what, int(pid))
+        for what, pid in re.findall(
+            r"wait4\(-1, \[(.*?)\], __WALL, NULL\) = (\d+)", log.read_text()
+        )
+    ]
     pids = [pid for _, pid in reported]
-    fork_event = reported.index(("{WIFSTOPPED(s) && WSTOPSIG(s) == SIGTRAP}|PTRACE_EVENT_FORK<<16",
-                                 parent))
+    fork_event = reported.index(
+        ("{WIFSTOPPED(s) && WSTOPSIG(s) == SIGTRAP}|PTRACE_EVENT_FORK<<16", parent)
+    )
     assert pids.index(int(child["pid"])) < fork_event, reported
     assert_clean_end(run)
     assert launch.reap_status(run.stdout) == 0
@@ -195,8 +249,9 @@ def test_thread_churn_with_forks_whose_threads_die_at_their_first_stop(programs:
     """30,000 short-lived threads, 16 at a time, while two threads keep forking children that
     start 4 threads and exit_group() at once: those threads die between the tracer's waitpid
     and its next ptrace call (ESRCH), or before their first stop is even reported."""
-    run = launch.run([*preload(programs), "--", programs.rtool, "thread-churn", "30000", "16",
-                      "2"], timeout=240)
+    run = launch.run(
+        [*preload(programs), "--", programs.rtool, "thread-churn", "30000", "16", "2"], timeout=240
+    )
     assert_clean_end(run)
     m = re.search(r"threads=(\d+) forks=(\d+)", run.stdout)
     assert m and int(m.group(1)) == 30000 and int(m.group(2)) > 100, run.describe()
@@ -209,8 +264,19 @@ def test_exec_storm(programs: Programs) -> None:
     """3,000 programs, 12 started at once, alternately by posix_spawn (CLONE_VM|CLONE_VFORK)
     and fork+execve from 12 threads, each with an empty environment: every one of them must
     get the preload (rprobe --check exits 3 otherwise)."""
-    run = launch.run([*preload(programs), "--", programs.rtool, "spawn-storm", "12", "250",
-                      programs.rprobe, "--check"], timeout=240)
+    run = launch.run(
+        [
+            *preload(programs),
+            "--",
+            programs.rtool,
+            "spawn-storm",
+            "12",
+            "250",
+            programs.rprobe,
+            "--check",
+        ],
+        timeout=240,
+    )
     assert_clean_end(run)
     assert "spawned=3000 failed=0" in run.stdout, run.describe()
     assert run.end["counts"]["injected"] == 3000
@@ -220,8 +286,9 @@ def test_exec_storm(programs: Programs) -> None:
 def test_exec_while_threads_are_created_and_exit(programs: Programs) -> None:
     """20 execs in a row, half of them from a non-leader thread, each while two threads keep
     creating and ending threads; every exec needs the preload put back."""
-    run = launch.run([*preload(programs), "--", programs.rtool, "exec-churn", "20",
-                      programs.rprobe], timeout=120)
+    run = launch.run(
+        [*preload(programs), "--", programs.rtool, "exec-churn", "20", programs.rprobe], timeout=120
+    )
     assert_clean_end(run)
     (probe,) = probes(run.stdout)
     assert probe["marker"] == "1", run.describe()
@@ -278,8 +345,11 @@ def test_image_removed_while_stopped_at_its_exec_event(programs: Programs, pub: 
         victim = read_pid(pub / "pid")
         tree.freeze()
         procs.release(fifo)
-        procs.wait_for("the exec stop", lambda: procs.stopped([victim])
-                       and os.readlink(f"/proc/{victim}/exe") == str(copy), 10)
+        procs.wait_for(
+            "the exec stop",
+            lambda: procs.stopped([victim]) and os.readlink(f"/proc/{victim}/exe") == str(copy),
+            10,
+        )
         copy.unlink()
         tree.thaw()
         run = tree.wait(60)
@@ -302,10 +372,22 @@ def test_new_stack_cannot_be_written(programs: Programs, pub: Path) -> None:
     is "failed" with that reason and, fail-open, the program runs without the preload."""
     import resource
 
-    with procs.fifo(pub) as fifo, event_tree(
-        programs, pub, "exec", fifo, programs.rtool, "rlimit-exec", str(8 << 20), programs.rprobe,
-        "--touch", str(pub / "ran"), extra=tuple(_big_env(5, 120_000)),
-    ) as tree:
+    with (
+        procs.fifo(pub) as fifo,
+        event_tree(
+            programs,
+            pub,
+            "exec",
+            fifo,
+            programs.rtool,
+            "rlimit-exec",
+            str(8 << 20),
+            programs.rprobe,
+            "--touch",
+            str(pub / "ran"),
+            extra=tuple(_big_env(5, 120_000)),
+        ) as tree,
+    ):
         tree.tracer_ready()
         read_pid(pub / "pid")
         resource.prlimit(tree.launcher, resource.RLIMIT_STACK, (512 * 1024, resource.RLIM_INFINITY))
@@ -322,8 +404,19 @@ def test_new_stack_cannot_be_written(programs: Programs, pub: Path) -> None:
 
 def test_new_environment_beyond_the_programs_own_stack_limit(programs: Programs) -> None:
     """A new environment larger than the program's stack limit: no crash, either way."""
-    run = launch.run([*preload(programs), *_big_env(2, 100_000), "--", programs.rtool, "reap",
-                      programs.rtool, "rlimit-exec", "163840", programs.rprobe])
+    run = launch.run(
+        [
+            *preload(programs),
+            *_big_env(2, 100_000),
+            "--",
+            programs.rtool,
+            "reap",
+            programs.rtool,
+            "rlimit-exec",
+            "163840",
+            programs.rprobe,
+        ]
+    )
     assert_clean_end(run)
     # Either injected and running, or failed and running without it: never a crash.
     assert launch.reap_status(run.stdout) == 0, run.describe()
@@ -357,8 +450,9 @@ def test_setuid_program_run_by_an_unprivileged_user(programs: Programs, setuid_p
     assert run.end["counts"]["setuid"] == 1
 
 
-def test_setuid_program_under_an_unprivileged_tracer(programs: Programs,
-                                                     setuid_probe: Path) -> None:
+def test_setuid_program_under_an_unprivileged_tracer(
+    programs: Programs, setuid_probe: Path
+) -> None:
     """vgpu-launch itself as nobody: the kernel runs the setuid program *without* its privilege
     (a tracer may not gain it), but still with AT_SECURE=1; decision setuid, no preload."""
     run = launch.run([*preload(programs), "--", str(setuid_probe)], user="nobody")
@@ -446,8 +540,18 @@ def test_after_a_tracer_failure_the_end_event_reports_no_tracees(
 
 def heartbeat_tree(programs: Programs, pub: Path, *extra: str) -> launch.Tree:
     return launch.Tree(
-        [*preload(programs), *extra, "--", programs.rtool, "reap", programs.rtool, "heartbeat",
-         str(pub / "beats"), programs.rprobe, "60"],
+        [
+            *preload(programs),
+            *extra,
+            "--",
+            programs.rtool,
+            "reap",
+            programs.rtool,
+            "heartbeat",
+            str(pub / "beats"),
+            programs.rprobe,
+            "60",
+        ],
     )
 
 
@@ -462,8 +566,9 @@ def test_launcher_sigkilled_tree_runs_on_untouched(programs: Programs, pub: Path
     """vgpu-launch SIGKILLed: its tree runs on, untraced, and new children still get the preload."""
     with heartbeat_tree(programs, pub) as tree:
         tree.tracer_ready()
-        procs.wait_for("two children",
-                       lambda: sum(b.startswith("child") for b in _beats(pub)) >= 2, 20)
+        procs.wait_for(
+            "two children", lambda: sum(b.startswith("child") for b in _beats(pub)) >= 2, 20
+        )
         tree_before = set(tree.tree_pids())
         os.kill(tree.launcher, signal.SIGKILL)
         procs.wait_for("vgpu-launch to die", lambda: procs.state(tree.launcher) in (None, "Z"), 10)

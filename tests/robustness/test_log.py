@@ -59,8 +59,9 @@ def run(args: Sequence[Any], tmp: Path, *, env: Mapping[str, str | None] | None 
     (support.launch.Tree: nothing of it may be left behind); its stderr goes to a file in
     ``tmp``."""
     err = tmp / f"stderr-{time.monotonic_ns()}"
-    with launch.Tree([str(a) for a in args], env={**NO_JOURNAL, **(env or {})},
-                     stderr_path=err, log_format=None) as tree:
+    with launch.Tree(
+        [str(a) for a in args], env={**NO_JOURNAL, **(env or {})}, stderr_path=err, log_format=None
+    ) as tree:
         res = tree.wait(120)
         return Raw(res.returncode, tree.out.data, err.read_bytes())
 
@@ -76,12 +77,16 @@ def test_a_stalled_stderr_reader_costs_log_lines_not_processes(
     os.mkfifo(fifo)
     rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read until the loop is done
     wfd = os.open(fifo, os.O_WRONLY)
-    script = ("i=0; while [ $i -lt 2000 ]; do env -i /bin/true; i=$((i+1)); done; "
-              "echo looped; read x")
+    script = (
+        "i=0; while [ $i -lt 2000 ]; do env -i /bin/true; i=$((i+1)); done; echo looped; read x"
+    )
     # A direct child: support.launch.Tree takes stderr to a file, and this one is a FIFO.
     proc = subprocess.Popen(
         launch.launcher_argv(["--preload", programs.libquiet, "--", "sh", "-c", script]),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=wfd, env=env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=wfd,
+        env=env(),
         start_new_session=True,
     )
     os.close(wfd)
@@ -129,11 +134,25 @@ def test_a_program_path_that_is_not_utf8_does_not_stop_injection(
     odd.mkdir()
     shutil.copy(programs.probe, odd / "probe")
     logf = tmp_path / "log.jsonl"
-    res = run([
-        "--log-format", fmt, "--log-file", logf, "--preload", programs.libmarker,
-        *(["--strict"] if strict else []), "--",
-        "sh", "-c", 'env -i "$1"; env -i "$2"', "sh", odd / "probe", programs.probe,
-    ], tmp_path)
+    res = run(
+        [
+            "--log-format",
+            fmt,
+            "--log-file",
+            logf,
+            "--preload",
+            programs.libmarker,
+            *(["--strict"] if strict else []),
+            "--",
+            "sh",
+            "-c",
+            'env -i "$1"; env -i "$2"',
+            "sh",
+            odd / "probe",
+            programs.probe,
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     markers = [line.rsplit(b"marker=", 1)[1] for line in res.stdout.splitlines()]
     assert markers == [b"1", b"1"], res.stdout
@@ -153,8 +172,19 @@ def test_odd_bytes_at_start_are_logged_not_fatal(programs: Programs, tmp_path: P
     odd.mkdir()
     shutil.copy(programs.probe, odd / "probe")
     logf = tmp_path / "log.jsonl"
-    res = run(["--log-file", logf, "--preload", programs.libmarker,
-               "--env", os.fsdecode(b"X=\xff"), "--", odd / "probe"], tmp_path)
+    res = run(
+        [
+            "--log-file",
+            logf,
+            "--preload",
+            programs.libmarker,
+            "--env",
+            os.fsdecode(b"X=\xff"),
+            "--",
+            odd / "probe",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.endswith(b"marker=1\n")
     start = json_events(logf.read_bytes())[0]
@@ -165,23 +195,35 @@ def test_odd_bytes_at_start_are_logged_not_fatal(programs: Programs, tmp_path: P
 # ('=' would make env(1) read the program's path as an assignment; LD_* variables would make
 # ld.so itself write to the tree's stderr, which is the program's output, not vgpu-launch's)
 _NAME_BYTES = st.binary(min_size=1, max_size=24).filter(
-    lambda b: not {ord("/"), 0, ord("=")} & set(b) and b not in (b".", b".."))
+    lambda b: not {ord("/"), 0, ord("=")} & set(b) and b not in (b".", b"..")
+)
 _ARG_BYTES = st.binary(max_size=300).filter(lambda b: b"\0" not in b)
 _ENV_BYTES = st.tuples(
     st.binary(min_size=1, max_size=16).filter(
-        lambda b: b"=" not in b and b"\0" not in b and not b.startswith(b"LD_")),
+        lambda b: b"=" not in b and b"\0" not in b and not b.startswith(b"LD_")
+    ),
     _ARG_BYTES,
 )
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(name=_NAME_BYTES, args=st.lists(_ARG_BYTES, max_size=4),
-       environ=st.lists(_ENV_BYTES, max_size=4))
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    name=_NAME_BYTES,
+    args=st.lists(_ARG_BYTES, max_size=4),
+    environ=st.lists(_ENV_BYTES, max_size=4),
+)
 def test_a_hostile_tree_cannot_break_the_log(
-    programs: Programs, tmp_path_factory: pytest.TempPathFactory,
-    fmt: str, name: bytes, args: list[bytes], environ: list[tuple[bytes, bytes]],
+    programs: Programs,
+    tmp_path_factory: pytest.TempPathFactory,
+    fmt: str,
+    name: bytes,
+    args: list[bytes],
+    environ: list[tuple[bytes, bytes]],
 ) -> None:
     """Random bytes in a program's path, argv, env: tracer lives, JSON parses, lines capped."""
     d = tmp_path_factory.mktemp("hostile")
@@ -191,10 +233,22 @@ def test_a_hostile_tree_cannot_break_the_log(
     shutil.copy(os.fsencode(programs.probe), prog)
     logf = d / "log.jsonl"
     # The bytes travel as str (os.fsdecode), which subprocess encodes back to the same bytes.
-    argv = [b"--log-format", fmt.encode(), b"--log-file", os.fsencode(logf),
-            b"--preload", os.fsencode(programs.libsilent_marker),
-            b"--", b"sh", b"-c", b'env -i "$@"; env -i ' + os.fsencode(programs.probe), b"sh",
-            *(k + b"=" + v for k, v in environ), prog, *args]
+    argv = [
+        b"--log-format",
+        fmt.encode(),
+        b"--log-file",
+        os.fsencode(logf),
+        b"--preload",
+        os.fsencode(programs.libsilent_marker),
+        b"--",
+        b"sh",
+        b"-c",
+        b'env -i "$@"; env -i ' + os.fsencode(programs.probe),
+        b"sh",
+        *(k + b"=" + v for k, v in environ),
+        prog,
+        *args,
+    ]
     res = run([os.fsdecode(a) for a in argv], d)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[-1].endswith(b"marker=1"), res.stdout
@@ -221,8 +275,20 @@ def test_the_console_writes_no_control_bytes_from_programs(
     odd = tmp_path / "\x1b]0;owned\x07\x1b[2J"
     odd.mkdir()
     shutil.copy(programs.probe, odd / "probe")
-    res = run(["--log-format", "console", "--preload", programs.libquiet, "--",
-               "env", "-i", odd / "probe", "\x1b[31m\x9b"], tmp_path)
+    res = run(
+        [
+            "--log-format",
+            "console",
+            "--preload",
+            programs.libquiet,
+            "--",
+            "env",
+            "-i",
+            odd / "probe",
+            "\x1b[31m\x9b",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0
     assert not any(b in res.stderr for b in (b"\x1b", b"\x07", "\x9b".encode())), res.stderr
     assert b"/\\x1b]0;owned\\x07\\x1b[2J/probe" in res.stderr
@@ -237,9 +303,23 @@ def test_a_huge_argv_gives_lines_under_the_cap_marked_truncated(
     """16 arguments of 100 KB: every line of every sink stays under 16 KiB and says so."""
     logf = tmp_path / "log.jsonl"
     big = ["x" * 100_000] * 16
-    res = run(["--log-format", "json", "--log-file", logf,
-               "--preload", programs.libquiet, "--",
-               "sh", "-c", 'env -i /bin/true "$@"', "sh", *big], tmp_path)
+    res = run(
+        [
+            "--log-format",
+            "json",
+            "--log-file",
+            logf,
+            "--preload",
+            programs.libquiet,
+            "--",
+            "sh",
+            "-c",
+            'env -i /bin/true "$@"',
+            "sh",
+            *big,
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0
     for data in (res.stderr, logf.read_bytes()):
         events = json_events(data)
@@ -260,10 +340,24 @@ def test_environment_values_never_reach_the_log(programs: Programs, tmp_path: Pa
     conf.write_text('[env]\nFILE_TOKEN = "s3cr3t-file"\n')
     logf = tmp_path / "log.jsonl"
     res = run(
-        ["--config", conf, "--log-format", "json", "--log-file", logf,
-         "--preload", programs.libquiet, "--env", "API_TOKEN=s3cr3t-cli",
-         "--force-env", "FORCED=s3cr3t-force", "--", "/bin/true"],
-        tmp_path, env={"VGPU_LAUNCH_ENV": "ENV_TOKEN=s3cr3t-env"},
+        [
+            "--config",
+            conf,
+            "--log-format",
+            "json",
+            "--log-file",
+            logf,
+            "--preload",
+            programs.libquiet,
+            "--env",
+            "API_TOKEN=s3cr3t-cli",
+            "--force-env",
+            "FORCED=s3cr3t-force",
+            "--",
+            "/bin/true",
+        ],
+        tmp_path,
+        env={"VGPU_LAUNCH_ENV": "ENV_TOKEN=s3cr3t-env"},
     )
     assert res.returncode == 0, res.stderr
     for data in (res.stderr, logf.read_bytes()):
@@ -318,8 +412,7 @@ def test_on_a_terminal_cmd_output_is_all_there_is(programs: Programs) -> None:
 
 def test_on_a_terminal_v_shows_the_decisions(programs: Programs) -> None:
     """-v shows each decision on the terminal, -vv the debug events too."""
-    out, _ = on_a_terminal(["-v", "--preload", programs.libquiet, "--",
-                            "env", "-i", "/bin/true"])
+    out, _ = on_a_terminal(["-v", "--preload", programs.libquiet, "--", "env", "-i", "/bin/true"])
     assert b"[info     ] exec" in out and b"decision=injected" in out and b"[debug" not in out
     out, _ = on_a_terminal(["-vv", "--preload", programs.libquiet, "--", "/bin/true"])
     assert b"[debug    ] exit" in out
@@ -328,22 +421,35 @@ def test_on_a_terminal_v_shows_the_decisions(programs: Programs) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setpriv to another user)")
 def test_on_a_terminal_a_program_without_the_preload_is_summed_up(programs: Programs) -> None:
     """A setuid program runs without the preload: the terminal gets one summary line."""
-    out, _ = on_a_terminal(["--preload", programs.libquiet, "--",
-                            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            "su", "--version"])
+    out, _ = on_a_terminal(
+        [
+            "--preload",
+            programs.libquiet,
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "su",
+            "--version",
+        ]
+    )
     lines = out.decode().splitlines()
     assert lines[0].startswith("su from util-linux")
     assert lines[1:] == [
-        "vgpu-launch: 1 program without the preload (1 setuid); -v shows each decision"]
+        "vgpu-launch: 1 program without the preload (1 setuid); -v shows each decision"
+    ]
 
 
 def test_v_and_log_level_together_are_refused(programs: Programs, tmp_path: Path) -> None:
     """-v is --log-level info: both on one command line is a usage error, in one line."""
-    res = run(["-v", "--log-level", "debug", "--preload", programs.libquiet, "--", "true"],
-              tmp_path)
+    res = run(
+        ["-v", "--log-level", "debug", "--preload", programs.libquiet, "--", "true"], tmp_path
+    )
     assert res.returncode == 2
-    assert res.stderr == (b"vgpu-launch: give -v or --log-level, not both "
-                          b"(see vgpu-launch --help)\n")
+    assert res.stderr == (
+        b"vgpu-launch: give -v or --log-level, not both (see vgpu-launch --help)\n"
+    )
 
 
 # -- start-up -------------------------------------------------------------------------------------
@@ -360,6 +466,11 @@ def test_the_way_to_cmd_imports_no_renderer() -> None:
         "print(sorted(m for m in ('structlog', 'json') if m in sys.modules))\n"
     )
     environ = env()  # PYTHONPATH names this checkout
-    out = subprocess.run([environ["VGPU_LAUNCH_PYTHON"], "-c", code], capture_output=True,
-                         text=True, env=environ, check=True)
+    out = subprocess.run(
+        [environ["VGPU_LAUNCH_PYTHON"], "-c", code],
+        capture_output=True,
+        text=True,
+        env=environ,
+        check=True,
+    )
     assert out.stdout.strip() == "[]"

@@ -23,8 +23,11 @@ def _preload(programs: Programs) -> list[str]:
 
 
 def _probes(out: str) -> list[dict[str, str]]:
-    return [dict(kv.split("=", 1) for kv in line.split()[1:])
-            for line in out.splitlines() if line.startswith("rprobe ")]
+    return [
+        dict(kv.split("=", 1) for kv in line.split()[1:])
+        for line in out.splitlines()
+        if line.startswith("rprobe ")
+    ]
 
 
 @pytest.fixture
@@ -89,15 +92,17 @@ def test_programs_of_another_user_get_the_preload_without_cap_sys_ptrace(
     assert run.returncode == 0, run.describe()
     (probe,) = _probes(run.stdout)
     assert (probe["uid"], probe["marker"], probe["LD_PRELOAD"]) == (
-        "65534", "1", programs.librobustmark)
+        "65534",
+        "1",
+        programs.librobustmark,
+    )
     ev = _exec_of(run, Path(programs.rprobe))
     assert ev["decision"] == "injected" and ev["level"] == "info", run.describe()
     assert "exe not readable" in ev["note"]
     assert run.end["counts"]["failed"] == 0
 
 
-@pytest.mark.parametrize(("probe", "lost"), [("suid", ["setuid root"]),
-                                             ("fcap", ["cap_net_raw"])])
+@pytest.mark.parametrize(("probe", "lost"), [("suid", ["setuid root"]), ("fcap", ["cap_net_raw"])])
 def test_unprivileged_vgpu_launch_names_what_a_program_lost(
     programs: Programs, privileged_probes: dict[str, Path], probe: str, lost: list[str]
 ) -> None:

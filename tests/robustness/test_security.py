@@ -29,8 +29,14 @@ NOGROUP = pwd.getpwnam("nobody").pw_gid  # nobody's own group: nobody is in it
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setpriv)")
 
 
-def lib_in(programs: Programs, directory: Path, name: str = "librobustmark.so",
-           mode: int = 0o644, owner: int = 0, group: int = 0) -> Path:
+def lib_in(
+    programs: Programs,
+    directory: Path,
+    name: str = "librobustmark.so",
+    mode: int = 0o644,
+    owner: int = 0,
+    group: int = 0,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     shutil.copy(programs.librobustmark, path)
@@ -39,11 +45,18 @@ def lib_in(programs: Programs, directory: Path, name: str = "librobustmark.so",
     return path
 
 
-def refused(programs: Programs, args: list[str], *, env: dict[str, str | None] | None = None,
-            user: str | None = None, tmp: Path) -> str:
+def refused(
+    programs: Programs,
+    args: list[str],
+    *,
+    env: dict[str, str | None] | None = None,
+    user: str | None = None,
+    tmp: Path,
+) -> str:
     ran = tmp / "ran"
-    run = launch.run([*args, "--", programs.rprobe, "--touch", str(ran)], env=env, user=user,
-                     log_format="")
+    run = launch.run(
+        [*args, "--", programs.rprobe, "--touch", str(ran)], env=env, user=user, log_format=""
+    )
     assert run.returncode == 2, run.describe()
     (line,) = run.stderr.splitlines()
     assert line.startswith("vgpu-launch: refusing "), line
@@ -51,8 +64,13 @@ def refused(programs: Programs, args: list[str], *, env: dict[str, str | None] |
     return line
 
 
-def accepted(programs: Programs, args: list[str], *, env: dict[str, str | None] | None = None,
-             user: str | None = None) -> launch.LaunchResult:
+def accepted(
+    programs: Programs,
+    args: list[str],
+    *,
+    env: dict[str, str | None] | None = None,
+    user: str | None = None,
+) -> launch.LaunchResult:
     run = launch.run([*args, "--", programs.rprobe], env=env, user=user)
     assert run.returncode == 0, run.describe()
     assert "marker=1" in run.stdout, run.describe()
@@ -169,8 +187,13 @@ def test_symlink_chain_between_safe_places(programs: Programs, pub: Path) -> Non
 
 def _set_acl_user_write(path: Path, uid: int) -> None:
     # POSIX ACL xattr v2: (tag, perm, id) entries, sorted by tag then id.
-    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 6, uid), (0x04, 4, 0xFFFFFFFF),
-               (0x10, 6, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)]
+    entries = [
+        (0x01, 6, 0xFFFFFFFF),
+        (0x02, 6, uid),
+        (0x04, 4, 0xFFFFFFFF),
+        (0x10, 6, 0xFFFFFFFF),
+        (0x20, 4, 0xFFFFFFFF),
+    ]
     raw = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
     try:
         os.setxattr(path, "system.posix_acl_access", raw)
@@ -206,8 +229,9 @@ def test_origin_token_is_refused_unless_allowed(programs: Programs, pub: Path) -
     """$ORIGIN (any program's directory) is refused unless insecure files are allowed."""
     line = refused(programs, ["--preload", "$ORIGIN/libshim.so"], tmp=pub)
     assert "$ORIGIN" in line
-    run = launch.run(["--allow-insecure", "--preload", "$ORIGIN/librobustmark.so", "--",
-                      programs.rprobe])
+    run = launch.run(
+        ["--allow-insecure", "--preload", "$ORIGIN/librobustmark.so", "--", programs.rprobe]
+    )
     # rprobe lives next to librobustmark.so: $ORIGIN finds it.
     assert run.returncode == 0 and "marker=1" in run.stdout, run.describe()
 
@@ -243,14 +267,18 @@ def _conf(directory: Path, text: str, mode: int = 0o644, owner: int = 0) -> Path
     return path
 
 
-@pytest.mark.parametrize("flaw", ["world-writable file", "world-writable directory",
-                                  "owned by nobody"])
+@pytest.mark.parametrize(
+    "flaw", ["world-writable file", "world-writable directory", "owned by nobody"]
+)
 def test_insecure_configuration_file(programs: Programs, pub: Path, flaw: str) -> None:
     """A configuration file others could change is refused (option or variable)."""
     d = pub / "etc"
-    conf = _conf(d, f'preload = ["{programs.librobustmark}"]\n',
-                 mode=0o666 if flaw == "world-writable file" else 0o644,
-                 owner=NOBODY if flaw == "owned by nobody" else 0)
+    conf = _conf(
+        d,
+        f'preload = ["{programs.librobustmark}"]\n',
+        mode=0o666 if flaw == "world-writable file" else 0o644,
+        owner=NOBODY if flaw == "owned by nobody" else 0,
+    )
     if flaw == "world-writable directory":
         d.chmod(0o777)
     line = refused(programs, ["--config", str(conf)], tmp=pub)
@@ -261,8 +289,9 @@ def test_insecure_configuration_file(programs: Programs, pub: Path, flaw: str) -
 
 def test_insecure_configuration_file_cannot_allow_itself(programs: Programs, pub: Path) -> None:
     """An insecure configuration file cannot switch the check off itself."""
-    conf = _conf(pub / "etc", f'preload = ["{programs.librobustmark}"]\nallow_insecure = true\n',
-                 mode=0o666)
+    conf = _conf(
+        pub / "etc", f'preload = ["{programs.librobustmark}"]\nallow_insecure = true\n', mode=0o666
+    )
     line = refused(programs, ["--config", str(conf)], tmp=pub)
     assert "mode 0666" in line
 

@@ -84,8 +84,11 @@ def steady_sample(tree: launch.Tree) -> dict[str, Any]:
     for _ in range(5):
         samples.append(sample(tree))
         time.sleep(0.05)
-    return {"rss_kb": min(s["rss_kb"] for s in samples), "fds": min(s["fds"] for s in samples),
-            "tree_threads": samples[-1]["tree_threads"]}
+    return {
+        "rss_kb": min(s["rss_kb"] for s in samples),
+        "fds": min(s["fds"] for s in samples),
+        "tree_threads": samples[-1]["tree_threads"],
+    }
 
 
 class StopWatcher(threading.Thread):
@@ -144,8 +147,18 @@ def test_soak_ollama_like_server(programs: Programs, pub: Path) -> None:
     report = pub / "report"
     log = pub / "vgpu-launch.log"
     tree = launch.Tree(
-        ["--preload", programs.librobustmark, "--", programs.soak, "serve", str(report),
-         str(warmup), str(SECONDS)], stdin=subprocess.PIPE, stderr_path=str(log),
+        [
+            "--preload",
+            programs.librobustmark,
+            "--",
+            programs.soak,
+            "serve",
+            str(report),
+            str(warmup),
+            str(SECONDS),
+        ],
+        stdin=subprocess.PIPE,
+        stderr_path=str(log),
     )
     watcher = StopWatcher(tree)
     try:
@@ -162,8 +175,7 @@ def test_soak_ollama_like_server(programs: Programs, pub: Path) -> None:
         while time.monotonic() < t_end:
             time.sleep(min(1.0, max(0.0, t_end - time.monotonic())))
             s = sample(tree)
-            during.append({k: s[k] for k in ("rss_kb", "fds", "tree_processes",
-                                             "tree_threads")})
+            during.append({k: s[k] for k in ("rss_kb", "fds", "tree_processes", "tree_threads")})
         quiet2 = _report_line(report, "quiet 2", SECONDS + 120)
         time.sleep(0.3)
         last = sample(tree)
@@ -187,8 +199,10 @@ def test_soak_ollama_like_server(programs: Programs, pub: Path) -> None:
         "longest_stop_s": round(watcher.longest, 3),
         "longest_stop": watcher.longest_what,
         "state_samples": watcher.samples,
-        "end": {k: run.end.get(k) for k in ("counts", "spawned", "tracees_left", "seconds",
-                                            "cpu_seconds", "max_rss_kb")},
+        "end": {
+            k: run.end.get(k)
+            for k in ("counts", "spawned", "tracees_left", "seconds", "cpu_seconds", "max_rss_kb")
+        },
     }
     out = os.environ.get("VGPU_TEST_SOAK_REPORT")
     if out:
@@ -227,8 +241,17 @@ def test_soak_go_ollama_like_example(ollama_like: Programs, pub: Path) -> None:
     seconds = max(5.0, SECONDS / 2)
     log = pub / "vgpu-launch.log"
     tree = launch.Tree(
-        ["--preload", ollama_like.shim, "--env", "VGPU_TEST_DEVICES=3", "--",
-         ollama_like.ollama, "serve", "--runners-forever"], stderr_path=str(log),
+        [
+            "--preload",
+            ollama_like.shim,
+            "--env",
+            "VGPU_TEST_DEVICES=3",
+            "--",
+            ollama_like.ollama,
+            "serve",
+            "--runners-forever",
+        ],
+        stderr_path=str(log),
     )
     watcher = StopWatcher(tree)
     try:
@@ -250,9 +273,15 @@ def test_soak_go_ollama_like_example(ollama_like: Programs, pub: Path) -> None:
         tree.close()
     counts = [int(c) for c in re.findall(r"runner pid=\d+ port=\d+ count=(-?\d+)", run.stderr)]
     m = re.search(r"runners=(\d+)", run.stderr)
-    figures = {"seconds": seconds, "runners": len(counts), "base": base, "last": last,
-               "rss_kb_each_second": during, "longest_stop_s": round(watcher.longest, 3),
-               "end": run.end}
+    figures = {
+        "seconds": seconds,
+        "runners": len(counts),
+        "base": base,
+        "last": last,
+        "rss_kb_each_second": during,
+        "longest_stop_s": round(watcher.longest, 3),
+        "end": run.end,
+    }
     print("go soak figures:", json.dumps(figures, default=str))
     assert run.returncode == 0, run.describe()
     assert m and int(m.group(1)) >= 20, run.describe()

@@ -66,8 +66,13 @@ class Image:
         return bytes(self.mem[at - self.base :])
 
 
-def build_image(word: int, argv: Sequence[bytes], env: Sequence[bytes],
-                extra_aux: Sequence[tuple[int, int]], rng: random.Random) -> Image:
+def build_image(
+    word: int,
+    argv: Sequence[bytes],
+    env: Sequence[bytes],
+    extra_aux: Sequence[tuple[int, int]],
+    rng: random.Random,
+) -> Image:
     top = 0xFFFFE000 if word == 4 else 0x7FFF_FFFF_F000
     mask = (1 << (8 * word)) - 1
     execfn = argv[0] if argv else b"/bin/prog"
@@ -81,11 +86,19 @@ def build_image(word: int, argv: Sequence[bytes], env: Sequence[bytes],
     platform = b"i686\0" if word == 4 else b"x86_64\0"
     platform_ptr = p - len(platform)
     random_ptr = (platform_ptr - 16) & ~15
-    pairs = [(AT_SYSINFO_EHDR, rng.getrandbits(8 * word) & ~0xFFF), (AT_HWCAP, 0x178BFBFF),
-             (AT_PAGESZ, 4096), (AT_PHDR, 0x400040), (AT_BASE, rng.choice([0, 0x7F0000000000
-                                                                           & mask])),
-             (AT_SECURE, 0), (AT_RANDOM, random_ptr), (AT_EXECFN, execfn_ptr),
-             (AT_PLATFORM, platform_ptr), *extra_aux, (0, 0)]
+    pairs = [
+        (AT_SYSINFO_EHDR, rng.getrandbits(8 * word) & ~0xFFF),
+        (AT_HWCAP, 0x178BFBFF),
+        (AT_PAGESZ, 4096),
+        (AT_PHDR, 0x400040),
+        (AT_BASE, rng.choice([0, 0x7F0000000000 & mask])),
+        (AT_SECURE, 0),
+        (AT_RANDOM, random_ptr),
+        (AT_EXECFN, execfn_ptr),
+        (AT_PLATFORM, platform_ptr),
+        *extra_aux,
+        (0, 0),
+    ]
     auxv = tuple(v & mask for pair in pairs for v in pair)
     words = [len(argv), *argv_ptrs, 0, *env_ptrs, 0, *auxv]
     sp = (random_ptr - len(words) * word) & ~15
@@ -111,18 +124,20 @@ def injector_env(st_: stack.InitialStack, p: Plan) -> list[int | bytes]:
 
 LIBS = [b"/opt/vgpu/libvgpu.so", b"/opt/vgpu/$LIB/libvgpu.so", b"/usr/lib/libother.so"]
 
-preload_entries = st.sampled_from([
-    b"LD_PRELOAD=",
-    b"LD_PRELOAD=/usr/lib/libother.so",
-    b"LD_PRELOAD=/opt/vgpu/libvgpu.so",
-    b"LD_PRELOAD=/usr/lib/libother.so:/opt/vgpu/libvgpu.so",
-    b"LD_PRELOAD=/usr/lib/libother.so /opt/vgpu/$LIB/libvgpu.so",
-    b"LD_PRELOAD=::/a.so:: /b.so  ",
-    b"LD_PRELOAD=${LIB}/x.so",
-    b"LD_PRELOAD",  # a bare name: not a variable for getenv, but a name to the policy
-    b"LD_PRELOAD==/weird.so",
-    b"LD_PRELOAD=/l\xffatin1.so",
-])
+preload_entries = st.sampled_from(
+    [
+        b"LD_PRELOAD=",
+        b"LD_PRELOAD=/usr/lib/libother.so",
+        b"LD_PRELOAD=/opt/vgpu/libvgpu.so",
+        b"LD_PRELOAD=/usr/lib/libother.so:/opt/vgpu/libvgpu.so",
+        b"LD_PRELOAD=/usr/lib/libother.so /opt/vgpu/$LIB/libvgpu.so",
+        b"LD_PRELOAD=::/a.so:: /b.so  ",
+        b"LD_PRELOAD=${LIB}/x.so",
+        b"LD_PRELOAD",  # a bare name: not a variable for getenv, but a name to the policy
+        b"LD_PRELOAD==/weird.so",
+        b"LD_PRELOAD=/l\xffatin1.so",
+    ]
+)
 names = st.sampled_from([b"VGPU_A", b"VGPU_B", b"CUDA_DEVICE_MEMORY_LIMIT_0", b"PATH", b"HOME"])
 entry = st.one_of(
     preload_entries,
@@ -136,8 +151,13 @@ def environments(draw: st.DrawFn, bulk_max: int = 30_000) -> list[bytes]:
     special = draw(st.lists(entry, max_size=12))
     # Small counts are the common case; tens of thousands come from the sampled sizes (an
     # integer strategy alone would seldom draw them).
-    bulk = draw(st.one_of(st.integers(0, 200), st.integers(0, bulk_max),
-                          st.sampled_from([bulk_max // 8, bulk_max // 2, bulk_max])))
+    bulk = draw(
+        st.one_of(
+            st.integers(0, 200),
+            st.integers(0, bulk_max),
+            st.sampled_from([bulk_max // 8, bulk_max // 2, bulk_max]),
+        )
+    )
     rng = random.Random(draw(st.integers(0, 2**32)))
     env = [b"V%d=%s" % (i, b"x" * rng.randrange(0, 20)) for i in range(bulk)]
     for e in special:
@@ -145,8 +165,11 @@ def environments(draw: st.DrawFn, bulk_max: int = 30_000) -> list[bytes]:
     return env
 
 
-assignments = st.dictionaries(names.filter(lambda n: n != b"PATH"), st.binary(max_size=10)
-                              .map(lambda b: b.replace(b"\0", b"")), max_size=3)
+assignments = st.dictionaries(
+    names.filter(lambda n: n != b"PATH"),
+    st.binary(max_size=10).map(lambda b: b.replace(b"\0", b"")),
+    max_size=3,
+)
 # A name in both env and force_env is test_same_name_in_env_and_force_env's (xfail) business.
 policies = st.builds(
     lambda libs, env, force: Policy(
@@ -163,21 +186,33 @@ policies = st.builds(
 # ---- 1. the rebuilder ------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
     word=st.sampled_from([4, 8]),
-    argv=st.lists(st.binary(min_size=0, max_size=30).map(lambda b: b.replace(b"\0", b"")),
-                  min_size=0, max_size=40),
+    argv=st.lists(
+        st.binary(min_size=0, max_size=30).map(lambda b: b.replace(b"\0", b"")),
+        min_size=0,
+        max_size=40,
+    ),
     env=environments(),
     extra_aux=st.lists(st.tuples(st.integers(40, 60), st.integers(0, 2**32 - 1)), max_size=4),
     pol=policies,
     secure=st.booleans(),
     seed=st.integers(0, 2**32),
 )
-def test_rebuild_round_trip(word: int, argv: list[bytes], env: list[bytes],
-                            extra_aux: list[tuple[int, int]], pol: Policy, secure: bool,
-                            seed: int) -> None:
+def test_rebuild_round_trip(
+    word: int,
+    argv: list[bytes],
+    env: list[bytes],
+    extra_aux: list[tuple[int, int]],
+    pol: Policy,
+    secure: bool,
+    seed: int,
+) -> None:
     """A rebuilt stack parses back to the planned environment, argv and auxv untouched."""
     rng = random.Random(seed)
     img = build_image(word, argv, env, extra_aux, rng)
@@ -213,8 +248,9 @@ def test_rebuild_round_trip(word: int, argv: list[bytes], env: list[bytes],
     st2 = stack.parse(snap2, new_sp, word)
     assert st2.argv == st_.argv  # argv pointers unchanged (the strings did not move)
     assert st2.auxv == st_.auxv  # auxv verbatim: AT_RANDOM, AT_EXECFN... still point right
-    assert st2.end + sum(len(e) + 1 for e in injector_env(st_, p) if isinstance(e, bytes)) \
-        <= st_.end  # the new strings sit between the new auxv and the old block's end
+    assert (
+        st2.end + sum(len(e) + 1 for e in injector_env(st_, p) if isinstance(e, bytes)) <= st_.end
+    )  # the new strings sit between the new auxv and the old block's end
     assert stack.strings(snap2, new_sp, st2.argv) == argv
     assert stack.strings(snap2, new_sp, st2.envp) == expected
     # Kept entries keep their address: only new strings are written.
@@ -233,10 +269,14 @@ def check_merge(pol: Policy, env: list[bytes], p: Plan, result: list[bytes]) -> 
         assert named[0] in env
     else:
         assert entries[: len(configured)] == configured  # configured first, $LIB unexpanded
-    old = [e for x in env if x.split(b"=", 1)[0] == LD_PRELOAD
-           for e in preload.split(x[len(LD_PRELOAD) + 1 :])]
+    old = [
+        e
+        for x in env
+        if x.split(b"=", 1)[0] == LD_PRELOAD
+        for e in preload.split(x[len(LD_PRELOAD) + 1 :])
+    ]
     assert set(old) <= set(entries)  # nothing the program had is lost
-    assert len(entries) == len(set(entries))  or p.decision is Decision.PRESENT
+    assert len(entries) == len(set(entries)) or p.decision is Decision.PRESENT
     for name, v in pol.force_env:
         assert [e for e in result if e.split(b"=", 1)[0] == name] == [name + b"=" + v]
     for name, v in pol.env:
@@ -255,8 +295,9 @@ def check_merge(pol: Policy, env: list[bytes], p: Plan, result: list[bytes]) -> 
 
 def test_same_name_in_env_and_force_env() -> None:
     """A name both in env and force_env ends up once, with the forced value."""
-    pol = Policy(preload=(LIBS[0],), env=((b"VGPU_A", b"soft"),),
-                 force_env=((b"VGPU_A", b"forced"),))
+    pol = Policy(
+        preload=(LIBS[0],), env=((b"VGPU_A", b"soft"),), force_env=((b"VGPU_A", b"forced"),)
+    )
     result = apply([b"PATH=/bin"], plan(pol, [b"PATH=/bin"]))
     assert [e for e in result if e.startswith(b"VGPU_A=")] == [b"VGPU_A=forced"]
 
@@ -274,20 +315,39 @@ cli_names = st.sampled_from(["VGPU_A", "VGPU_B", "CUDA_DEVICE_MEMORY_LIMIT_0", "
 cli_values = st.text(alphabet="abcxyz019/:._ -", max_size=10)
 
 
-@settings(max_examples=15, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(
-    envs=st.lists(st.one_of(real_env, environments(bulk_max=20_000).map(
-        lambda env: [e for e in env if not e.startswith(b"LD_") or e.startswith(b"LD_PRELOAD")]
-    )), min_size=1, max_size=6),
+    envs=st.lists(
+        st.one_of(
+            real_env,
+            environments(bulk_max=20_000).map(
+                lambda env: [
+                    e for e in env if not e.startswith(b"LD_") or e.startswith(b"LD_PRELOAD")
+                ]
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
     env_opts=st.dictionaries(cli_names, cli_values, max_size=2),
     force_opts=st.dictionaries(cli_names, cli_values, max_size=2),
     two_libs=st.booleans(),
 )
 def test_real_program_sees_exactly_the_planned_environment(
-    programs: Programs, tmp_path_factory: pytest.TempPathFactory, envs: list[list[bytes]],
-    env_opts: dict[str, str], force_opts: dict[str, str], two_libs: bool,
+    programs: Programs,
+    tmp_path_factory: pytest.TempPathFactory,
+    envs: list[list[bytes]],
+    env_opts: dict[str, str],
+    force_opts: dict[str, str],
+    two_libs: bool,
 ) -> None:
     """A real program exec'd under vgpu-launch prints exactly the environment planned for it."""
     tmp = tmp_path_factory.mktemp("diff")
@@ -306,8 +366,7 @@ def test_real_program_sees_exactly_the_planned_environment(
     for i, env in enumerate(envs):
         _envfile(tmp / f"env{i}", env)
         pairs += [str(tmp / f"env{i}"), str(tmp / f"out{i}")]
-    run = launch.run([*args, "--", programs.rtool, "execenv", programs.rprobe, *pairs],
-                     timeout=120)
+    run = launch.run([*args, "--", programs.rtool, "execenv", programs.rprobe, *pairs], timeout=120)
     assert run.returncode == 0, run.describe()
     cfg = Config(preload=libs, env=dict(env_opts), force_env=dict(force_opts))
     pol = cfg.policy()
@@ -324,6 +383,9 @@ def test_differential_harness_sees_a_plain_run(programs: Programs, tmp_path: Pat
     environment it was given."""
     env = [b"A=1", b"", b"noequals", b"LD_PRELOAD", b"B=\xff\x01"]
     _envfile(tmp_path / "e", env)
-    subprocess.run([programs.rtool, "execenv", programs.rprobe, str(tmp_path / "e"),
-                    str(tmp_path / "o")], check=True, timeout=30)
+    subprocess.run(
+        [programs.rtool, "execenv", programs.rprobe, str(tmp_path / "e"), str(tmp_path / "o")],
+        check=True,
+        timeout=30,
+    )
     assert (tmp_path / "o").read_bytes().split(b"\0")[:-1] == env

@@ -25,8 +25,9 @@ from support import launch, procs
 from support.build import Programs
 
 
-def killed_before_running(run: launch.LaunchResult, exe_suffix: str, ran: Path,
-                          reason: str) -> None:
+def killed_before_running(
+    run: launch.LaunchResult, exe_suffix: str, ran: Path, reason: str
+) -> None:
     (ev,) = [e for e in run.execs(exe_suffix) if e["decision"] == "failed"]
     assert ev["action"] == "killed (strict)", ev
     assert ev["level"] == "warning"
@@ -50,8 +51,20 @@ def test_32bit_program_without_a_32bit_preload_is_killed(
     ran = pub / "ran"
     flag = [how] if how.startswith("--") else []
     env = {"VGPU_LAUNCH_STRICT": "1"} if not flag else {}
-    run = launch.run([*flag, "--preload", programs.librobustmark, "--", programs.rtool, "reap",
-                      programs.rprobe32, "--touch", str(ran)], env=env)
+    run = launch.run(
+        [
+            *flag,
+            "--preload",
+            programs.librobustmark,
+            "--",
+            programs.rtool,
+            "reap",
+            programs.rprobe32,
+            "--touch",
+            str(ran),
+        ],
+        env=env,
+    )
     assert run.returncode == 0, run.describe()
     assert run.of("start")[0]["strict"] is True
     killed_before_running(run, "/rprobe32", ran, "ld.so will refuse")
@@ -63,11 +76,31 @@ def test_stack_that_cannot_be_written_is_killed(programs: Programs, pub: Path) -
 
     ran = pub / "ran"
     big = [a for i in range(5) for a in ("--force-env", f"VGPU_TEST_BIG{i}={'z' * 120_000}")]
-    with procs.fifo(pub) as fifo, launch.Tree(
-        ["--strict", "--preload", programs.librobustmark, *big, "--", programs.rtool, "reap",
-         programs.rtool, "event", "exec", str(pub / "pid"), str(fifo), programs.rtool,
-         "rlimit-exec", str(8 << 20), programs.rprobe, "--touch", str(ran)],
-    ) as tree:
+    with (
+        procs.fifo(pub) as fifo,
+        launch.Tree(
+            [
+                "--strict",
+                "--preload",
+                programs.librobustmark,
+                *big,
+                "--",
+                programs.rtool,
+                "reap",
+                programs.rtool,
+                "event",
+                "exec",
+                str(pub / "pid"),
+                str(fifo),
+                programs.rtool,
+                "rlimit-exec",
+                str(8 << 20),
+                programs.rprobe,
+                "--touch",
+                str(ran),
+            ],
+        ) as tree,
+    ):
         tree.tracer_ready()
         procs.wait_for("the victim", lambda: (pub / "pid").exists(), 10)
         resource.prlimit(tree.launcher, resource.RLIMIT_STACK, (512 * 1024, resource.RLIM_INFINITY))
@@ -88,20 +121,42 @@ def test_execute_only_program_under_an_unprivileged_tracer_is_killed(
     xonly.chmod(0o111)
     ran = pub / "ran"
     os.chmod(pub, 0o777)  # nobody must be able to create the file, were the program to run
-    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", programs.rtool,
-                      "reap", str(xonly), "--touch", str(ran)], user="nobody")
+    run = launch.run(
+        [
+            "--strict",
+            "--preload",
+            programs.librobustmark,
+            "--",
+            programs.rtool,
+            "reap",
+            str(xonly),
+            "--touch",
+            str(ran),
+        ],
+        user="nobody",
+    )
     assert run.returncode == 0, run.describe()
     killed_before_running(run, "", ran, "Permission denied")
 
 
-def test_cmd_itself_killed_makes_vgpu_launch_die_the_same_way(programs: Programs,
-                                                              pub: Path) -> None:
+def test_cmd_itself_killed_makes_vgpu_launch_die_the_same_way(
+    programs: Programs, pub: Path
+) -> None:
     """CMD itself killed by strict mode: vgpu-launch dies of SIGKILL as CMD did."""
     if "rprobe32" not in programs:
         pytest.skip("gcc -m32 unavailable (gcc-multilib)")
     ran = pub / "ran"
-    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", programs.rprobe32,
-                      "--touch", str(ran)])
+    run = launch.run(
+        [
+            "--strict",
+            "--preload",
+            programs.librobustmark,
+            "--",
+            programs.rprobe32,
+            "--touch",
+            str(ran),
+        ]
+    )
     assert run.returncode == -signal.SIGKILL, run.describe()
     assert run.end["cmd_signal"] == "SIGKILL"
     assert not ran.exists()
@@ -110,9 +165,18 @@ def test_cmd_itself_killed_makes_vgpu_launch_die_the_same_way(programs: Programs
 def test_strict_lets_good_programs_run(programs: Programs, pub: Path) -> None:
     """The other side: nothing is killed when every injection works, and the exit status
     is CMD's."""
-    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", "sh", "-c",
-                      f"env -i {programs.rprobe} --check && {programs.rtool} spawn-storm 4 25 "
-                      f"{programs.rprobe} --check && exit 7"])
+    run = launch.run(
+        [
+            "--strict",
+            "--preload",
+            programs.librobustmark,
+            "--",
+            "sh",
+            "-c",
+            f"env -i {programs.rprobe} --check && {programs.rtool} spawn-storm 4 25 "
+            f"{programs.rprobe} --check && exit 7",
+        ]
+    )
     assert run.returncode == 7, run.describe()
     assert run.end["counts"]["failed"] == 0
     assert run.end["counts"]["injected"] >= 101
@@ -128,8 +192,9 @@ def test_setuid_program_is_not_killed_and_runs_without_the_preload(
     suid = pub / "suid-probe"
     shutil.copy(programs.rprobe, suid)
     suid.chmod(0o4755)
-    run = launch.run(["--strict", "--preload", programs.librobustmark, "--", *launch.NOBODY,
-                      str(suid)])
+    run = launch.run(
+        ["--strict", "--preload", programs.librobustmark, "--", *launch.NOBODY, str(suid)]
+    )
     assert run.returncode == 0, run.describe()
     assert "secure=1" in run.stdout and "marker=0" in run.stdout
     assert run.execs("/suid-probe")[0]["decision"] == "setuid"
@@ -163,8 +228,7 @@ def test_exclude_with_strict_is_refused(
         path.write_text("\n".join(conf) + "\n")
         args += ["--config", str(path)]
     ran = tmp_path / "ran"
-    run = launch.run([*args, "--", programs.rprobe, "--touch", str(ran)], env=env,
-                     log_format="")
+    run = launch.run([*args, "--", programs.rprobe, "--touch", str(ran)], env=env, log_format="")
     assert run.returncode == 2, run.describe()
     (line,) = run.stderr.splitlines()
     assert "strict mode" in line and "exclude" in line, line
@@ -173,8 +237,18 @@ def test_exclude_with_strict_is_refused(
 
 def test_exclude_without_strict_still_works(programs: Programs) -> None:
     """Without strict mode --exclude leaves the named program without the preload."""
-    run = launch.run(["--preload", programs.librobustmark, "--exclude", "rprobe", "--", "env",
-                      "-i", programs.rprobe])
+    run = launch.run(
+        [
+            "--preload",
+            programs.librobustmark,
+            "--exclude",
+            "rprobe",
+            "--",
+            "env",
+            "-i",
+            programs.rprobe,
+        ]
+    )
     assert run.returncode == 0, run.describe()
     assert "marker=0" in run.stdout
     assert run.execs("/rprobe")[0]["decision"] == "excluded"
@@ -190,19 +264,34 @@ def _beats(pub: Path) -> list[str]:
         return []
 
 
-def heartbeat_tree(programs: Programs, pub: Path, env: Mapping[str, str | None],
-                   pass_fds: Sequence[int] = ()) -> launch.Tree:
+def heartbeat_tree(
+    programs: Programs, pub: Path, env: Mapping[str, str | None], pass_fds: Sequence[int] = ()
+) -> launch.Tree:
     return launch.Tree(
-        ["--strict", "--preload", programs.librobustmark, "--", programs.rtool, "reap",
-         programs.rtool, "heartbeat", str(pub / "beats"), programs.rprobe, "60"],
+        [
+            "--strict",
+            "--preload",
+            programs.librobustmark,
+            "--",
+            programs.rtool,
+            "reap",
+            programs.rtool,
+            "heartbeat",
+            str(pub / "beats"),
+            programs.rprobe,
+            "60",
+        ],
         env=env,
         pass_fds=pass_fds,
     )
 
 
 def _assert_tree_died(tree: launch.Tree, pub: Path, tree_pids: list[int]) -> None:
-    procs.wait_for("the whole tree to die",
-                   lambda: not [p for p in tree_pids if procs.state(p) not in (None, "Z")], 5)
+    procs.wait_for(
+        "the whole tree to die",
+        lambda: not [p for p in tree_pids if procs.state(p) not in (None, "Z")],
+        5,
+    )
     n = len(_beats(pub))
     time.sleep(0.3)  # proving that nothing happens needs a window: a live tree beats every 20 ms
     assert len(_beats(pub)) == n, "the heartbeat went on"
@@ -211,11 +300,13 @@ def _assert_tree_died(tree: launch.Tree, pub: Path, tree_pids: list[int]) -> Non
 def test_tracer_exception_kills_the_tree(programs: Programs, pub: Path) -> None:
     """Fault at the 4th exec (heartbeat's second child): the tracer thread dies, EXITKILL
     kills every tracee, CMD included, and vgpu-launch dies of CMD's SIGKILL."""
-    with heartbeat_tree(programs, pub, {"VGPU_LAUNCH_TEST_FAULT": "exec:4"},
-                        pass_fds=[launch.test_hooks_fd()]) as tree:
+    with heartbeat_tree(
+        programs, pub, {"VGPU_LAUNCH_TEST_FAULT": "exec:4"}, pass_fds=[launch.test_hooks_fd()]
+    ) as tree:
         tree.tracer_ready()
-        procs.wait_for("the first child",
-                       lambda: sum(b.startswith("child") for b in _beats(pub)) >= 1, 20)
+        procs.wait_for(
+            "the first child", lambda: sum(b.startswith("child") for b in _beats(pub)) >= 1, 20
+        )
         run = tree.wait(30)
     assert run.returncode == -signal.SIGKILL, run.describe()
     (failed,) = run.of("tracer-failed")
@@ -229,8 +320,9 @@ def test_launcher_sigkilled_kills_the_tree(programs: Programs, pub: Path) -> Non
     """Strict mode: vgpu-launch SIGKILLed takes its whole tree with it (EXITKILL)."""
     with heartbeat_tree(programs, pub, {}) as tree:
         tree.tracer_ready()
-        procs.wait_for("two children",
-                       lambda: sum(b.startswith("child") for b in _beats(pub)) >= 2, 20)
+        procs.wait_for(
+            "two children", lambda: sum(b.startswith("child") for b in _beats(pub)) >= 2, 20
+        )
         pids = tree.tree_pids()
         assert len(pids) >= 2
         os.kill(tree.launcher, signal.SIGKILL)

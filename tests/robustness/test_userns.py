@@ -35,8 +35,12 @@ OVERFLOW = int(Path("/proc/sys/kernel/overflowuid").read_text())
 
 
 def _userns_works() -> str | None:
-    proc = subprocess.run([*AS_USER, "unshare", "-Urpf", "--mount-proc", "true"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*AS_USER, "unshare", "-Urpf", "--mount-proc", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return None if proc.returncode == 0 else proc.stderr.strip()
 
 
@@ -58,27 +62,39 @@ def host_dir(pub: Path, name: str, programs: Programs, mode: int = 0o644, gid: i
     return d
 
 
-def run_in_userns(script: str, *, prefix: Sequence[str] | None = None,
-                  timeout: float = 60) -> launch.LaunchResult:
+def run_in_userns(
+    script: str, *, prefix: Sequence[str] | None = None, timeout: float = 60
+) -> launch.LaunchResult:
     """``sh -c SCRIPT`` as the test user in ``unshare -Urpf --mount-proc`` (or after
     ``prefix``); $VGPU is a copy of the launcher that user can read. Nothing may be left."""
     launcher = str(launch.public_launcher())
-    argv = [*(prefix if prefix is not None else
-              [*AS_USER, "unshare", "-Urpf", "--mount-proc"]),
-            "sh", "-c", f"VGPU={shlex.quote(launcher)}\n{script}"]
+    argv = [
+        *(prefix if prefix is not None else [*AS_USER, "unshare", "-Urpf", "--mount-proc"]),
+        "sh",
+        "-c",
+        f"VGPU={shlex.quote(launcher)}\n{script}",
+    ]
     env = launch.clean_env({"VGPU_LAUNCH_PYTHON": launch.SYSTEM_PYTHON})
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         left = procs.kill_session(proc.pid)
         out, err = proc.communicate()
-        raise AssertionError(f"did not finish within {timeout} s; killed {left}\n"
-                             + err.decode(errors="replace")) from None
+        raise AssertionError(
+            f"did not finish within {timeout} s; killed {left}\n" + err.decode(errors="replace")
+        ) from None
     left = procs.kill_session(proc.pid)
-    run = launch.LaunchResult(argv, proc.returncode, out.decode(errors="replace"),
-                              err.decode(errors="replace"))
+    run = launch.LaunchResult(
+        argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
     assert not left, f"processes left behind: {left}\n{run.describe()}"
     return run
 
@@ -126,9 +142,7 @@ def test_configuration_file_of_the_host_is_accepted(programs: Programs, pub: Pat
     assert any(n.startswith("preload library ") for n in notes), notes
 
 
-def test_world_writable_shim_inside_the_namespace_is_refused(
-    programs: Programs, pub: Path
-) -> None:
+def test_world_writable_shim_inside_the_namespace_is_refused(programs: Programs, pub: Path) -> None:
     """A world-writable shim is still refused, with a fix that works from inside."""
     shims = host_dir(pub, "host-shims", programs, mode=0o666)
     target = pub / "mnt"
@@ -141,8 +155,10 @@ def test_world_writable_shim_inside_the_namespace_is_refused(
     """)
     assert run.returncode == 2, run.describe()
     (line,) = run.stderr.splitlines()
-    assert line.startswith(f"vgpu-launch: refusing preload library {lib} (from command line): "
-                           f"file {lib} (mode 0666, owner nobody:"), line
+    assert line.startswith(
+        f"vgpu-launch: refusing preload library {lib} (from command line): "
+        f"file {lib} (mode 0666, owner nobody:"
+    ), line
     assert "a user outside this user namespace) is writable by every user" in line
     assert f"run code as root of this user namespace (uid {USER} outside it)" in line
     assert "chmod go-w on the host" in line and "--allow-insecure" in line
@@ -150,9 +166,7 @@ def test_world_writable_shim_inside_the_namespace_is_refused(
     assert not ran.exists()
 
 
-def test_group_writable_shim_of_an_unmapped_group_is_refused(
-    programs: Programs, pub: Path
-) -> None:
+def test_group_writable_shim_of_an_unmapped_group_is_refused(programs: Programs, pub: Path) -> None:
     """Group write on a group not mapped into the namespace is refused (root's group too)."""
     shims = host_dir(pub, "host-shims", programs, mode=0o664, gid=0)
     run = run_in_userns(f'exec "$VGPU" --preload {shims}/librobustmark.so -- true')
@@ -240,10 +254,13 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def test_overflow_uid_mapped_to_a_user_is_refused(programs: Programs, pub: Path) -> None:
     """Where a user is mapped to the overflow uid, a host file cannot be told from theirs."""
     shims = host_dir(pub, "host-shims", programs)
-    run = run_in_userns(f"""
+    run = run_in_userns(
+        f"""
         cat /proc/self/uid_map >&2
         exec "$VGPU" --preload {shims}/librobustmark.so -- true
-    """, prefix=mapped_overflow_prefix(pub))
+    """,
+        prefix=mapped_overflow_prefix(pub),
+    )
     assert "0     100000      65536" in run.stderr, run.describe()
     assert run.returncode == 2, run.describe()
     line = run.stderr.splitlines()[-1]
@@ -260,9 +277,7 @@ def test_host_user_nobody_is_still_refused_outside_any_namespace(
     """On the host, a file owned by nobody (the overflow uid's account) is still refused."""
     shims = host_dir(pub, "host-shims", programs)
     os.chown(shims / "librobustmark.so", OVERFLOW, OVERFLOW)
-    run = launch.run(["--preload", str(shims / "librobustmark.so"), "--", "true"],
-                     log_format=None)
+    run = launch.run(["--preload", str(shims / "librobustmark.so"), "--", "true"], log_format=None)
     assert run.returncode == 2, run.describe()
     assert "is owned by nobody, not root" in run.stderr
     assert "outside this user namespace" not in run.stderr
-

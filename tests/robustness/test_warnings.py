@@ -23,8 +23,19 @@ def test_children_killed_at_their_exec_event_are_not_warnings(programs: Programs
     """Children SIGKILLed while the tracer handles their exec event never run a single
     instruction: they are logged at debug level as `gone`, never as `failed`."""
     for _ in range(ATTEMPTS):
-        run = launch.run(["--log-level", "debug", "--preload", programs.librobustmark, "--",
-                          programs.execkill, "60", "3000", programs.rprobe])
+        run = launch.run(
+            [
+                "--log-level",
+                "debug",
+                "--preload",
+                programs.librobustmark,
+                "--",
+                programs.execkill,
+                "60",
+                "3000",
+                programs.rprobe,
+            ]
+        )
         assert run.returncode == 0, run.describe()
         assert _warnings(run) == [], run.describe()
         assert run.end["counts"]["failed"] == 0, run.describe()
@@ -33,8 +44,10 @@ def test_children_killed_at_their_exec_event_are_not_warnings(programs: Programs
         assert len(gone) == run.end["counts"]["gone"]
         if gone:
             return
-    pytest.fail(f"no child was killed during its exec event in {ATTEMPTS} runs: the race this "
-                "test is about was not reached on this machine")
+    pytest.fail(
+        f"no child was killed during its exec event in {ATTEMPTS} runs: the race this "
+        "test is about was not reached on this machine"
+    )
 
 
 def test_a_program_executing_itself_again_is_not_a_warning(programs: Programs) -> None:
@@ -59,8 +72,14 @@ def test_a_program_still_starting_when_cmd_exits_is_not_a_warning(
     # path is known only once the programs are built.
     stuck = pub / "stuck"
     subprocess.run(
-        ["gcc", "-O2", f"-Wl,--dynamic-linker={programs.stuckld}", "-o", str(stuck),
-         str(PROGRAMS_SRC / "rprobe.c")],
+        [
+            "gcc",
+            "-O2",
+            f"-Wl,--dynamic-linker={programs.stuckld}",
+            "-o",
+            str(stuck),
+            str(PROGRAMS_SRC / "rprobe.c"),
+        ],
         check=True,
     )
     # CMD waits until the program is past its exec event (sleeping in stuckld), then exits.

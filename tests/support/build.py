@@ -35,8 +35,11 @@ from support import REPO
 PROGRAMS_SRC = REPO / "tests" / "programs"
 OLLAMA_SRC = REPO / "examples" / "ollama-like"
 # World-readable, outside the checkout: tests run some of these programs as nobody.
-CACHE = Path(os.environ.get("VGPU_TEST_CACHE",
-                            Path(tempfile.gettempdir()) / f"vgpu-launch-tests-{os.getuid()}"))
+CACHE = Path(
+    os.environ.get(
+        "VGPU_TEST_CACHE", Path(tempfile.gettempdir()) / f"vgpu-launch-tests-{os.getuid()}"
+    )
+)
 
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra"]
 SO = ["-shared", "-fPIC"]
@@ -124,16 +127,22 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
 
 LIB_TOKEN_PRELOAD = "$LIB/libmarker.so"
 # libshim.so laid out for $LIB: both word sizes (doctor), and the 64-bit build alone (verify).
-SHIM_LAYOUTS = {"shim_lib_token": ("tok", ("64", "32")),
-                "shim64_lib_token": ("only64/tok", ("64",))}
+SHIM_LAYOUTS = {
+    "shim_lib_token": ("tok", ("64", "32")),
+    "shim64_lib_token": ("only64/tok", ("64",)),
+}
 
 
 class Programs(dict[str, str]):
     """Paths of built artefacts by name; ``p["probe-static"]`` is ``p.probe_static``.  A name
     whose build failed makes the test that asks for it fail, saying what to install."""
 
-    def __init__(self, paths: dict[str, str], failed: dict[str, str] | None = None,
-                 lib_expansion: dict[str, str | None] | None = None) -> None:
+    def __init__(
+        self,
+        paths: dict[str, str],
+        failed: dict[str, str] | None = None,
+        lib_expansion: dict[str, str | None] | None = None,
+    ) -> None:
         super().__init__(paths)
         self.failed = failed or {}
         self.lib_expansion = lib_expansion or {}
@@ -155,17 +164,26 @@ class Programs(dict[str, str]):
 
 
 def _missing(what: str, package: str) -> str:
-    return (f"{what} is needed to build the test programs: install it "
-            f"(Debian/Ubuntu: apt-get install {package})")
+    return (
+        f"{what} is needed to build the test programs: install it "
+        f"(Debian/Ubuntu: apt-get install {package})"
+    )
 
 
 def _compiler_identity() -> str:
     parts = []
     for exe in ("gcc", "musl-gcc"):
         path = shutil.which(exe)
-        out = "" if path is None else subprocess.run(
-            [exe, "-dumpfullversion", "-dumpversion"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+        out = (
+            ""
+            if path is None
+            else subprocess.run(
+                [exe, "-dumpfullversion", "-dumpversion"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+        )
         parts.append(f"{path}:{out}")
     return "|".join(parts)
 
@@ -206,8 +224,10 @@ def _compile(build: Path, out: str, compiler: str, source: str, flags: list[str]
     cmd = [*prefix, *CFLAGS, "-o", str(target), str(PROGRAMS_SRC / source), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
     if proc.returncode != 0:
-        return (f"building {out} failed (if a library or header is missing, install the "
-                f"Debian package {package}):\n$ {' '.join(cmd)}\n{proc.stderr}")
+        return (
+            f"building {out} failed (if a library or header is missing, install the "
+            f"Debian package {package}):\n$ {' '.join(cmd)}\n{proc.stderr}"
+        )
     return None
 
 
@@ -232,13 +252,15 @@ def _check_lib_layout(build: Path, failed: dict[str, str]) -> dict[str, str | No
         probe = build / PROGRAMS[name][0]
         expansion[bits] = _lib_expansion(build, probe)
         env = {"LD_PRELOAD": f"{build}/{LIB_TOKEN_PRELOAD}"}
-        out = subprocess.run([str(probe)], env=env, capture_output=True, text=True,
-                             check=False).stdout
+        out = subprocess.run(
+            [str(probe)], env=env, capture_output=True, text=True, check=False
+        ).stdout
         if "marker=1" not in out:
             failed["libmarker_lib_token"] = (
                 f"a {bits}-bit program does not load {LIB_TOKEN_PRELOAD} from {build}: ld.so "
                 f"expands $LIB to {expansion[bits]!r} here, which the layout in "
-                f"tests/support/build.py (PROGRAMS) does not cover; probe said {out!r}")
+                f"tests/support/build.py (PROGRAMS) does not cover; probe said {out!r}"
+            )
     return expansion
 
 
@@ -264,8 +286,9 @@ def _make_public(root: Path) -> None:
 @functools.cache
 def build_programs() -> Programs:
     sources = sorted(PROGRAMS_SRC.glob("*.c"))
-    key = _hash_files(sources, repr(PROGRAMS) + repr(SHIM_LAYOUTS) + repr(CFLAGS)
-                      + _compiler_identity())
+    key = _hash_files(
+        sources, repr(PROGRAMS) + repr(SHIM_LAYOUTS) + repr(CFLAGS) + _compiler_identity()
+    )
     final = CACHE / f"programs-{key}"
     with _locked(CACHE / f"programs-{key}.lock"):
         layout = final / "layout.json"
@@ -288,11 +311,15 @@ def build_programs() -> Programs:
             _shim_layouts(final, expansion, failed)
             _make_public(final)
             (final / "layout.json").write_text(
-                json.dumps({"lib_expansion": expansion, "failed": failed}))
+                json.dumps({"lib_expansion": expansion, "failed": failed})
+            )
             layout = final / "layout.json"
     data = json.loads(layout.read_text())
-    paths = {name: str(final / out) for name, (out, *_rest) in PROGRAMS.items()
-             if not name.startswith("_") and name not in data["failed"]}
+    paths = {
+        name: str(final / out)
+        for name, (out, *_rest) in PROGRAMS.items()
+        if not name.startswith("_") and name not in data["failed"]
+    }
     paths["dir"] = str(final)
     paths["libmarker_lib_token"] = f"{final}/{LIB_TOKEN_PRELOAD}"
     for name, (top, _sizes) in SHIM_LAYOUTS.items():
@@ -313,14 +340,27 @@ def build_ollama_like() -> Programs:
     key = _hash_files(sources)
     out = CACHE / f"ollama-like-{key}"
     with _locked(CACHE / f"ollama-like-{key}.lock"):
-        proc = subprocess.run([str(OLLAMA_SRC / "build.sh"), str(out)], capture_output=True,
-                              text=True, check=False, timeout=600)
+        proc = subprocess.run(
+            [str(OLLAMA_SRC / "build.sh"), str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
         if proc.returncode != 0:
-            pytest.fail(f"examples/ollama-like/build.sh failed (it needs gcc and golang-go):\n"
-                        f"{proc.stdout}{proc.stderr}", pytrace=False)
-    return Programs({"dir": str(out), "ollama": str(out / "ollama"),
-                     "libcuda": str(out / "libcuda.so.1"),
-                     "shim": str(out / "libvgpu-test-shim.so")})
+            pytest.fail(
+                f"examples/ollama-like/build.sh failed (it needs gcc and golang-go):\n"
+                f"{proc.stdout}{proc.stderr}",
+                pytrace=False,
+            )
+    return Programs(
+        {
+            "dir": str(out),
+            "ollama": str(out / "ollama"),
+            "libcuda": str(out / "libcuda.so.1"),
+            "shim": str(out / "libvgpu-test-shim.so"),
+        }
+    )
 
 
 def public_dir(prefix: str) -> Path:

@@ -50,8 +50,9 @@ Arg = str | os.PathLike[str]
 S = TypeVar("S", bound="Started")
 
 
-def clean_env(updates: Mapping[str, str | None] | None = None, /, **more: str | None
-              ) -> dict[str, str]:
+def clean_env(
+    updates: Mapping[str, str | None] | None = None, /, **more: str | None
+) -> dict[str, str]:
     """This environment without LD_PRELOAD, VGPU_TEST_*, PYTEST_* and vgpu-launch's settings
     (VGPU_LAUNCH_*, which it would refuse or obey), updated (a value of None removes).
 
@@ -59,7 +60,8 @@ def clean_env(updates: Mapping[str, str | None] | None = None, /, **more: str | 
     the tests (it has the packages). PYTHONPATH names the checkout, for ``python -m
     vgpu_launch`` (bin/vgpu-launch itself runs Python with -E)."""
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if k != "LD_PRELOAD" and not k.startswith(("VGPU_TEST_", "PYTEST_", "VGPU_LAUNCH_"))
     }
     env["VGPU_LAUNCH_PYTHON"] = os.environ.get("VGPU_LAUNCH_PYTHON", sys.executable)
@@ -87,17 +89,23 @@ def public_launcher() -> Path:
     return root / "bin" / "vgpu-launch"
 
 
-def launcher_argv(args: Sequence[Arg], *, user: str | None = None,
-                  log_format: str | None = "json", module: bool = False,
-                  wrap: Sequence[str] = ()) -> list[str]:
+def launcher_argv(
+    args: Sequence[Arg],
+    *,
+    user: str | None = None,
+    log_format: str | None = "json",
+    module: bool = False,
+    wrap: Sequence[str] = (),
+) -> list[str]:
     """``vgpu-launch [--log-format FORMAT] ARGS``: through bin/vgpu-launch (a copy that nobody
     can read, with ``user``), or with ``module`` as ``python -m vgpu_launch``. ``wrap``: a
     command that runs vgpu-launch (``capsh --drop=... -- -c 'exec "$0" "$@"'``)."""
     words = [os.fspath(a) for a in args]
     options = words[: words.index("--")] if "--" in words else words
     fmt: list[str] = []
-    if log_format and not any(a == "--log-format" or a.startswith("--log-format=")
-                              for a in options):
+    if log_format and not any(
+        a == "--log-format" or a.startswith("--log-format=") for a in options
+    ):
         fmt = ["--log-format", log_format]
     if module:
         head = [os.environ.get("VGPU_LAUNCH_PYTHON", sys.executable), "-m", "vgpu_launch"]
@@ -108,8 +116,9 @@ def launcher_argv(args: Sequence[Arg], *, user: str | None = None,
     return [*wrap, *head, *fmt, *words]
 
 
-def launch_argv(lib: Arg, *cmd: Arg, options: Sequence[str] = (),
-                module: bool = False) -> list[str]:
+def launch_argv(
+    lib: Arg, *cmd: Arg, options: Sequence[str] = (), module: bool = False
+) -> list[str]:
     """``vgpu-launch --log-format json --preload LIB [OPTIONS] -- CMD...``."""
     return launcher_argv(["--preload", lib, *options, "--", *cmd], module=module)
 
@@ -129,8 +138,14 @@ def parse_probes(stdout: str) -> list[dict[str, Any]]:
     for line in stdout.splitlines():
         m = PROBE_RE.match(line)
         if m:
-            found.append({"pid": int(m["pid"]), "preload": m["preload"],
-                          "devices": m["devices"], "marker": int(m["marker"])})
+            found.append(
+                {
+                    "pid": int(m["pid"]),
+                    "preload": m["preload"],
+                    "devices": m["devices"],
+                    "marker": int(m["marker"]),
+                }
+            )
     return found
 
 
@@ -193,8 +208,9 @@ class LaunchResult:
         """exec events of programs whose path ends with ``exe_suffix``."""
         return [e for e in self.of("exec") if str(e.get("exe", "")).endswith(exe_suffix)]
 
-    def exec_events(self, exe: Arg | None = None, pid: int | None = None,
-                    decision: str | None = None) -> list[dict[str, Any]]:
+    def exec_events(
+        self, exe: Arg | None = None, pid: int | None = None, decision: str | None = None
+    ) -> list[dict[str, Any]]:
         """exec events, optionally only those of program ``exe`` / process ``pid`` / decision.
 
         A program matches by the event's ``exe`` or, failing that, its ``argv[0]`` (both compared
@@ -268,8 +284,9 @@ class Lines:
                     return m
                 self.seen.append(line)
             if self.eof or time.monotonic() > deadline:
-                pytest.fail(f"no line matching {pattern!r} within {timeout} s; "
-                            f"read: {self.seen[-20:]!r}")
+                pytest.fail(
+                    f"no line matching {pattern!r} within {timeout} s; read: {self.seen[-20:]!r}"
+                )
             self._fill(deadline - time.monotonic())
 
     def read_to_end(self, timeout: float = 20.0) -> bool:
@@ -311,9 +328,17 @@ class Started:
     otherwise), ``out`` (its stdout, by lines), ``stderr()`` (what it wrote to its stderr, a
     file).  ``close()`` kills its process group and its children."""
 
-    def __init__(self, argv: Sequence[Arg], *, env: Mapping[str, str] | None = None,
-                 cwd: Arg | None = None, new_session: bool = True, stdin: Any = subprocess.PIPE,
-                 stderr_path: Arg | None = None, **popen: Any) -> None:
+    def __init__(
+        self,
+        argv: Sequence[Arg],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Arg | None = None,
+        new_session: bool = True,
+        stdin: Any = subprocess.PIPE,
+        stderr_path: Arg | None = None,
+        **popen: Any,
+    ) -> None:
         self.argv = [os.fspath(a) for a in argv]
         # Closed in close(): the process outlives this constructor.
         self._err: IO[bytes] = (
@@ -321,11 +346,17 @@ class Started:
             if stderr_path is not None
             else tempfile.TemporaryFile(prefix="vgpu-launch-tests-stderr-")  # noqa: SIM115
         )
-        group: dict[str, Any] = ({"start_new_session": True} if new_session
-                                 else {"process_group": 0})
-        self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE,
-                                     stderr=self._err, env=dict(env or clean_env()), cwd=cwd,
-                                     **group, **popen)
+        group: dict[str, Any] = {"start_new_session": True} if new_session else {"process_group": 0}
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            env=dict(env or clean_env()),
+            cwd=cwd,
+            **group,
+            **popen,
+        )
         assert self.proc.stdout is not None
         self.out = Lines(self.proc.stdout.fileno())
 
@@ -352,8 +383,10 @@ class Started:
                 self.proc.returncode = _decode_status(status)
                 return status
             if time.monotonic() > deadline:
-                pytest.fail(f"{self.argv[0]} did not exit within {timeout} s; stderr:\n"
-                            f"{self.stderr()[-3000:]}")
+                pytest.fail(
+                    f"{self.argv[0]} did not exit within {timeout} s; stderr:\n"
+                    f"{self.stderr()[-3000:]}"
+                )
             time.sleep(0.005)
 
     def _kill(self) -> None:
@@ -382,14 +415,20 @@ class Started:
 
 
 @contextlib.contextmanager
-def started(argv: Sequence[Arg], tmp_path: Path, *, env: Mapping[str, str] | None = None,
-            new_session: bool = True, cwd: Arg | None = None, **popen: Any) -> Iterator[Started]:
+def started(
+    argv: Sequence[Arg],
+    tmp_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = True,
+    cwd: Arg | None = None,
+    **popen: Any,
+) -> Iterator[Started]:
     """Start ``argv`` (stdin and stdout pipes, stderr to a file in ``tmp_path``) in a session of
     its own (or, ``new_session`` false, a process group of its own in this session: not
     orphaned, so that stop signals act); kill its process group and its children at the end."""
     err = tmp_path / f"stderr-{time.monotonic_ns()}"
-    with Started(argv, env=env, cwd=cwd, new_session=new_session, stderr_path=err,
-                 **popen) as run:
+    with Started(argv, env=env, cwd=cwd, new_session=new_session, stderr_path=err, **popen) as run:
         yield run
 
 
@@ -397,20 +436,34 @@ class Tree(Started):
     """vgpu-launch running in the background inside ``rtool reap``, in a session of its own;
     ``wait()`` checks that nothing of the session is left behind."""
 
-    def __init__(self, args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
-                 user: str | None = None, stdin: Any = subprocess.DEVNULL,
-                 stderr_path: Arg | None = None, log_format: str | None = "json",
-                 cwd: Arg | None = None, pass_fds: Sequence[int] = (),
-                 wrap: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        args: Sequence[Arg],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        user: str | None = None,
+        stdin: Any = subprocess.DEVNULL,
+        stderr_path: Arg | None = None,
+        log_format: str | None = "json",
+        cwd: Arg | None = None,
+        pass_fds: Sequence[int] = (),
+        wrap: Sequence[str] = (),
+    ) -> None:
         updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
         updates.update(env or {})
         # Closed in close(): the tree outlives this constructor.
         self.status_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix="vgpu-launch-tests-status-")
+            prefix="vgpu-launch-tests-status-"
+        )
         self.launch_argv = launcher_argv(args, user=user, log_format=log_format, wrap=wrap)
-        super().__init__([build_rtool(), "reap", "-s", self.status_file.name, *self.launch_argv],
-                         env=clean_env(updates), cwd=cwd, stdin=stdin, stderr_path=stderr_path,
-                         pass_fds=tuple(pass_fds))
+        super().__init__(
+            [build_rtool(), "reap", "-s", self.status_file.name, *self.launch_argv],
+            env=clean_env(updates),
+            cwd=cwd,
+            stdin=stdin,
+            stderr_path=stderr_path,
+            pass_fds=tuple(pass_fds),
+        )
         self.sid = self.proc.pid
         self._launcher = 0
 
@@ -418,21 +471,25 @@ class Tree(Started):
     def launcher(self) -> int:
         """vgpu-launch's pid (``setpriv`` and ``bin/vgpu-launch`` exec, so it is reap's child)."""
         if not self._launcher:
-            self._launcher = procs.wait_for("vgpu-launch to start",
-                                            lambda: (procs.children(self.sid) or [0])[0], 10)
+            self._launcher = procs.wait_for(
+                "vgpu-launch to start", lambda: (procs.children(self.sid) or [0])[0], 10
+            )
             # bin/vgpu-launch is a shell script that execs python: wait for the exec.
             procs.wait_for(
                 "vgpu-launch's interpreter",
-                lambda: "python" in Path(f"/proc/{self._launcher}/comm").read_text()
-                or len(os.listdir(f"/proc/{self._launcher}/task")) > 1,
+                lambda: (
+                    "python" in Path(f"/proc/{self._launcher}/comm").read_text()
+                    or len(os.listdir(f"/proc/{self._launcher}/task")) > 1
+                ),
                 10,
             )
         return self._launcher
 
     def tracer_ready(self, timeout: float = 10) -> None:
         """Wait until the tracer thread exists (vgpu-launch has two threads)."""
-        procs.wait_for("tracer thread",
-                       lambda: len(os.listdir(f"/proc/{self.launcher}/task")) >= 2, timeout)
+        procs.wait_for(
+            "tracer thread", lambda: len(os.listdir(f"/proc/{self.launcher}/task")) >= 2, timeout
+        )
 
     def freeze(self) -> None:
         """Stop vgpu-launch (tracer thread included): tracees that reach a ptrace stop stay
@@ -464,11 +521,16 @@ class Tree(Started):
 
     def wait_event(self, name: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
         """Wait until vgpu-launch logs an event ``name`` with these ``fields``; return it."""
+
         def found() -> dict[str, Any] | None:
-            return next((e for e in self.log().of(name)
-                         if all(e.get(k) == v for k, v in fields.items())), None)
-        return procs.wait_for(f"a {name} event with {fields}", found, timeout,
-                              describe=lambda: self.log().describe())
+            return next(
+                (e for e in self.log().of(name) if all(e.get(k) == v for k, v in fields.items())),
+                None,
+            )
+
+        return procs.wait_for(
+            f"a {name} event with {fields}", found, timeout, describe=lambda: self.log().describe()
+        )
 
     def wait(self, timeout: float = 60) -> LaunchResult:
         """Wait for the end of vgpu-launch's output and of reap; vgpu-launch's status and
@@ -492,8 +554,9 @@ class Tree(Started):
         return result
 
     def _result(self, returncode: int) -> LaunchResult:
-        return LaunchResult(self.launch_argv, returncode,
-                            self.out.data.decode(errors="replace"), self.stderr())
+        return LaunchResult(
+            self.launch_argv, returncode, self.out.data.decode(errors="replace"), self.stderr()
+        )
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -514,8 +577,13 @@ class ShellTree(Tree):
     once) until ``exit``.  ``dir`` is a fresh directory that CMD may write to, as ``nobody``
     too, for what those commands leave."""
 
-    def __init__(self, options: Sequence[Arg], *, user: str | None = None,
-                 env: Mapping[str, str | None] | None = None) -> None:
+    def __init__(
+        self,
+        options: Sequence[Arg],
+        *,
+        user: str | None = None,
+        env: Mapping[str, str | None] | None = None,
+    ) -> None:
         self.dir = build.public_dir("vgpu-launch-tests-shell-")
         self.dir.chmod(0o777)
         self.ctl = self.dir / "ctl"
@@ -529,14 +597,15 @@ class ShellTree(Tree):
 
     def send(self, line: str) -> None:
         """Give CMD's shell one command line (once it reads them)."""
+
         def opened() -> int | None:
             try:
                 return os.open(self.ctl, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:  # ENXIO: no reader, yet or any more
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"vgpu-launch has ended{self.log().describe()}"
-                                         ) from None
+                    raise AssertionError(f"vgpu-launch has ended{self.log().describe()}") from None
                 return None
+
         fd = procs.wait_for("CMD's shell to read commands", opened, 30)
         try:
             os.write(fd, line.encode() + b"\n")
@@ -548,31 +617,52 @@ class ShellTree(Tree):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run(args: Sequence[Arg], *, env: Mapping[str, str | None] | None = None,
-        timeout: float = 120, user: str | None = None, input: bytes | None = None,
-        log_format: str | None = "json", cwd: Arg | None = None,
-        pass_fds: Sequence[int] = (), wrap: Sequence[str] = ()) -> LaunchResult:
+def run(
+    args: Sequence[Arg],
+    *,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 120,
+    user: str | None = None,
+    input: bytes | None = None,
+    log_format: str | None = "json",
+    cwd: Arg | None = None,
+    pass_fds: Sequence[int] = (),
+    wrap: Sequence[str] = (),
+) -> LaunchResult:
     """Run ``vgpu-launch [--log-format json] ARGS`` to the end; check that nothing of its
     session is left behind.  ``env`` updates ``clean_env()``."""
-    with Tree(args, env=env, user=user, log_format=log_format, cwd=cwd,
-              pass_fds=pass_fds, wrap=wrap,
-              stdin=subprocess.DEVNULL if input is None else subprocess.PIPE) as tree:
+    with Tree(
+        args,
+        env=env,
+        user=user,
+        log_format=log_format,
+        cwd=cwd,
+        pass_fds=pass_fds,
+        wrap=wrap,
+        stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+    ) as tree:
         if input is not None:
             assert tree.proc.stdin is not None
             tree.proc.stdin.write(input)
         return tree.wait(timeout)
 
 
-def command(args: Sequence[Arg], *, user: str | None = None,
-            env: Mapping[str, str | None] | None = None, timeout: float = 120) -> LaunchResult:
+def command(
+    args: Sequence[Arg],
+    *,
+    user: str | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 120,
+) -> LaunchResult:
     """``vgpu-launch ARGS`` to the end, as a direct child of the test, for a command that
     starts no tree (``release``, ``status``): its status and output, no ``--log-format``
     added.  ``env`` updates ``clean_env()``."""
     updates: dict[str, str | None] = {"VGPU_LAUNCH_PYTHON": SYSTEM_PYTHON} if user else {}
     updates.update(env or {})
     argv = launcher_argv(args, user=user, log_format=None)
-    proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(updates),
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env=clean_env(updates), timeout=timeout, check=False
+    )
     return LaunchResult(argv, proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -19,8 +19,13 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(what: str, predicate: Callable[[], T | None], timeout: float = 20.0,
-             interval: float = 0.005, describe: Callable[[], str] | None = None) -> T:
+def wait_for(
+    what: str,
+    predicate: Callable[[], T | None],
+    timeout: float = 20.0,
+    interval: float = 0.005,
+    describe: Callable[[], str] | None = None,
+) -> T:
     """Poll ``predicate`` until it returns something true, and return that; after ``timeout``
     seconds fail, naming ``what`` (and adding ``describe()``)."""
     deadline = time.monotonic() + timeout
@@ -143,8 +148,9 @@ def threads_traced_by(pid: int, tracer: int) -> list[int]:
     """The threads of ``pid`` whose tracer is a thread of process ``tracer`` (either gone:
     OSError, so that a process that has ended never passes for an untraced one)."""
     mine = {int(t) for t in os.listdir(f"/proc/{tracer}/task")}
-    return [int(t) for t in os.listdir(f"/proc/{pid}/task")
-            if tracer_pid(f"{pid}/task/{t}") in mine]
+    return [
+        int(t) for t in os.listdir(f"/proc/{pid}/task") if tracer_pid(f"{pid}/task/{t}") in mine
+    ]
 
 
 def mask_of(*sigs: int) -> int:

@@ -58,8 +58,11 @@ def bookworm_root() -> Path:
 def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     missing = [t for t in ("dpkg-buildpackage", "dh", "pybuild") if shutil.which(t) is None]
     if missing:
-        message = ("cannot build the .deb here, missing: " + ", ".join(missing)
-                   + " (apt-get install dpkg-dev debhelper dh-python pybuild-plugin-pyproject)")
+        message = (
+            "cannot build the .deb here, missing: "
+            + ", ".join(missing)
+            + " (apt-get install dpkg-dev debhelper dh-python pybuild-plugin-pyproject)"
+        )
         if os.environ.get("VGPU_TEST_REQUIRE_SYSTEM") == "1":
             pytest.fail(message)
         pytest.skip(message)

@@ -58,8 +58,15 @@ APT_LISTS_MAX_AGE = 12 * 3600
 TOOLS = ("debootstrap", "unshare", "nsenter", "setpriv", "chroot", "mount")
 # Capabilities the booted system has no business with (it shares the machine's kernel).
 DROPPED_CAPS = (
-    "sys_module", "sys_time", "sys_rawio", "syslog", "wake_alarm",
-    "audit_control", "audit_read", "mac_admin", "mac_override",
+    "sys_module",
+    "sys_time",
+    "sys_rawio",
+    "syslog",
+    "wake_alarm",
+    "audit_control",
+    "audit_read",
+    "mac_admin",
+    "mac_override",
 )
 # Units that would use the machine's console or kernel audit stream.
 MASKED_UNITS = ("console-getty.service", "systemd-journald-audit.socket")
@@ -100,6 +107,7 @@ def cgroup2_mount() -> Path | None:
 
 # --- the cached root ------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _flock(path: Path, mode: int) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,8 +146,9 @@ def prepare_root(root: Path) -> None:
     (root / STAMP).write_text(f"{SUITE} {ROOT_FORMAT}\n")
 
 
-def ensure_root(cache_dir: Path = CACHE_DIR, *, log: Callable[[str], None] = print,
-                timeout: float = 1200) -> Path:
+def ensure_root(
+    cache_dir: Path = CACHE_DIR, *, log: Callable[[str], None] = print, timeout: float = 1200
+) -> Path:
     """The cached clean root, made first if it is missing or stale (about 1 min, 300 MB)."""
     root = root_path(cache_dir)
     if _root_ok(root):
@@ -154,8 +163,12 @@ def ensure_root(cache_dir: Path = CACHE_DIR, *, log: Callable[[str], None] = pri
         t0 = time.monotonic()
         proc = subprocess.run(
             ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", SUITE, str(new), MIRROR],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=timeout, check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if proc.returncode != 0:
             shutil.rmtree(new, ignore_errors=True)
@@ -222,8 +235,14 @@ def remove_stale_cgroups(base: Path, name: str = "vgpu-launch-test") -> None:
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-            for d in [*sorted((p for p in old.rglob("*") if p.is_dir()),
-                              key=lambda p: len(p.parts), reverse=True), old]:
+            for d in [
+                *sorted(
+                    (p for p in old.rglob("*") if p.is_dir()),
+                    key=lambda p: len(p.parts),
+                    reverse=True,
+                ),
+                old,
+            ]:
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
@@ -231,9 +250,16 @@ def remove_stale_cgroups(base: Path, name: str = "vgpu-launch-test") -> None:
 class BootedSystem:
     """A Debian root booted with systemd as PID 1; run commands in it with ``run()``."""
 
-    def __init__(self, lower: Path, *, name: str = "vgpu-launch-test",
-                 boot_timeout: float = 90, max_lifetime: float = 1800,
-                 log_dir: Path | None = None, keep_logs: bool = False) -> None:
+    def __init__(
+        self,
+        lower: Path,
+        *,
+        name: str = "vgpu-launch-test",
+        boot_timeout: float = 90,
+        max_lifetime: float = 1800,
+        log_dir: Path | None = None,
+        keep_logs: bool = False,
+    ) -> None:
         self.lower = lower
         self.name = name
         self.boot_timeout = boot_timeout
@@ -283,11 +309,31 @@ class BootedSystem:
         log = open(self.console_log, "wb")  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
-                ["unshare", "--kill-child=SIGKILL", "--fork", "--pid", "--mount", "--uts",
-                 "--ipc", "--net", "--cgroup", "--propagation", "private",
-                 "sh", "-c", _BOOT_SCRIPT, "boot", str(self.lower), str(self._mnt), caps],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=in_child, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                [
+                    "unshare",
+                    "--kill-child=SIGKILL",
+                    "--fork",
+                    "--pid",
+                    "--mount",
+                    "--uts",
+                    "--ipc",
+                    "--net",
+                    "--cgroup",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    _BOOT_SCRIPT,
+                    "boot",
+                    str(self.lower),
+                    str(self._mnt),
+                    caps,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=in_child,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
         finally:
             log.close()
@@ -388,8 +434,11 @@ class BootedSystem:
             with contextlib.suppress(OSError):
                 kill.write_text("1")
         while True:
-            dirs = sorted((p for p in self._cgroup.rglob("*") if p.is_dir()),
-                          key=lambda p: len(p.parts), reverse=True)
+            dirs = sorted(
+                (p for p in self._cgroup.rglob("*") if p.is_dir()),
+                key=lambda p: len(p.parts),
+                reverse=True,
+            )
             try:
                 for d in [*dirs, self._cgroup]:
                     d.rmdir()
@@ -411,25 +460,52 @@ class BootedSystem:
         if self.init_pid is None:
             raise HarnessError("not booted")
         spaces = ["-m", "-u", "-i", "-p", "-C"] if network else ["-a"]
-        return ["nsenter", "-t", str(self.init_pid), *spaces, "-r", "-w", "--",
-                "/usr/bin/env", "-i", f"PATH={GUEST_PATH}", "LANG=C.UTF-8", "HOME=/root",
-                "TERM=dumb", "DEBIAN_FRONTEND=noninteractive", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0"]
+        return [
+            "nsenter",
+            "-t",
+            str(self.init_pid),
+            *spaces,
+            "-r",
+            "-w",
+            "--",
+            "/usr/bin/env",
+            "-i",
+            f"PATH={GUEST_PATH}",
+            "LANG=C.UTF-8",
+            "HOME=/root",
+            "TERM=dumb",
+            "DEBIAN_FRONTEND=noninteractive",
+            "SYSTEMD_PAGER=",
+            "SYSTEMD_COLORS=0",
+        ]
 
-    def run(self, *argv: str, input: str | bytes | None = None, timeout: float = 60,
-            check: bool = True, network: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *argv: str,
+        input: str | bytes | None = None,
+        timeout: float = 60,
+        check: bool = True,
+        network: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ARGV inside; stdout and stderr come back as text."""
         data = input.encode() if isinstance(input, str) else input
         try:
             proc = subprocess.run(
-                [*self.nsenter(network=network), *argv], input=data,
+                [*self.nsenter(network=network), *argv],
+                input=data,
                 stdin=None if data is not None else subprocess.DEVNULL,
-                capture_output=True, timeout=timeout, check=False,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise HarnessError(f"timed out after {timeout} s inside the system: {shlex.join(argv)}"
-                               ) from exc
+            raise HarnessError(
+                f"timed out after {timeout} s inside the system: {shlex.join(argv)}"
+            ) from exc
         result = subprocess.CompletedProcess(
-            proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+            proc.args,
+            proc.returncode,
+            proc.stdout.decode(errors="replace"),
             proc.stderr.decode(errors="replace"),
         )
         if check and result.returncode != 0:
@@ -444,8 +520,15 @@ class BootedSystem:
 
     def write(self, path: str, content: str | bytes, mode: int = 0o644) -> None:
         """Create or replace a file inside (parent directories made, owned by root)."""
-        self.run("/bin/sh", "-ec", 'mkdir -p "$(dirname "$1")"; cat >"$1"; chmod "$2" "$1"',
-                 "write", path, format(mode, "o"), input=content)
+        self.run(
+            "/bin/sh",
+            "-ec",
+            'mkdir -p "$(dirname "$1")"; cat >"$1"; chmod "$2" "$1"',
+            "write",
+            path,
+            format(mode, "o"),
+            input=content,
+        )
 
     def copy_in(self, src: Path, path: str, mode: int | None = None) -> None:
         if mode is None:
@@ -471,8 +554,9 @@ class BootedSystem:
 
     # -- systemd
 
-    def systemctl(self, *args: str, check: bool = True, timeout: float = 60
-                  ) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return self.run("systemctl", "--no-pager", *args, check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -489,8 +573,9 @@ class BootedSystem:
         return entries
 
     def journal_text(self, *args: str) -> str:
-        return self.run("journalctl", "--no-pager", "-o", "short-monotonic", "--all", *args,
-                        check=False).stdout
+        return self.run(
+            "journalctl", "--no-pager", "-o", "short-monotonic", "--all", *args, check=False
+        ).stdout
 
     def processes(self) -> list[dict[str, Any]]:
         """pid, ppid, uid, comm and argv of every process in the system (read from /proc)."""
@@ -512,8 +597,13 @@ class BootedSystem:
         return procs
 
 
-def wait_for(what: str, predicate: Callable[[], T | None], timeout: float,
-             interval: float = 0.25, describe: Callable[[], str] | None = None) -> T:
+def wait_for(
+    what: str,
+    predicate: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.25,
+    describe: Callable[[], str] | None = None,
+) -> T:
     """support.procs.wait_for, polling less often by default: each look into a booted system
     runs a command in it."""
     return procs.wait_for(what, predicate, timeout, interval, describe)
@@ -526,12 +616,20 @@ def boot(lower: Path | None = None, **kw: Any) -> BootedSystem:
 
 def build_deb(outdir: Path, top: Path, *, timeout: float = 600) -> Path:
     """packaging/build-deb.sh OUTDIR; the path of the .deb it made."""
-    proc = subprocess.run([str(top / "packaging/build-deb.sh"), str(outdir)], cwd=top,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        [str(top / "packaging/build-deb.sh"), str(outdir)],
+        cwd=top,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
-        raise HarnessError(f"build-deb.sh failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+        raise HarnessError(
+            f"build-deb.sh failed ({proc.returncode}):\n"
+            f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+        )
     debs = sorted(outdir.glob("vgpu-launch_*_all.deb"))
     if len(debs) != 1:
         raise HarnessError(f"expected one .deb in {outdir}, found {debs}")
@@ -543,11 +641,23 @@ def install_deb(system: BootedSystem, deb: Path) -> subprocess.CompletedProcess[
     (its dependencies come from Debian's archive)."""
     system.copy_in(deb, f"/root/{deb.name}", 0o644)
     system.refresh_apt_lists()
-    return system.run("/bin/sh", "-ec", "cd /root && apt-get -q -y install ./vgpu-launch_*.deb",
-                      network=True, timeout=300)
+    return system.run(
+        "/bin/sh",
+        "-ec",
+        "cd /root && apt-get -q -y install ./vgpu-launch_*.deb",
+        network=True,
+        timeout=300,
+    )
 
 
 __all__: Sequence[str] = (
-    "CACHE_DIR", "BootedSystem", "HarnessError", "boot", "build_deb", "ensure_root",
-    "install_deb", "missing_requirements", "wait_for",
+    "CACHE_DIR",
+    "BootedSystem",
+    "HarnessError",
+    "boot",
+    "build_deb",
+    "ensure_root",
+    "install_deb",
+    "missing_requirements",
+    "wait_for",
 )

@@ -29,13 +29,23 @@ def demo(tmp_path: Path, python3: str | None, **extra: str) -> subprocess.Comple
     else:
         (first / "python3").write_text(python3)
         (first / "python3").chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VGPU_LAUNCH_", "VGPU_TEST_")) and k != "LD_PRELOAD"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("VGPU_LAUNCH_", "VGPU_TEST_")) and k != "LD_PRELOAD"
+    }
     env["PATH"] = f"{first}:{env.get('PATH', '/usr/bin:/bin')}"
     env["VGPU_DEMO_CACHE"] = str(CACHE / "demo")
     env.update(extra)
-    return subprocess.run([str(DEMO)], env=env, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        [str(DEMO)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def result_row(stdout: str, which: str) -> str:
@@ -50,7 +60,8 @@ def foreign_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.Complete
 
 
 def test_demo_with_a_python3_lacking_the_libraries_first_in_path(
-        foreign_run: subprocess.CompletedProcess[str]) -> None:
+    foreign_run: subprocess.CompletedProcess[str],
+) -> None:
     """A pyenv/conda/venv python3 first in PATH: the demo exits 0 with 0 GPUs before, 1 after."""
     r = foreign_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -68,15 +79,23 @@ def test_demo_with_a_broken_python3_first_in_path(tmp_path: Path) -> None:
 
 
 def test_the_commands_shown_are_the_commands_run(
-        foreign_run: subprocess.CompletedProcess[str]) -> None:
+    foreign_run: subprocess.CompletedProcess[str],
+) -> None:
     """Each "$ ..." line, pasted into a shell at the top of the checkout, does what the demo
     showed: 0 devices without vgpu-launch, 1 under it (with its JSON decision log)."""
     shown = [line[2:] for line in foreign_run.stdout.splitlines() if line.startswith("$ ")]
     assert len(shown) == 2, foreign_run.stdout
     assert shown[1].startswith("bin/vgpu-launch --log-format json "), shown[1]
     for line, count in zip(shown, ("0", "1"), strict=True):
-        r = subprocess.run(shlex.split(line), cwd=REPO, capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL, check=False)
+        r = subprocess.run(
+            shlex.split(line),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"initial_count={count}" in r.stderr.splitlines(), r.stderr[-3000:]
     assert '"event":"exec"' in r.stderr.replace(" ", "")
@@ -89,6 +108,9 @@ def test_a_launcher_failure_is_not_shown_as_ollamas_output(tmp_path: Path) -> No
     assert r.returncode == 1
     section = r.stdout.split("(b) with vgpu-launch", 1)[1].split("====", 2)[1]
     assert "ollama's own output" not in section, section
-    assert re.search(r"vgpu-launch did not start ollama.*\n.*unknown environment variable "
-                     r"VGPU_LAUNCH_BOGUS", section), section
+    assert re.search(
+        r"vgpu-launch did not start ollama.*\n.*unknown environment variable "
+        r"VGPU_LAUNCH_BOGUS",
+        section,
+    ), section
     assert "before it started ollama" in r.stderr

@@ -25,8 +25,9 @@ KillMode=mixed
 """
 
 
-def test_boots_and_runs_a_unit(boot_system: Callable[..., harness.BootedSystem],
-                               tmp_path: Path) -> None:
+def test_boots_and_runs_a_unit(
+    boot_system: Callable[..., harness.BootedSystem], tmp_path: Path
+) -> None:
     """A booted system runs systemd and a unit, and leaves the machine as it was."""
     sentinel = Path("/tmp") / f"vgpu-launch-system-test-{os.getpid()}"
     sentinel.write_text("untouched")
@@ -37,7 +38,9 @@ def test_boots_and_runs_a_unit(boot_system: Callable[..., harness.BootedSystem],
         with boot_system() as system:
             boot_s = time.monotonic() - t0
             assert system.run("systemctl", "is-system-running", check=False).stdout.strip() in (
-                "running", "degraded")
+                "running",
+                "degraded",
+            )
             assert system.run("hostname").stdout.strip() == "vgpu-launch-test"
             assert system.run("cat", "/proc/1/comm").stdout.strip() == "systemd"
 
@@ -50,8 +53,10 @@ def test_boots_and_runs_a_unit(boot_system: Callable[..., harness.BootedSystem],
             assert any(p["pid"] == main_pid and p["comm"] == "sleep" for p in system.processes())
             harness.wait_for(
                 "the unit's output in the journal",
-                lambda: any(e.get("MESSAGE") == "sleeper-started"
-                            for e in system.journal("-u", "sleeper.service")),
+                lambda: any(
+                    e.get("MESSAGE") == "sleeper-started"
+                    for e in system.journal("-u", "sleeper.service")
+                ),
                 timeout=10,
             )
 
@@ -75,7 +80,8 @@ def test_boots_and_runs_a_unit(boot_system: Callable[..., harness.BootedSystem],
 
 
 def test_teardown_kills_everything_even_on_error(
-        boot_system: Callable[..., harness.BootedSystem]) -> None:
+    boot_system: Callable[..., harness.BootedSystem],
+) -> None:
     """A test failing midway still kills every process of its system."""
     with pytest.raises(RuntimeError), boot_system() as system:
         system.run("systemd-run", "--unit=stray", "/bin/sleep", "infinity")
@@ -106,8 +112,9 @@ def test_namespace_dies_with_the_test_process(bookworm_root: Path, tmp_path: Pat
         assert Path(f"/proc/{init_pid}").exists()
         child.kill()
         child.wait(timeout=10)
-        harness.wait_for("the namespace's init to die",
-                         lambda: not harness._alive(init_pid), timeout=10)
+        harness.wait_for(
+            "the namespace's init to die", lambda: not harness._alive(init_pid), timeout=10
+        )
     finally:
         if child.poll() is None:
             child.kill()

@@ -31,8 +31,10 @@ try:
     import kubernetes_validate
     import yaml
 except ImportError as exc:  # scripts/setup.sh installs it into .venv
-    pytest.fail(f"{exc.name} is missing: pip install kubernetes-validate (scripts/setup.sh does)",
-                pytrace=False)
+    pytest.fail(
+        f"{exc.name} is missing: pip install kubernetes-validate (scripts/setup.sh does)",
+        pytrace=False,
+    )
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
@@ -58,8 +60,9 @@ def test_there_are_manifests() -> None:
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name,doc", documents(), ids=[n for n, _ in documents()])
-def test_manifest_validates_against_the_schema(name: str, doc: dict[str, Any],
-                                               version: str) -> None:
+def test_manifest_validates_against_the_schema(
+    name: str, doc: dict[str, Any], version: str
+) -> None:
     """Each resource is valid for the Kubernetes API (strict: no unknown fields)."""
     target = kubernetes_validate.latest_version() if version == "latest" else version
     kubernetes_validate.validate(doc, target, strict=True)
@@ -87,20 +90,37 @@ def _run_command(tmp_path: Path, env: dict[str, str]) -> list[str]:
     fake = bindir / "vgpu-launch"
     fake.write_text('#!/bin/sh\nfor a; do printf "%s\\n" "$a"; done\n')
     fake.chmod(0o755)
-    proc = subprocess.run(_container()["command"], capture_output=True, text=True, check=True,
-                          env={"PATH": f"{bindir}:/usr/bin:/bin", **env})
+    proc = subprocess.run(
+        _container()["command"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": f"{bindir}:/usr/bin:/bin", **env},
+    )
     return proc.stdout.splitlines()
 
 
 def test_command_passes_hamis_variables_on(tmp_path: Path) -> None:
     """HAMi's per-pod variables reach vgpu-launch as --env, unset ones are left out."""
-    args = _run_command(tmp_path, {"CUDA_DEVICE_MEMORY_LIMIT_0": "8000m",
-                                   "CUDA_DEVICE_SM_LIMIT": "50",
-                                   "CUDA_DEVICE_MEMORY_SHARED_CACHE": "/usr/local/vgpu/x.cache"})
-    assert args == ["--env", "CUDA_DEVICE_MEMORY_LIMIT_0=8000m",
-                    "--env", "CUDA_DEVICE_SM_LIMIT=50",
-                    "--env", "CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/x.cache",
-                    "--", "/usr/bin/ollama", "serve"]
+    args = _run_command(
+        tmp_path,
+        {
+            "CUDA_DEVICE_MEMORY_LIMIT_0": "8000m",
+            "CUDA_DEVICE_SM_LIMIT": "50",
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE": "/usr/local/vgpu/x.cache",
+        },
+    )
+    assert args == [
+        "--env",
+        "CUDA_DEVICE_MEMORY_LIMIT_0=8000m",
+        "--env",
+        "CUDA_DEVICE_SM_LIMIT=50",
+        "--env",
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/x.cache",
+        "--",
+        "/usr/bin/ollama",
+        "serve",
+    ]
 
 
 def test_command_without_hami_variables(tmp_path: Path) -> None:
@@ -135,19 +155,34 @@ def test_configuration_mounted_as_the_manifest_does(programs: Programs, pub: Pat
     """subPath-mounted into the image's /etc/vgpu-launch it passes; the volume's dir would not."""
     text = f'preload = ["{programs.librobustmark}"]\n'
     volume = _configmap_volume(pub / "volume", text)
-    run = launch.run(["--config", str(volume / "vgpu-launch.conf"), "--", programs.rprobe],
-                     log_format=None)
+    run = launch.run(
+        ["--config", str(volume / "vgpu-launch.conf"), "--", programs.rprobe], log_format=None
+    )
     assert run.returncode == 2 and f"directory {volume} (mode 0777" in run.stderr, run.describe()
 
     etc = pub / "etc-vgpu-launch"  # the image's directory, with the package's file in it
     etc.mkdir(mode=0o755)
     (etc / "vgpu-launch.conf").write_text("# packaged\n")
-    script = (f"mount --bind {volume / 'vgpu-launch.conf'} {etc / 'vgpu-launch.conf'} && "
-              f'exec "$0" "$@"')
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                           *launch.launcher_argv(["--config", str(etc / "vgpu-launch.conf"),
-                                                  "--", programs.rprobe])],
-                          capture_output=True, text=True, env=launch.clean_env(), timeout=60,
-                          check=False)
+    script = (
+        f'mount --bind {volume / "vgpu-launch.conf"} {etc / "vgpu-launch.conf"} && exec "$0" "$@"'
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            *launch.launcher_argv(
+                ["--config", str(etc / "vgpu-launch.conf"), "--", programs.rprobe]
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        env=launch.clean_env(),
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0 and "marker=1" in proc.stdout, proc.stderr[-3000:]
-

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_manpage() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vgpu_launch_manpage",
-                                                  REPO / "packaging" / "manpage.py")
+    spec = importlib.util.spec_from_file_location(
+        "vgpu_launch_manpage", REPO / "packaging" / "manpage.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -110,8 +111,9 @@ def test_every_setting_is_documented(page: str) -> None:
         label = f"[{key}]" if key in manpage.TABLE_KEYS else key
         assert re.search(rf"^{re.escape(label)}$", text, re.M), f"config key {key}"
     # --version and -v have no variable: they are not settings
-    used = {o.env for o in options.OPTIONS
-            if o.kind not in (options.Kind.VERSION, options.Kind.VERBOSE)}
+    used = {
+        o.env for o in options.OPTIONS if o.kind not in (options.Kind.VERSION, options.Kind.VERBOSE)
+    }
     assert "VGPU_LAUNCH_CONFIG" in used
     for source in (REPO / "vgpu_launch").rglob("*.py"):
         used |= set(re.findall(r"\bVGPU_LAUNCH_[A-Z][A-Z_]*[A-Z]\b", source.read_text()))
@@ -127,8 +129,11 @@ def test_shipped_config_names_every_key() -> None:
     conf = (REPO / "packaging" / "config" / "vgpu-launch.conf").read_text()
     live = [line for line in conf.splitlines() if line.strip() and not line.startswith("#")]
     assert live == [], "the shipped configuration must set nothing"
-    settings = "".join(line[1:] + "\n" for line in conf.splitlines()
-                       if line.startswith("#") and not line.startswith("# ") and line != "#")
+    settings = "".join(
+        line[1:] + "\n"
+        for line in conf.splitlines()
+        if line.startswith("#") and not line.startswith("# ") and line != "#"
+    )
     parsed = tomllib.loads(settings)
     assert set(parsed) == set(manpage.config_keys())
 
@@ -139,17 +144,31 @@ def test_page_renders_without_warnings(page: str, tmp_path: Path) -> None:
         pytest.skip("groff not installed")
     src = tmp_path / "vgpu-launch.1"
     src.write_text(page)
-    proc = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(src)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(src)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_generator_writes_the_file(tmp_path: Path) -> None:
     """packaging/manpage.py writes the page, dated as asked."""
     out = tmp_path / "vgpu-launch.1"
-    subprocess.run([sys.executable, str(REPO / "packaging" / "manpage.py"), "--output", str(out),
-                    "--date", "2000-01-01"], cwd=REPO, check=True,
-                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "packaging" / "manpage.py"),
+            "--output",
+            str(out),
+            "--date",
+            "2000-01-01",
+        ],
+        cwd=REPO,
+        check=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     text = out.read_text()
     assert text.startswith('.TH VGPU\\-LAUNCH 1 "2000-01-01"')
 
@@ -171,10 +190,11 @@ def test_description_says_each_thing_once(parser: argparse.ArgumentParser, page:
     text = section(page, "DESCRIPTION")
     first = (parser.description or "").split(".")[0].strip()
     assert not first or first not in plain(text), first
-    words = [{w.lower() for w in re.findall(r"[A-Za-z_]{5,}", plain(p))}
-             for p in text.split("\n.PP\n")]
+    words = [
+        {w.lower() for w in re.findall(r"[A-Za-z_]{5,}", plain(p))} for p in text.split("\n.PP\n")
+    ]
     for i, a in enumerate(words):
-        for j, b in enumerate(words[i + 1:], i + 1):
+        for j, b in enumerate(words[i + 1 :], i + 1):
             assert len(a & b) / len(a | b) < 0.15, (i, j, sorted(a & b))
 
 
@@ -182,11 +202,22 @@ def test_page_has_what_an_operator_needs(page: str) -> None:
     """`man vgpu-launch` is enough without the web: exit status, environment, files, the
     event schema, troubleshooting and pointers to the installed documentation."""
     heads = re.findall(r"^\.SH (.+)$", page, re.M)
-    for name in ("SYNOPSIS", "DESCRIPTION", "OPTIONS", "ENVIRONMENT", "FILES", "EXIT STATUS",
-                 "LOG", "TROUBLESHOOTING", "EXAMPLES", "SEE ALSO"):
+    for name in (
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "ENVIRONMENT",
+        "FILES",
+        "EXIT STATUS",
+        "LOG",
+        "TROUBLESHOOTING",
+        "EXAMPLES",
+        "SEE ALSO",
+    ):
         assert name in heads, name
-    assert "/usr/share/doc/vgpu-launch/docs/troubleshooting.md" in plain(section(page, "FILES")
-                                                                         + page)
+    assert "/usr/share/doc/vgpu-launch/docs/troubleshooting.md" in plain(
+        section(page, "FILES") + page
+    )
     for path, _what in manpage.DOCS:
         assert (REPO / path).is_file(), path
 
@@ -199,8 +230,11 @@ def test_every_event_and_decision_is_in_the_log_section(page: str) -> None:
     heads = tp_heads(section(page, "LOG"))
     names = {n.strip() for h in heads for n in h.split(" (", 1)[0].split(",")}
     table = (REPO / "docs" / "configuration.md").read_text().split("## The decision log", 1)[1]
-    documented = {n for cell in re.findall(r"^\| ((?:`[a-z-]+`(?:, )?)+) \|", table, re.M)
-                  for n in re.findall(r"`([a-z-]+)`", cell)}
+    documented = {
+        n
+        for cell in re.findall(r"^\| ((?:`[a-z-]+`(?:, )?)+) \|", table, re.M)
+        for n in re.findall(r"`([a-z-]+)`", cell)
+    }
     assert {"start", "exec", "end"} <= documented
     assert documented <= names, documented - names
     assert {d.value for d in Decision} <= names, {d.value for d in Decision} - names
@@ -221,21 +255,38 @@ def test_jq_examples_survive_the_services_own_lines(page: str, tmp_path: Path) -
     besides vgpu-launch's events, prints the events it selects."""
     if shutil.which("jq") is None:
         pytest.skip("jq not installed")
-    journal = "\n".join([
-        "time=2026-01-01T00:00:00 level=INFO source=server.go msg=\"starting\"",
-        json.dumps({"event": "start", "level": "info", "pid": 1}),
-        "ggml_cuda_init: found 1 CUDA devices: {",
-        json.dumps({"event": "exec", "level": "info", "pid": 7, "exe": "/usr/bin/ollama",
-                    "decision": "injected", "note": None}),
-        json.dumps({"event": "verify", "level": "warning", "pid": 7}),
-        "}",
-    ]) + "\n"
+    journal = (
+        "\n".join(
+            [
+                'time=2026-01-01T00:00:00 level=INFO source=server.go msg="starting"',
+                json.dumps({"event": "start", "level": "info", "pid": 1}),
+                "ggml_cuda_init: found 1 CUDA devices: {",
+                json.dumps(
+                    {
+                        "event": "exec",
+                        "level": "info",
+                        "pid": 7,
+                        "exe": "/usr/bin/ollama",
+                        "decision": "injected",
+                        "note": None,
+                    }
+                ),
+                json.dumps({"event": "verify", "level": "warning", "pid": 7}),
+                "}",
+            ]
+        )
+        + "\n"
+    )
     if shutil.which("groff") is None:
         pytest.skip("groff not installed")
     src = tmp_path / "vgpu-launch.1"
     src.write_text(page)
-    text = subprocess.run(["groff", "-man", "-Tascii", "-P-cbu", "-rLL=200n", str(src)],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["groff", "-man", "-Tascii", "-P-cbu", "-rLL=200n", str(src)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     log = text.split("\nLOG\n", 1)[1].split("\nTROUBLESHOOTING\n", 1)[0]
     # the commands as a reader copies them: continuation lines joined
     lines = re.sub(r"\\\n\s*", " ", log).splitlines()
@@ -244,7 +295,8 @@ def test_jq_examples_survive_the_services_own_lines(page: str, tmp_path: Path) -
     for command in commands:
         assert "jq" in command and "fromjson?" in command, command
         filt = command.split("| jq", 1)[1]
-        proc = subprocess.run(f"jq {filt}", shell=True, input=journal, capture_output=True,
-                              text=True, check=False)
+        proc = subprocess.run(
+            f"jq {filt}", shell=True, input=journal, capture_output=True, text=True, check=False
+        )
         assert proc.returncode == 0 and proc.stdout.strip(), (command, proc.stderr)
         assert all(json.loads(line)["pid"] == 7 for line in proc.stdout.splitlines()), command

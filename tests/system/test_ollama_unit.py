@@ -53,6 +53,7 @@ CONFIG = f"""\
 preload = ["{SHIM}"]
 """
 
+
 def enable_lines() -> str:
     """The shell lines docs/install.md gives to enable vgpu-launch for ollama."""
     text = (REPO / "docs" / "install.md").read_text()
@@ -62,6 +63,7 @@ def enable_lines() -> str:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
 
 def invocation(system: harness.BootedSystem) -> str:
     return system.show(UNIT, "InvocationID")["InvocationID"]
@@ -85,6 +87,7 @@ def events(system: harness.BootedSystem, invocation_id: str) -> list[dict[str, A
 
 def initial_count(system: harness.BootedSystem, invocation_id: str, timeout: float = 30) -> int:
     """The ``initial_count=N`` that ollama logs after its GPU discovery, in that run."""
+
     def find() -> int | None:
         for message in messages(system, invocation_id):
             m = re.search(r"\binitial_count=(\d+)", message)
@@ -93,29 +96,44 @@ def initial_count(system: harness.BootedSystem, invocation_id: str, timeout: flo
         return None
 
     found = harness.wait_for(
-        "initial_count in the journal", find, timeout,
+        "initial_count in the journal",
+        find,
+        timeout,
         describe=lambda: system.journal_text("-u", UNIT, "-n", "80"),
     )
     return found - 1
 
 
 def runner_counts(system: harness.BootedSystem, invocation_id: str) -> list[int]:
-    return [int(m[1]) for msg in messages(system, invocation_id)
-            if (m := re.search(r"\brunner pid=\d+ port=\d+ count=(\d+)", msg))]
+    return [
+        int(m[1])
+        for msg in messages(system, invocation_id)
+        if (m := re.search(r"\brunner pid=\d+ port=\d+ count=(\d+)", msg))
+    ]
 
 
-def wait_active(system: harness.BootedSystem, *, other_than: str | None = None,
-                timeout: float = 30) -> str:
+def wait_active(
+    system: harness.BootedSystem, *, other_than: str | None = None, timeout: float = 30
+) -> str:
     """Wait until the unit is active (in a run other than ``other_than``); its InvocationID."""
+
     def ready() -> str | None:
         props = system.show(UNIT, "ActiveState", "SubState", "InvocationID")
-        if props["ActiveState"] == "active" and props["SubState"] == "running" and \
-                props["InvocationID"] and props["InvocationID"] != other_than:
+        if (
+            props["ActiveState"] == "active"
+            and props["SubState"] == "running"
+            and props["InvocationID"]
+            and props["InvocationID"] != other_than
+        ):
             return props["InvocationID"]
         return None
 
-    return harness.wait_for(f"{UNIT} active", ready, timeout,
-                            describe=lambda: system.journal_text("-u", UNIT, "-n", "60"))
+    return harness.wait_for(
+        f"{UNIT} active",
+        ready,
+        timeout,
+        describe=lambda: system.journal_text("-u", UNIT, "-n", "60"),
+    )
 
 
 def ollama_processes(system: harness.BootedSystem) -> list[dict[str, Any]]:
@@ -123,15 +141,20 @@ def ollama_processes(system: harness.BootedSystem) -> list[dict[str, Any]]:
 
 
 def launcher_processes(system: harness.BootedSystem) -> list[dict[str, Any]]:
-    return [p for p in system.processes()
-            if any(a.endswith("vgpu-launch") or a == "vgpu_launch" for a in p["argv"][:4])]
+    return [
+        p
+        for p in system.processes()
+        if any(a.endswith("vgpu-launch") or a == "vgpu_launch" for a in p["argv"][:4])
+    ]
 
 
 # --- the system -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
-def system(boot_system: Callable[..., harness.BootedSystem], deb_package: Path,
-           ollama_like: Any) -> Iterator[harness.BootedSystem]:
+def system(
+    boot_system: Callable[..., harness.BootedSystem], deb_package: Path, ollama_like: Any
+) -> Iterator[harness.BootedSystem]:
     t0 = time.monotonic()
     with boot_system() as system:
         harness.install_deb(system, deb_package)
@@ -141,8 +164,9 @@ def system(boot_system: Callable[..., harness.BootedSystem], deb_package: Path,
         system.copy_in(Path(ollama_like.libcuda), LIBCUDA, 0o644)
         system.copy_in(Path(ollama_like.shim), SHIM, 0o644)
         system.run("ldconfig")
-        system.run("useradd", "-r", "-s", "/bin/false", "-U", "-m", "-d", "/usr/share/ollama",
-                   "ollama")
+        system.run(
+            "useradd", "-r", "-s", "/bin/false", "-U", "-m", "-d", "/usr/share/ollama", "ollama"
+        )
         system.write("/etc/systemd/system/ollama.service", OLLAMA_UNIT)
         system.write("/etc/vgpu-launch/vgpu-launch.conf", CONFIG)
         system.systemctl("daemon-reload")
@@ -154,6 +178,7 @@ def system(boot_system: Callable[..., harness.BootedSystem], deb_package: Path,
 
 
 # --- the tests, in order --------------------------------------------------------------------
+
 
 def test_unit_runs_under_vgpu_launch(system: harness.BootedSystem) -> None:
     """The drop-in makes ollama's unit start the server under vgpu-launch, nothing else."""
@@ -169,7 +194,9 @@ def test_unit_runs_under_vgpu_launch(system: harness.BootedSystem) -> None:
     servers = harness.wait_for(
         "ollama serve started by vgpu-launch",
         lambda: [p for p in ollama_processes(system) if p["argv"][1:2] == ["serve"]],
-        timeout=15, describe=lambda: system.journal_text("-u", UNIT, "-n", "40"))
+        timeout=15,
+        describe=lambda: system.journal_text("-u", UNIT, "-n", "40"),
+    )
     assert [p["ppid"] for p in servers] == [main_pid], servers
     assert all(p["uid"] != 0 for p in servers)
     launcher = [p for p in system.processes() if p["pid"] == main_pid]
@@ -197,11 +224,16 @@ def test_decision_log_is_structured_in_the_journal(system: harness.BootedSystem)
     # the runners are started without LD_PRELOAD; vgpu-launch puts the shim back
     assert all(SHIM in (e.get("preload_after") or "") for e in runners), runners
     # every line of the log is a journal entry of the unit, attributed to vgpu-launch
-    entries = [e for e in system.journal(f"_SYSTEMD_INVOCATION_ID={run}")
-               if isinstance(e.get("MESSAGE"), str) and e["MESSAGE"].startswith('{"')]
+    entries = [
+        e
+        for e in system.journal(f"_SYSTEMD_INVOCATION_ID={run}")
+        if isinstance(e.get("MESSAGE"), str) and e["MESSAGE"].startswith('{"')
+    ]
     assert entries
-    assert all(e.get("_SYSTEMD_UNIT") == UNIT and e.get("SYSLOG_IDENTIFIER") == "vgpu-launch"
-               for e in entries), entries[:3]
+    assert all(
+        e.get("_SYSTEMD_UNIT") == UNIT and e.get("SYSLOG_IDENTIFIER") == "vgpu-launch"
+        for e in entries
+    ), entries[:3]
 
 
 def test_journal_fields_select_the_decisions(system: harness.BootedSystem) -> None:
@@ -209,27 +241,32 @@ def test_journal_fields_select_the_decisions(system: harness.BootedSystem) -> No
     vgpu-launch's decisions by journal field; -o json has every field, priority per level."""
     run = wait_active(system)
     initial_count(system, run)
-    execs = [e for e in system.journal("-u", "ollama", "VGPU_LAUNCH_EVENT=exec")
-             if e.get("_SYSTEMD_INVOCATION_ID") == run]
+    execs = [
+        e
+        for e in system.journal("-u", "ollama", "VGPU_LAUNCH_EVENT=exec")
+        if e.get("_SYSTEMD_INVOCATION_ID") == run
+    ]
     assert execs, system.journal_text("-u", UNIT, "-n", "40")
     assert all(json.loads(e["MESSAGE"])["event"] == "exec" for e in execs)
     assert all(e["PRIORITY"] == "6" and e["SYSLOG_IDENTIFIER"] == "vgpu-launch" for e in execs)
-    injected = [e for e in system.journal("-u", "ollama", "VGPU_LAUNCH_DECISION=injected")
-                if e.get("_SYSTEMD_INVOCATION_ID") == run]
+    injected = [
+        e
+        for e in system.journal("-u", "ollama", "VGPU_LAUNCH_DECISION=injected")
+        if e.get("_SYSTEMD_INVOCATION_ID") == run
+    ]
     runners = [e for e in injected if "runner" in json.loads(e["VGPU_LAUNCH_ARGV"])]
     assert len(runners) >= 4, injected  # discovery starts four runners
-    assert all(e["VGPU_LAUNCH_EVENT"] == "exec" and SHIM in e["VGPU_LAUNCH_PRELOAD_AFTER"]
-               for e in runners), runners[:2]
+    assert all(
+        e["VGPU_LAUNCH_EVENT"] == "exec" and SHIM in e["VGPU_LAUNCH_PRELOAD_AFTER"] for e in runners
+    ), runners[:2]
     # the service's own lines are not selected
     assert not any("initial_count" in e["MESSAGE"] for e in execs + injected)
-
 
 
 def test_status_shows_every_process_with_the_shim(system: harness.BootedSystem) -> None:
     """`vgpu-launch status --unit ollama` shows every process with the shim."""
     wait_active(system)
-    proc = system.run("vgpu-launch", "status", "--unit", "ollama", "--format", "json",
-                      check=False)
+    proc = system.run("vgpu-launch", "status", "--unit", "ollama", "--format", "json", check=False)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     by_pid: dict[int, Any] = {}
@@ -291,15 +328,15 @@ def test_crash_is_a_failure_and_is_restarted(system: harness.BootedSystem) -> No
         assert f"Main process exited, code=exited, status={status}/" in unit_log, unit_log[-3000:]
         assert "Failed with result 'exit-code'" in unit_log, unit_log[-3000:]
     else:
-        assert re.search(r"Main process exited, code=(killed|dumped), status=11/SEGV",
-                         unit_log), unit_log[-3000:]
+        assert re.search(r"Main process exited, code=(killed|dumped), status=11/SEGV", unit_log), (
+            unit_log[-3000:]
+        )
         assert re.search(r"Failed with result '(signal|core-dump)'", unit_log), unit_log[-3000:]
     assert "Scheduled restart job" in unit_log, unit_log[-3000:]
     assert initial_count(system, new_run) == 1
 
 
-def test_remove_leaves_the_unit_working_without_the_dropin(
-        system: harness.BootedSystem) -> None:
+def test_remove_leaves_the_unit_working_without_the_dropin(system: harness.BootedSystem) -> None:
     """Removing the package leaves ollama running on its own ExecStart."""
     run = wait_active(system)
     initial_count(system, run)

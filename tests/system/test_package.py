@@ -27,8 +27,9 @@ def upstream_version() -> str:
 
 
 @pytest.fixture(scope="module")
-def system(boot_system: Callable[..., harness.BootedSystem],
-           deb_package: Path) -> Iterator[harness.BootedSystem]:
+def system(
+    boot_system: Callable[..., harness.BootedSystem], deb_package: Path
+) -> Iterator[harness.BootedSystem]:
     with boot_system() as system:
         t0 = time.monotonic()
         harness.install_deb(system, deb_package)
@@ -38,8 +39,9 @@ def system(boot_system: Callable[..., harness.BootedSystem],
 
 def test_deb_metadata(deb_package: Path) -> None:
     """The .deb is architecture all and depends on Debian's Python libraries."""
-    fields = subprocess.run(["dpkg-deb", "-f", str(deb_package)], capture_output=True,
-                            text=True, check=True).stdout
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(deb_package)], capture_output=True, text=True, check=True
+    ).stdout
     assert "Architecture: all" in fields
     depends = re.search(r"^Depends: (.*)$", fields, re.M)
     assert depends
@@ -51,11 +53,14 @@ def test_installed_files(system: harness.BootedSystem) -> None:
     """Installed, the package has its files, conffile and pinned interpreter, no drop-in."""
     version = system.run("vgpu-launch", "--version").stdout.strip()
     # the installed copy, on Debian's python3
-    assert version.startswith(f"vgpu-launch {upstream_version()} from "
-                              "/usr/lib/python3/dist-packages/vgpu_launch (Python 3."), version
+    assert version.startswith(
+        f"vgpu-launch {upstream_version()} from "
+        "/usr/lib/python3/dist-packages/vgpu_launch (Python 3."
+    ), version
     assert " /usr/bin/python3;" in version, version
-    assert system.run("python3", "-c", "import vgpu_launch, sys; print(vgpu_launch.__file__)"
-                      ).stdout.startswith("/usr/lib/python3/dist-packages/vgpu_launch/")
+    assert system.run(
+        "python3", "-c", "import vgpu_launch, sys; print(vgpu_launch.__file__)"
+    ).stdout.startswith("/usr/lib/python3/dist-packages/vgpu_launch/")
     for path in (
         "/usr/share/man/man1/vgpu-launch.1.gz",
         "/etc/vgpu-launch/vgpu-launch.conf",
@@ -91,9 +96,11 @@ def test_installed_launcher_ignores_path_python3(system: harness.BootedSystem) -
     """/usr/bin/vgpu-launch runs Debian's python3 even when PATH starts with one that lacks
     the libraries."""
     system.write("/tmp/foreign/python3", '#!/bin/sh\nexec /usr/bin/python3 -S "$@"\n', 0o755)
-    proc = system.sh("PATH=/tmp/foreign:$PATH vgpu-launch --preload "
-                     "\"$(readlink -f /lib/x86_64-linux-gnu/libc.so.6)\" -- /bin/sh -c 'exit 5'",
-                     check=False)
+    proc = system.sh(
+        "PATH=/tmp/foreign:$PATH vgpu-launch --preload "
+        "\"$(readlink -f /lib/x86_64-linux-gnu/libc.so.6)\" -- /bin/sh -c 'exit 5'",
+        check=False,
+    )
     assert proc.returncode == 5, proc.stderr
 
 
@@ -110,28 +117,55 @@ def test_default_config_is_all_comments(system: harness.BootedSystem) -> None:
         "print(sorted(tomllib.loads(''.join(lines))))\n"
     )
     keys = system.run("python3", "-c", script).stdout
-    for key in ("preload", "exclude", "strict", "no_follow", "log_format", "log_level",
-                "log_file", "env", "force_env"):
+    for key in (
+        "preload",
+        "exclude",
+        "strict",
+        "no_follow",
+        "log_format",
+        "log_level",
+        "log_file",
+        "env",
+        "force_env",
+    ):
         assert f"'{key}'" in keys
 
 
 def test_runs_a_command_with_the_preload(system: harness.BootedSystem) -> None:
     """The installed vgpu-launch puts the preload back and passes exit codes on."""
     # a library every program can preload: the C library itself
-    libc = system.run("python3", "-c", "import ctypes.util, os; "
-                      "print(os.path.realpath('/lib/x86_64-linux-gnu/libc.so.6'))").stdout.strip()
-    proc = system.run("vgpu-launch", "--log-format", "json", "--preload", libc, "--",
-                      "/bin/sh", "-c", 'exec env -u LD_PRELOAD /bin/sh -c "echo \\$LD_PRELOAD"',
-                      check=False)
+    libc = system.run(
+        "python3",
+        "-c",
+        "import ctypes.util, os; print(os.path.realpath('/lib/x86_64-linux-gnu/libc.so.6'))",
+    ).stdout.strip()
+    proc = system.run(
+        "vgpu-launch",
+        "--log-format",
+        "json",
+        "--preload",
+        libc,
+        "--",
+        "/bin/sh",
+        "-c",
+        'exec env -u LD_PRELOAD /bin/sh -c "echo \\$LD_PRELOAD"',
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == libc
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     assert any(e.get("event") == "exec" for e in events), proc.stderr
     # exit status of CMD comes back
-    assert system.run("vgpu-launch", "--preload", libc, "--", "/bin/sh", "-c", "exit 7",
-                      check=False).returncode == 7
-    assert system.run("vgpu-launch", "--preload", libc, "--", "/nonexistent",
-                      check=False).returncode == 127
+    assert (
+        system.run(
+            "vgpu-launch", "--preload", libc, "--", "/bin/sh", "-c", "exit 7", check=False
+        ).returncode
+        == 7
+    )
+    assert (
+        system.run("vgpu-launch", "--preload", libc, "--", "/nonexistent", check=False).returncode
+        == 127
+    )
 
 
 TEMPLATE_ENV = """\
@@ -163,9 +197,12 @@ def test_template_unit_with_environment_file(system: harness.BootedSystem) -> No
         assert props["KillMode"] == "mixed"
         harness.wait_for(
             "vgpu-launch's start event in the journal",
-            lambda: any(e.get("event") == "start"
-                        for e in launcher_events(system, "vgpu-launch@demo.service")),
-            timeout=15, describe=lambda: system.journal_text("-u", "vgpu-launch@demo.service"),
+            lambda: any(
+                e.get("event") == "start"
+                for e in launcher_events(system, "vgpu-launch@demo.service")
+            ),
+            timeout=15,
+            describe=lambda: system.journal_text("-u", "vgpu-launch@demo.service"),
         )
         assert any(p["argv"] == ["/bin/sleep", "4242"] for p in system.processes())
     finally:

@@ -50,8 +50,11 @@ CAP_SYS_PTRACE = 1 << 19
 
 
 def _require_podman() -> None:
-    missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in TOOLS.items()
-               if shutil.which(tool) is None]
+    missing = [
+        f"{tool} (apt-get install {pkg})"
+        for tool, pkg in TOOLS.items()
+        if shutil.which(tool) is None
+    ]
     if os.geteuid() != 0:
         missing.insert(0, "root")
     if missing:
@@ -76,26 +79,66 @@ class Podman:
         if self.user is None:
             return [*base, "--root", str(STORE / "storage"), "--runroot", str(RUNROOT), *args]
         home = pwd.getpwnam(self.user).pw_dir
-        return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--",
-                "env", "-i", f"HOME={home}", f"USER={self.user}",
-                "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *base, "--root", f"{home}/storage",
-                "--runroot", f"{home}/run", "--storage-driver", "overlay", *args]
+        return [
+            "setpriv",
+            f"--reuid={self.user}",
+            f"--regid={self.user}",
+            "--init-groups",
+            "--",
+            "env",
+            "-i",
+            f"HOME={home}",
+            f"USER={self.user}",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            *base,
+            "--root",
+            f"{home}/storage",
+            "--runroot",
+            f"{home}/run",
+            "--storage-driver",
+            "overlay",
+            *args,
+        ]
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 120,
-                 input: str | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
-                              input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                              check=False)
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            check=False,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args)}: exit {proc.returncode}\n"
-                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"podman {' '.join(args)}: exit {proc.returncode}\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return proc
 
-    def run(self, *args: str, image: str, cmd: Sequence[str] = (), timeout: float = 120,
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        image: str,
+        cmd: Sequence[str] = (),
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
         """``podman run --rm --network none`` with the machine's limits."""
-        return self("run", "--rm", "--network", "none", *LIMITS, *args, image, *cmd,
-                    check=False, timeout=timeout)
+        return self(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            *LIMITS,
+            *args,
+            image,
+            *cmd,
+            check=False,
+            timeout=timeout,
+        )
 
 
 @dataclass
@@ -123,25 +166,46 @@ def _root_tag(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def images(bookworm_root: Path, deb_package: Path, ollama_like: Any,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+def images(
+    bookworm_root: Path,
+    deb_package: Path,
+    ollama_like: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Images]:
     """Rootful images: base (the debootstrap root), vgpu-launch (the documented Containerfile
     with this checkout's .deb), app (the ollama-like service on top)."""
     _require_podman()
     podman = Podman(None)
     base = f"{PREFIX}/bookworm:{_root_tag(bookworm_root)}"
     if podman("image", "exists", base, check=False).returncode != 0:
-        with subprocess.Popen(["tar", "-C", str(bookworm_root), "-c", "."],
-                              stdout=subprocess.PIPE) as tar:
-            imported = subprocess.run(podman.argv("import", "-", base), stdin=tar.stdout,
-                                      capture_output=True, text=True, timeout=300, check=False)
+        with subprocess.Popen(
+            ["tar", "-C", str(bookworm_root), "-c", "."], stdout=subprocess.PIPE
+        ) as tar:
+            imported = subprocess.run(
+                podman.argv("import", "-", base),
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
         assert imported.returncode == 0, imported.stderr
     ctx = tmp_path_factory.mktemp("podman-ctx")
     shutil.copy(deb_package, ctx)
     shutil.copy(CONTAINERFILE, ctx / "Containerfile")
     # RUN apt-get needs Debian's archive, as the other system tests do (--network host).
-    podman("build", "--network", "host", *LIMITS, "--build-arg", f"BASE={base}",
-           "-t", f"{PREFIX}/vgpu-launch:test", str(ctx), timeout=600)
+    podman(
+        "build",
+        "--network",
+        "host",
+        *LIMITS,
+        "--build-arg",
+        f"BASE={base}",
+        "-t",
+        f"{PREFIX}/vgpu-launch:test",
+        str(ctx),
+        timeout=600,
+    )
     app_ctx = tmp_path_factory.mktemp("podman-app")
     for name in ("ollama", "libcuda.so.1", "libvgpu-test-shim.so"):
         shutil.copy(Path(ollama_like.dir) / name, app_ctx / name)
@@ -167,8 +231,19 @@ def images(bookworm_root: Path, deb_package: Path, ollama_like: Any,
 def rootless(images: Images) -> Podman:
     """The rootless user (made if missing, with a subordinate id range) with the app loaded."""
     if subprocess.run(["id", USER], capture_output=True, check=False).returncode != 0:
-        subprocess.run(["useradd", "--system", "--create-home", "--home-dir",
-                        f"/var/lib/{USER}", "--shell", "/usr/sbin/nologin", USER], check=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--create-home",
+                "--home-dir",
+                f"/var/lib/{USER}",
+                "--shell",
+                "/usr/sbin/nologin",
+                USER,
+            ],
+            check=True,
+        )
     for table in ("/etc/subuid", "/etc/subgid"):
         lines = Path(table).read_text().splitlines() if Path(table).exists() else []
         if not any(line.startswith(f"{USER}:") for line in lines):
@@ -200,14 +275,18 @@ def status_fields(text: str) -> dict[str, str]:
 
 def test_defaults_inside_the_container(podman: Podman, images: Images) -> None:
     """The container has podman's default seccomp profile and no CAP_SYS_PTRACE."""
-    proc = podman.run("--entrypoint", "cat", image=images.app,
-                      cmd=["/proc/self/status", "/proc/self/uid_map"])
+    proc = podman.run(
+        "--entrypoint", "cat", image=images.app, cmd=["/proc/self/status", "/proc/self/uid_map"]
+    )
     assert proc.returncode == 0, proc.stderr
     fields = status_fields(proc.stdout)
     assert fields["Seccomp"].strip() == "2"  # a filter: the runtime's default profile
     assert not int(fields["CapEff"], 16) & CAP_SYS_PTRACE
-    uid_map = [line.split() for line in proc.stdout.splitlines()
-               if len(line.split()) == 3 and all(f.isdigit() for f in line.split())]
+    uid_map = [
+        line.split()
+        for line in proc.stdout.splitlines()
+        if len(line.split()) == 3 and all(f.isdigit() for f in line.split())
+    ]
     if podman.rootless:  # root inside is the user outside, the rest its subordinate range
         assert uid_map[0] == ["0", str(pwd.getpwnam(USER).pw_uid), "1"], uid_map
     else:
@@ -219,8 +298,12 @@ def test_defaults_inside_the_container(podman: Podman, images: Images) -> None:
 
 def test_runners_get_the_preload_and_env(podman: Podman, images: Images) -> None:
     """Every runner gets the shim back, and the --env variable its parent stripped."""
-    proc = podman.run("-e", f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}", image=images.app,
-                      cmd=[OLLAMA, "serve", "--once"])
+    proc = podman.run(
+        "-e",
+        f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}",
+        image=images.app,
+        cmd=[OLLAMA, "serve", "--once"],
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runners = runner_lines(proc.stdout + proc.stderr)
     assert len(runners) == 4 and all(r.endswith(f"count={DEVICES}") for r in runners), runners
@@ -228,8 +311,9 @@ def test_runners_get_the_preload_and_env(podman: Podman, images: Images) -> None
     events = _events(proc.stderr)
     execs = [e for e in events if e["event"] == "exec" and "runner" in e["argv"]]
     assert len(execs) == 4
-    assert all(e["decision"] == "injected" and e["env_set"] == ["VGPU_TEST_DEVICES"]
-               for e in execs), execs
+    assert all(
+        e["decision"] == "injected" and e["env_set"] == ["VGPU_TEST_DEVICES"] for e in execs
+    ), execs
     (end,) = [e for e in events if e["event"] == "end"]
     assert end["counts"]["failed"] == 0 and end["cmd_exit"] == 0
 
@@ -254,15 +338,31 @@ def serving(podman: Podman, images: Images, *extra: str) -> Iterator[str]:
     """A detached container running ``ollama serve``, once discovery is done; removed after."""
     name = f"vgpu-launch-test-{os.getpid()}-{'rootless' if podman.rootless else 'rootful'}"
     podman("rm", "-f", name, check=False)
-    podman("run", "-d", "--name", name, "--network", "none", *LIMITS, *extra,
-           "-e", f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}", images.app)
+    podman(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "none",
+        *LIMITS,
+        *extra,
+        "-e",
+        f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}",
+        images.app,
+    )
     try:
+
         def logs() -> str:
             proc = podman("logs", name, check=False)
             return proc.stdout + proc.stderr
 
-        harness.wait_for("discovery in the container", lambda: "initial_count=" in logs(),
-                         timeout=60, describe=lambda: logs()[-3000:])
+        harness.wait_for(
+            "discovery in the container",
+            lambda: "initial_count=" in logs(),
+            timeout=60,
+            describe=lambda: logs()[-3000:],
+        )
         yield name
     finally:
         podman("rm", "-f", "-t", "0", name, check=False)
@@ -296,9 +396,13 @@ def test_podman_kill_reaps_the_container(images: Images) -> None:
 
 def test_cap_drop_all(images: Images) -> None:
     """With every capability dropped the tree is still followed and injected."""
-    proc = images.podman.run("--cap-drop=ALL", "-e",
-                             f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}", image=images.app,
-                             cmd=[OLLAMA, "serve", "--once"])
+    proc = images.podman.run(
+        "--cap-drop=ALL",
+        "-e",
+        f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}",
+        image=images.app,
+        cmd=[OLLAMA, "serve", "--once"],
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runners = runner_lines(proc.stdout + proc.stderr)
     assert len(runners) == 4 and all(r.endswith(f"count={DEVICES}") for r in runners), runners
@@ -323,23 +427,31 @@ def profile_without_ptrace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_seccomp_profile_without_ptrace(images: Images, profile_without_ptrace: Path) -> None:
     """A profile without ptrace: exit 125 with one clear line, and doctor predicts it."""
     opt = f"seccomp={profile_without_ptrace}"
-    proc = images.podman.run("--security-opt", opt, image=images.app,
-                             cmd=[OLLAMA, "serve", "--once"])
+    proc = images.podman.run(
+        "--security-opt", opt, image=images.app, cmd=[OLLAMA, "serve", "--once"]
+    )
     assert proc.returncode == 125, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("vgpu-launch: ")]
     assert len(lines) == 1, proc.stderr
     assert "seccomp filter" in lines[0] and "refuses ptrace" in lines[0], lines[0]
     assert "runner pid=" not in proc.stdout + proc.stderr
 
-    doctor = images.podman.run("--security-opt", opt, "--entrypoint", "vgpu-launch",
-                               image=images.app, cmd=["doctor", "--format", "json"])
+    doctor = images.podman.run(
+        "--security-opt",
+        opt,
+        "--entrypoint",
+        "vgpu-launch",
+        image=images.app,
+        cmd=["doctor", "--format", "json"],
+    )
     assert doctor.returncode != 0, doctor.stdout
     checks = {c["what"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert checks["ptrace"]["status"] == "fail"
     assert "seccomp" in checks["ptrace"]["why"] and "ptrace" in checks["ptrace"]["fix"]
     # and without the profile, doctor passes the same check
-    ok = images.podman.run("--entrypoint", "vgpu-launch", image=images.app,
-                           cmd=["doctor", "--format", "json"])
+    ok = images.podman.run(
+        "--entrypoint", "vgpu-launch", image=images.app, cmd=["doctor", "--format", "json"]
+    )
     checks = {c["what"]: c for c in json.loads(ok.stdout)["checks"]}
     assert checks["ptrace"]["status"] == "ok", checks["ptrace"]
 
@@ -358,18 +470,30 @@ def host_shims(images: Images, ollama_like: Any) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_rootless_shim_mounted_from_the_host(rootless: Podman, images: Images,
-                                            host_shims: Path) -> None:
+def test_rootless_shim_mounted_from_the_host(
+    rootless: Podman, images: Images, host_shims: Path
+) -> None:
     """Rootless, a root-owned host shim is refused while uid 65534 is mapped, accepted if not."""
-    mount = ["-v", f"{host_shims}:/usr/local/vgpu:ro",
-             "-e", f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}"]
+    mount = [
+        "-v",
+        f"{host_shims}:/usr/local/vgpu:ro",
+        "-e",
+        f"VGPU_LAUNCH_ENV=VGPU_TEST_DEVICES={DEVICES}",
+    ]
     refused = rootless.run(*mount, image=images.app, cmd=[OLLAMA, "serve", "--once"])
     assert refused.returncode == 2, refused.stderr
     assert "cannot be told apart" in refused.stderr and "map no user to uid" in refused.stderr
 
     # container uids 0-65533 only: the host's files show as the unmapped overflow uid
-    accepted = rootless.run(*mount, "--uidmap", "0:0:65534", "--gidmap", "0:0:65534",
-                            image=images.app, cmd=[OLLAMA, "serve", "--once"])
+    accepted = rootless.run(
+        *mount,
+        "--uidmap",
+        "0:0:65534",
+        "--gidmap",
+        "0:0:65534",
+        image=images.app,
+        cmd=[OLLAMA, "serve", "--once"],
+    )
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     runners = runner_lines(accepted.stdout + accepted.stderr)
     assert len(runners) == 4 and all(r.endswith(f"count={DEVICES}") for r in runners), runners

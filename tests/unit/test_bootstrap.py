@@ -27,8 +27,9 @@ def test_too_old_a_python_is_one_line() -> None:
     """A Python older than 3.10 gets one line naming it and what is needed."""
     line = bootstrap.too_old("/usr/bin/python3", False, (3, 9))
     assert "\n" not in line
-    assert line.startswith("vgpu-launch: /usr/bin/python3 is Python 3.9; vgpu-launch needs "
-                           "Python 3.10 or later: ")
+    assert line.startswith(
+        "vgpu-launch: /usr/bin/python3 is Python 3.9; vgpu-launch needs Python 3.10 or later: "
+    )
     assert bootstrap.too_old("/x", True, (3, 8)).startswith("vgpu-launch: VGPU_LAUNCH_PYTHON=/x ")
 
 
@@ -37,6 +38,17 @@ def test_status_finds_the_arguments_of_a_launcher_process() -> None:
     wrapper and a hand-over both give as python -E -c BOOT CHECKOUT PYTHONS ARGS..."""
     from vgpu_launch.launchers import launcher_args
 
-    argv = ["/usr/bin/python3", "-E", "-c", bootstrap.BOOT, "/src/bin/..", "/usr/bin/python3\n",
-            "--preload", "/opt/libvgpu.so", "--", "ollama", "serve"]
+    argv = [
+        "/usr/bin/python3",
+        "-E",
+        "-c",
+        bootstrap.BOOT,
+        "/src/bin/..",
+        "/usr/bin/python3\n",
+        "--preload",
+        "/opt/libvgpu.so",
+        "--",
+        "ollama",
+        "serve",
+    ]
     assert launcher_args(argv) == ["--preload", "/opt/libvgpu.so", "--", "ollama", "serve"]

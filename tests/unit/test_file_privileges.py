@@ -25,15 +25,23 @@ def _needs_root_tools() -> None:
 def test_file_capabilities_of_each_revision() -> None:
     """vfs_cap_data v1 (32 bits), v2 and v3 (64 bits, v3 with a root uid): the permitted set."""
     v1 = (0x01000000).to_bytes(4, "little") + (1 << CAP_NET_RAW).to_bytes(4, "little") + bytes(4)
-    v2 = ((0x02000000 | 1).to_bytes(4, "little") + (1 << CAP_SYS_ADMIN).to_bytes(4, "little")
-          + bytes(4) + (1 << (CAP_BPF - 32)).to_bytes(4, "little") + bytes(4))
+    v2 = (
+        (0x02000000 | 1).to_bytes(4, "little")
+        + (1 << CAP_SYS_ADMIN).to_bytes(4, "little")
+        + bytes(4)
+        + (1 << (CAP_BPF - 32)).to_bytes(4, "little")
+        + bytes(4)
+    )
     v3 = v2.replace((0x02000001).to_bytes(4, "little"), (0x03000001).to_bytes(4, "little"))
     assert privileges.parse_file_caps(v1) == 1 << CAP_NET_RAW
     assert privileges.parse_file_caps(v2) == 1 << CAP_SYS_ADMIN | 1 << CAP_BPF
     assert privileges.parse_file_caps(v3 + bytes(4)) == 1 << CAP_SYS_ADMIN | 1 << CAP_BPF
     assert privileges.parse_file_caps(b"\x01") == 0
     assert [privileges.cap_name(c) for c in (CAP_NET_RAW, CAP_BPF, 63)] == [
-        "cap_net_raw", "cap_bpf", "cap_63"]
+        "cap_net_raw",
+        "cap_bpf",
+        "cap_63",
+    ]
 
 
 def test_what_executing_a_file_grants(tmp_path: Path) -> None:
@@ -44,8 +52,13 @@ def test_what_executing_a_file_grants(tmp_path: Path) -> None:
     for path in files.values():
         shutil.copy("/bin/true", path)
         os.chown(path, 0, 65534)
-    for name, mode in (("plain", 0o755), ("suid", 0o4755), ("sgid", 0o2755), ("lock", 0o2745),
-                       ("fcap", 0o755)):
+    for name, mode in (
+        ("plain", 0o755),
+        ("suid", 0o4755),
+        ("sgid", 0o2755),
+        ("lock", 0o2745),
+        ("fcap", 0o755),
+    ):
         files[name].chmod(mode)
     subprocess.run(["setcap", "cap_net_raw,cap_bpf+ep", str(files["fcap"])], check=True)
     got = {name: privileges.file_privileges(str(path)) for name, path in files.items()}
@@ -65,9 +78,20 @@ def test_doctor_note_without_cap_sys_ptrace() -> None:
     assert privileges.without_ptrace_capability() is None
     code = "from vgpu_launch import privileges as p; print(p.without_ptrace_capability())"
     out = subprocess.run(
-        ["capsh", "--drop=cap_sys_ptrace", "--", "-c", 'exec "$0" "$@"', sys.executable, "-c",
-         code],
-        capture_output=True, text=True, check=True, cwd=REPO,
+        [
+            "capsh",
+            "--drop=cap_sys_ptrace",
+            "--",
+            "-c",
+            'exec "$0" "$@"',
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
     ).stdout
     assert out.startswith("running as root without CAP_SYS_PTRACE, vgpu-launch cannot hand")
     assert "sudo" in out and "warning" in out

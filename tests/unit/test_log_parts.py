@@ -132,8 +132,14 @@ def test_a_full_queue_drops_counts_and_reports_the_loss() -> None:
     w.put((0.0, "info", "end", {}), always=True)  # the end event is queued even then
     assert w.flush(10.0)
     names = [(it[2], it[3].get("n", it[3].get("dropped"))) for it in sink.items]
-    assert names == [("exec", 0), ("exec", 1), ("exec", 2), ("exec", 3), ("log-dropped", 6),
-                     ("end", None)]
+    assert names == [
+        ("exec", 0),
+        ("exec", 1),
+        ("exec", 2),
+        ("exec", 3),
+        ("log-dropped", 6),
+        ("end", None),
+    ]
     assert sink.items[-1][3]["log_dropped"] == 6 and w.dropped_total == 6
 
 
@@ -197,8 +203,10 @@ def test_the_summary_names_what_ran_without_the_preload() -> None:
     assert render.summary({"counts": counts, "verification": {"unverified": 0}}) is None
     counts |= {"setuid": 1, "failed": 2}
     text = render.summary({"counts": counts, "verification": {"unverified": 1}})
-    assert text == ("vgpu-launch: 3 programs without the preload (2 failed, 1 setuid); "
-                    "1 injection not verified; -v shows each decision\n")
+    assert text == (
+        "vgpu-launch: 3 programs without the preload (2 failed, 1 setuid); "
+        "1 injection not verified; -v shows each decision\n"
+    )
 
 
 # -- journald ---------------------------------------------------------------------------------
@@ -212,13 +220,13 @@ def parse_native(data: bytes) -> dict[str, bytes]:
         head = data[:nl]
         if b"=" in head:
             name, _, value = head.partition(b"=")
-            data = data[nl + 1:]
+            data = data[nl + 1 :]
         else:
             name = head
-            (size,) = struct.unpack("<Q", data[nl + 1:nl + 9])
-            value = data[nl + 9:nl + 9 + size]
-            assert data[nl + 9 + size:nl + 10 + size] == b"\n"
-            data = data[nl + 10 + size:]
+            (size,) = struct.unpack("<Q", data[nl + 1 : nl + 9])
+            value = data[nl + 9 : nl + 9 + size]
+            assert data[nl + 9 + size : nl + 10 + size] == b"\n"
+            data = data[nl + 10 + size :]
         fields[name.decode()] = value
     return fields
 
@@ -237,14 +245,19 @@ def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.
     server.close()
 
 
-def test_events_go_to_journald_with_native_fields(
-    fresh_log: None, journal: socket.socket
-) -> None:
+def test_events_go_to_journald_with_native_fields(fresh_log: None, journal: socket.socket) -> None:
     """With stderr on the journal, each event is a datagram: MESSAGE is the JSON line, every
     field a VGPU_LAUNCH_* field, priority from the level."""
     log.configure(None, "info", None)
-    log.get().warning("exec", pid=42, exe=os.fsdecode(b"/x/\xff"), decision="failed",
-                      argv=["a", "b\nc"], static=False, reason="two\nlines")
+    log.get().warning(
+        "exec",
+        pid=42,
+        exe=os.fsdecode(b"/x/\xff"),
+        decision="failed",
+        argv=["a", "b\nc"],
+        static=False,
+        reason="two\nlines",
+    )
     log.release()
     assert log.shutdown(10.0)
     fields = parse_native(journal.recv(65536))
@@ -320,6 +333,8 @@ def test_a_loss_report_that_is_itself_refused_keeps_the_count() -> None:
         time.sleep(0.01)
     w.put((0.0, "info", "end", {}), always=True)
     assert w.flush(10.0)
-    assert [(it[2], it[3].get("dropped")) for it in sink.items] == [("log-dropped", 1),
-                                                                   ("end", None)]
+    assert [(it[2], it[3].get("dropped")) for it in sink.items] == [
+        ("log-dropped", 1),
+        ("end", None),
+    ]
     assert sink.items[-1][3]["log_dropped"] == 1

@@ -67,15 +67,23 @@ def test_filter_holds_only_traceme_attach_and_seize() -> None:
             syscalls = arch.current().ptrace_syscalls
             assert req.arch in syscalls and req.nr in syscalls[req.arch]
             assert seccomp.answer(listener, req, answer)
-        assert seen == [(seccomp.PTRACE_ATTACH, 1, child), (seccomp.PTRACE_SEIZE, 1, child),
-                        (seccomp.PTRACE_TRACEME, 0, child)]
+        assert seen == [
+            (seccomp.PTRACE_ATTACH, 1, child),
+            (seccomp.PTRACE_SEIZE, 1, child),
+            (seccomp.PTRACE_TRACEME, 0, child),
+        ]
         data = b""
         while len(data) < 20:
             chunk = ours.recv(20 - len(data))
             assert chunk, "the child ended early"
             data += chunk
-        assert struct.unpack("=5i", data) == (errno.ESRCH, errno.ESRCH, errno.EPERM,
-                                             errno.EACCES, 0)
+        assert struct.unpack("=5i", data) == (
+            errno.ESRCH,
+            errno.ESRCH,
+            errno.EPERM,
+            errno.EACCES,
+            0,
+        )
     finally:
         os.close(listener)
         ours.close()
@@ -95,30 +103,38 @@ def test_filter_covers_every_abi_of_this_machine() -> None:
     assert struct.unpack_from("=HBBI", code, len(code) - 8)[3] == seccomp.SECCOMP_RET_USER_NOTIF
 
 
-@pytest.mark.parametrize(("pattern", "exe", "argv", "match"), [
-    ("/usr/bin/ollama runner*", "/usr/bin/ollama", ["ollama", "runner", "--port", "1"], True),
-    ("/usr/bin/ollama runner*", "/usr/bin/ollama", ["ollama", "serve"], False),
-    ("/usr/bin/ollama runner", "/usr/bin/ollama", ["ollama", "runner", "-x"], False),
-    ("*/ollama runner *", "/opt/o/bin/ollama", ["./ollama", "runner", "-x"], True),
-    ("/usr/bin/python3* worker.py", "/usr/bin/python3.11", ["python3", "worker.py"], True),
-    ("worker", "/usr/bin/worker", ["worker"], False),  # the path is absolute
-    ("*/worker", "/usr/bin/worker", ["anything-as-argv0"], True),  # argv[0] is not used
-])
+@pytest.mark.parametrize(
+    ("pattern", "exe", "argv", "match"),
+    [
+        ("/usr/bin/ollama runner*", "/usr/bin/ollama", ["ollama", "runner", "--port", "1"], True),
+        ("/usr/bin/ollama runner*", "/usr/bin/ollama", ["ollama", "serve"], False),
+        ("/usr/bin/ollama runner", "/usr/bin/ollama", ["ollama", "runner", "-x"], False),
+        ("*/ollama runner *", "/opt/o/bin/ollama", ["./ollama", "runner", "-x"], True),
+        ("/usr/bin/python3* worker.py", "/usr/bin/python3.11", ["python3", "worker.py"], True),
+        ("worker", "/usr/bin/worker", ["worker"], False),  # the path is absolute
+        ("*/worker", "/usr/bin/worker", ["anything-as-argv0"], True),  # argv[0] is not used
+    ],
+)
 def test_after_exec_matching(pattern: str, exe: str, argv: list[str], match: bool) -> None:
     """The glob sees the real path then argv[1:], joined by spaces; '*' crosses '/' and ' '."""
-    assert (after_exec_match([pattern], exe, argv) == pattern) is match, \
-        after_exec_subject(exe, argv)
+    assert (after_exec_match([pattern], exe, argv) == pattern) is match, after_exec_subject(
+        exe, argv
+    )
 
 
 def test_options() -> None:
     """--release-after-exec takes a value (CMD starts after it); the file and the environment
     give lists; strict mode refuses release_after_exec."""
     assert split_command(["--release-after-exec", "x *", "prog", "-a"]) == (
-        ["--release-after-exec", "x *"], ["prog", "-a"])
+        ["--release-after-exec", "x *"],
+        ["prog", "-a"],
+    )
     cfg = load({"release_after_exec": ["a b*"], "strict_allow_release": True}, {})
     assert cfg.release_after_exec == ["a b*"] and cfg.strict_allow_release is True
-    cfg = load({}, {"VGPU_LAUNCH_RELEASE_AFTER_EXEC": " a b* ;; c ",
-                    "VGPU_LAUNCH_STRICT_ALLOW_RELEASE": "1"})
+    cfg = load(
+        {},
+        {"VGPU_LAUNCH_RELEASE_AFTER_EXEC": " a b* ;; c ", "VGPU_LAUNCH_STRICT_ALLOW_RELEASE": "1"},
+    )
     assert cfg.release_after_exec == ["a b*", "c"] and cfg.strict_allow_release is True
     with pytest.raises(ConfigError, match="release_after_exec"):
         load({"strict": True, "release_after_exec": ["x"]}, {})

@@ -8,8 +8,14 @@ from vgpu_launch import sigstate
 
 def test_restore_environment() -> None:
     """PWD, SHLVL, _ and LC_CTYPE are restored from the record; without one, nothing changes."""
-    env = {"PWD": "/set/by/sh", "SHLVL": "2", "_": "/usr/bin/python3", "LC_CTYPE": "C.UTF-8",
-           "KEEP": "x", sigstate.ENV0_VAR: "LC_CTYPE\nPWD=/given\nOLDPWD\nSHLVL=1\n_"}
+    env = {
+        "PWD": "/set/by/sh",
+        "SHLVL": "2",
+        "_": "/usr/bin/python3",
+        "LC_CTYPE": "C.UTF-8",
+        "KEEP": "x",
+        sigstate.ENV0_VAR: "LC_CTYPE\nPWD=/given\nOLDPWD\nSHLVL=1\n_",
+    }
     sigstate.restore_environment(env)
     assert env == {"PWD": "/given", "SHLVL": "1", "KEEP": "x"}
     env = {"PWD": "/x"}

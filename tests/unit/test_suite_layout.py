@@ -21,8 +21,11 @@ def _test_files() -> list[Path]:
 
 def test_test_files_live_in_the_area_folders() -> None:
     """Every test file sits in one of the area folders, none at the top of tests/."""
-    misplaced = [str(p.relative_to(TESTS)) for p in _test_files()
-                 if p.parent.parent != TESTS or p.parent.name not in AREAS]
+    misplaced = [
+        str(p.relative_to(TESTS))
+        for p in _test_files()
+        if p.parent.parent != TESTS or p.parent.name not in AREAS
+    ]
     assert misplaced == []
 
 
@@ -37,8 +40,11 @@ def test_every_test_has_a_docstring() -> None:
     missing = []
     for path in _test_files():
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-                    and node.name.startswith("test_") and not ast.get_docstring(node)):
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and node.name.startswith("test_")
+                and not ast.get_docstring(node)
+            ):
                 missing.append(f"{path.relative_to(TESTS)}::{node.name}")
     assert missing == []
 

@@ -101,8 +101,7 @@ def preload_of_launcher(pid: int, args: Sequence[str]) -> tuple[list[str], str] 
     for var in ("VGPU_LAUNCH_PRELOAD", "LD_PRELOAD"):
         value = env.get(var)
         if value:
-            return ([p for p in re.split(r"[:\s]+", value) if p],
-                    f"{var} of vgpu-launch pid {pid}")
+            return ([p for p in re.split(r"[:\s]+", value) if p], f"{var} of vgpu-launch pid {pid}")
     return None
 
 
@@ -132,20 +131,37 @@ class Row:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "pid": self.pid, "ppid": self.ppid, "depth": self.depth, "command": self.command,
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "depth": self.depth,
+            "command": self.command,
             "argv": self.argv,
-            "role": self.role, "bits": self.bits, "static": self.static, "setuid": self.secure,
-            "state": self.state, "libraries": self.libraries, "mapped": self.mapped,
+            "role": self.role,
+            "bits": self.bits,
+            "static": self.static,
+            "setuid": self.secure,
+            "state": self.state,
+            "libraries": self.libraries,
+            "mapped": self.mapped,
             "has_all": bool(self.mapped) and all(self.mapped.values()),
             "environ_ld_preload": self.environ_preload if self.environ_readable else None,
-            "environ_readable": self.environ_readable, "counted": self.counted,
-            "ok": self.ok, "note": self.note,
+            "environ_readable": self.environ_readable,
+            "counted": self.counted,
+            "ok": self.ok,
+            "note": self.note,
         }
 
 
 def inspect(proc: Proc, depth: int, libs: list[str], *, launcher: bool) -> Row:
-    row = Row(proc.pid, proc.ppid, depth, proc.command, proc.argv,
-              "launcher" if launcher else "process", list(libs))
+    row = Row(
+        proc.pid,
+        proc.ppid,
+        depth,
+        proc.command,
+        proc.argv,
+        "launcher" if launcher else "process",
+        list(libs),
+    )
     env = procfs.environ(proc.pid)
     if env is None:
         row.environ_readable = False
@@ -183,13 +199,16 @@ def inspect(proc: Proc, depth: int, libs: list[str], *, launcher: bool) -> Row:
     in_env = [lib for lib in libs if os.fsencode(lib) in listed]
     if not missing:
         if env is not None and len(in_env) < len(libs):
-            row.note = (f"injected at exec: not visible in /proc/{proc.pid}/environ, which "
-                        "shows the environment the program was started with")
+            row.note = (
+                f"injected at exec: not visible in /proc/{proc.pid}/environ, which "
+                "shows the environment the program was started with"
+            )
         return row
     if static or row.secure:
         row.counted = False
-        row.note = verify.reason_missing(missing[0], word or 8, exe, static=bool(static),
-                                         secure=bool(row.secure), maps=maps)
+        row.note = verify.reason_missing(
+            missing[0], word or 8, exe, static=bool(static), secure=bool(row.secure), maps=maps
+        )
         row.note += " (not counted)"
         return row
     row.ok = False
@@ -265,8 +284,9 @@ class StatusError(Exception):
     """Nothing to look at: exit 2 with this message."""
 
 
-def _walk(procs: dict[int, Proc], root: int, members: set[int] | None,
-          depth: int = 0) -> Iterable[tuple[Proc, int]]:
+def _walk(
+    procs: dict[int, Proc], root: int, members: set[int] | None, depth: int = 0
+) -> Iterable[tuple[Proc, int]]:
     stack = [(root, depth)]
     seen: set[int] = set()
     while stack:
@@ -279,15 +299,24 @@ def _walk(procs: dict[int, Proc], root: int, members: set[int] | None,
         stack.extend((c, d + 1) for c in reversed(kids))
 
 
-def collect(pid: int | None, unit_cgroup: str | None, libs: list[str] | None,
-            libs_source: str, *, own_pid: int | None = None) -> Report:
+def collect(
+    pid: int | None,
+    unit_cgroup: str | None,
+    libs: list[str] | None,
+    libs_source: str,
+    *,
+    own_pid: int | None = None,
+) -> Report:
     """Build the report. ``libs`` None: each tree is checked against the libraries of the
     vgpu-launch process at its top (or above it)."""
     own = os.getpid() if own_pid is None else own_pid
     procs = scan()
     members: set[int] | None = None
-    launchers = {p.pid: a for p in procs.values()
-                 if p.pid != own and (a := launcher_args(p.argv)) is not None}
+    launchers = {
+        p.pid: a
+        for p in procs.values()
+        if p.pid != own and (a := launcher_args(p.argv)) is not None
+    }
     if pid is not None:
         if pid not in procs:
             raise StatusError(f"no process {pid}")
@@ -314,8 +343,9 @@ def collect(pid: int | None, unit_cgroup: str | None, libs: list[str] | None,
         if tree_libs is None:
             found = _libs_above(procs, root, launchers, members)
             if found is None:
-                problems.append(f"no library to look for in the tree of pid {root}: give "
-                                "--preload PATH")
+                problems.append(
+                    f"no library to look for in the tree of pid {root}: give --preload PATH"
+                )
                 tree_libs = []
             else:
                 tree_libs, src = found
@@ -331,12 +361,15 @@ def collect(pid: int | None, unit_cgroup: str | None, libs: list[str] | None,
     return Report(rows, all_libs, "; ".join(dict.fromkeys(sources)), scope, problems)
 
 
-def _mark_released(rows: list[Row], procs: dict[int, Proc],
-                   launchers: dict[int, list[str]]) -> None:
+def _mark_released(
+    rows: list[Row], procs: dict[int, Proc], launchers: dict[int, list[str]]
+) -> None:
     """Processes below a vgpu-launch that it no longer traces (`vgpu-launch release`)."""
     for row in rows:
-        if row.role == "process" and row.state == "running" and _below_launcher(
-            procs, row.pid, launchers
+        if (
+            row.role == "process"
+            and row.state == "running"
+            and _below_launcher(procs, row.pid, launchers)
         ):
             note = untraced_note(row.pid, set(launchers))
             if note:
@@ -354,8 +387,9 @@ def _below_launcher(procs: dict[int, Proc], pid: int, launchers: dict[int, list[
     return False
 
 
-def _libs_above(procs: dict[int, Proc], root: int, launchers: dict[int, list[str]],
-                members: set[int] | None) -> tuple[list[str], str] | None:
+def _libs_above(
+    procs: dict[int, Proc], root: int, launchers: dict[int, list[str]], members: set[int] | None
+) -> tuple[list[str], str] | None:
     pid: int | None = root
     seen: set[int] = set()
     while pid is not None and pid not in seen and pid in procs:
@@ -394,8 +428,10 @@ def _clip(text: str, width: int) -> str:
 
 
 def render_text(report: Report, out: IO[str]) -> None:
-    out.write(f"looking for: {verify.libraries_text(report.libraries)}"
-              f" (from {report.source or 'nowhere'})\n")
+    out.write(
+        f"looking for: {verify.libraries_text(report.libraries)}"
+        f" (from {report.source or 'nowhere'})\n"
+    )
     out.write(f"in: {report.scope}\n")
     env_cells = [_clip(_environ_cell(r), 40) for r in report.rows]
     env_w = max([len("ENVIRON LD_PRELOAD"), *map(len, env_cells)])
@@ -403,8 +439,10 @@ def render_text(report: Report, out: IO[str]) -> None:
     out.write(f"{'PID':>{pid_w}}  MAPPED  {'ENVIRON LD_PRELOAD':<{env_w}}  PROCESS\n")
     for row, env_cell in zip(report.rows, env_cells, strict=True):
         tree = ("  " * (row.depth - 1) + "└─ ") if row.depth else ""
-        line = (f"{row.pid:>{pid_w}}  {_mapped_cell(row):<6}  {env_cell:<{env_w}}  "
-                f"{tree}{_clip(row.command, _COMMAND_WIDTH)}")
+        line = (
+            f"{row.pid:>{pid_w}}  {_mapped_cell(row):<6}  {env_cell:<{env_w}}  "
+            f"{tree}{_clip(row.command, _COMMAND_WIDTH)}"
+        )
         if row.note:
             line += f"   <- {row.note}"
         out.write(line + "\n")
@@ -413,8 +451,11 @@ def render_text(report: Report, out: IO[str]) -> None:
     out.write(
         f"{s['checked']} checked: {s['with_all']} with every library"
         + (f", {len(s['missing'])} without (pid {missing})" if s["missing"] else "")
-        + (f"; {len(s['not_counted'])} not counted (vgpu-launch itself, static, setuid, "
-           "exited)" if s["not_counted"] else "")
+        + (
+            f"; {len(s['not_counted'])} not counted (vgpu-launch itself, static, setuid, exited)"
+            if s["not_counted"]
+            else ""
+        )
         + "\n"
     )
     for p in report.problems:
@@ -422,8 +463,16 @@ def render_text(report: Report, out: IO[str]) -> None:
     out.write("status: " + ("ok" if report.ok else "NOT every process has the preload") + "\n")
 
 
-def run(pid: int | None, unit: str | None, libs: list[str] | None, libs_source: str,
-        fmt: str, *, unit_cgroup: str | None = None, out: IO[str] | None = None) -> int:
+def run(
+    pid: int | None,
+    unit: str | None,
+    libs: list[str] | None,
+    libs_source: str,
+    fmt: str,
+    *,
+    unit_cgroup: str | None = None,
+    out: IO[str] | None = None,
+) -> int:
     out = out or sys.stdout
     try:
         report = collect(pid, unit_cgroup, libs, libs_source)

@@ -83,12 +83,11 @@ def _fit(
         return line, ev
     head = {k: ev[k] for k in ("event", "level", "ts")}
     body = {k: v for k, v in ev.items() if k not in head}
-    tries = [
-        {k: deep_clip(v, smax, lmax) for k, v in body.items()} for smax, lmax in _SHRINK
-    ]
+    tries = [{k: deep_clip(v, smax, lmax) for k, v in body.items()} for smax, lmax in _SHRINK]
     # Then scalars only, short; then numbers and booleans; then only what the event is.
-    tries.append({k: deep_clip(v, _MINIMAL_STR, 0) for k, v in body.items()
-                  if isinstance(v, SCALARS)})
+    tries.append(
+        {k: deep_clip(v, _MINIMAL_STR, 0) for k, v in body.items() if isinstance(v, SCALARS)}
+    )
     tries.append({k: v for k, v in body.items() if isinstance(v, (int, float, bool))})
     tries.append({})
     for fields in tries:

@@ -31,8 +31,9 @@ class Sink(Protocol):
 
 
 class Writer:
-    def __init__(self, name: str, sink: Sink, level: int, *, summary: bool = False,
-                 capacity: int = QUEUE_MAX) -> None:
+    def __init__(
+        self, name: str, sink: Sink, level: int, *, summary: bool = False, capacity: int = QUEUE_MAX
+    ) -> None:
         self.name = name
         self.sink = sink
         self.level = level  # events below this level are not queued here
@@ -64,8 +65,11 @@ class Writer:
     def _dropped_item(self) -> Item:
         # With self._cond held.
         n, self._dropped = self._dropped, 0
-        fields = {"dropped": n, "sink": self.name,
-                  "message": f"{n} events were not written: the {self.name} reader was too slow"}
+        fields = {
+            "dropped": n,
+            "sink": self.name,
+            "message": f"{n} events were not written: the {self.name} reader was too slow",
+        }
         return (time.time(), "warning", "log-dropped", fields)
 
     # -- the writer thread --------------------------------------------------------------------
@@ -73,8 +77,9 @@ class Writer:
     def start(self) -> None:
         with self._start_lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"log-{self.name}",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name=f"log-{self.name}", daemon=True
+                )
                 self._thread.start()
 
     def flush(self, timeout: float) -> bool:
@@ -102,8 +107,10 @@ class Writer:
                 continue
             try:
                 if item[2] == "end":  # what this sink lost, in the line that closes it
-                    item = (*item[:3], {**item[3], "log_dropped": self.dropped_total,
-                                        "log_errors": self.errors})
+                    item = (
+                        *item[:3],
+                        {**item[3], "log_dropped": self.dropped_total, "log_errors": self.errors},
+                    )
                 self.sink.write(item)
             except Dropped:
                 with self._cond:

@@ -44,9 +44,14 @@ class Tracer(Protocol):
 
     def exec_stop(self, pid: int, *, release: bool = False) -> int | None: ...
 
+
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-_EVENTS = {pt.PTRACE_EVENT_FORK: "fork", pt.PTRACE_EVENT_VFORK: "vfork",
-           pt.PTRACE_EVENT_CLONE: "clone", pt.PTRACE_EVENT_EXEC: "exec"}
+_EVENTS = {
+    pt.PTRACE_EVENT_FORK: "fork",
+    pt.PTRACE_EVENT_VFORK: "vfork",
+    pt.PTRACE_EVENT_CLONE: "clone",
+    pt.PTRACE_EVENT_EXEC: "exec",
+}
 
 
 @dataclass
@@ -78,7 +83,6 @@ def _alive(pid: int, tid: int) -> bool:
     """Not a zombie: a zombie leader reports no stop until its whole group has exited."""
     state = procfs.status_field(f"{pid}/task/{tid}", "State")
     return state is not None and state[:1] not in ("Z", "X", "")
-
 
 
 def after_exec_subject(exe: str, argv: Sequence[str]) -> str:
@@ -245,11 +249,15 @@ class Releaser:
             job.released[proc.pid] = proc.threads
             self.count += 1
             if self.on_released is not None:
-                self.on_released(job, proc.pid, {
-                    "threads": proc.threads,
-                    "stops": dict(proc.stops),
-                    "stays_stopped": proc.group_stopped,
-                })
+                self.on_released(
+                    job,
+                    proc.pid,
+                    {
+                        "threads": proc.threads,
+                        "stops": dict(proc.stops),
+                        "stays_stopped": proc.group_stopped,
+                    },
+                )
         elif os.path.exists(f"/proc/{proc.pid}"):
             job.not_traced.append(proc.pid)
         else:
@@ -276,5 +284,4 @@ class Releaser:
         self.count += 1
         if self.on_released is not None:
             job = Job([pid], "release_after_exec", {"pattern": pattern})
-            self.on_released(job, pid, {"threads": 1, "stops": {"exec": 1},
-                                        "stays_stopped": False})
+            self.on_released(job, pid, {"threads": 1, "stops": {"exec": 1}, "stays_stopped": False})

@@ -41,8 +41,16 @@ def _exe(pid: int) -> str | None:
 
 
 class PtraceRequests:
-    def __init__(self, listener: int, releaser: Releaser, log: Any, *, strict: bool,
-                 allowed: bool, wait: float = RELEASE_WAIT) -> None:
+    def __init__(
+        self,
+        listener: int,
+        releaser: Releaser,
+        log: Any,
+        *,
+        strict: bool,
+        allowed: bool,
+        wait: float = RELEASE_WAIT,
+    ) -> None:
         self.listener = listener
         self.releaser = releaser
         self.log = log
@@ -76,12 +84,19 @@ class PtraceRequests:
                 try:
                     self._handle(req)
                 except Exception:
-                    self.log.error("ptrace-request-failed", traceback=traceback.format_exc(),
-                                   caller=req.pid, message="the call proceeds untouched")
+                    self.log.error(
+                        "ptrace-request-failed",
+                        traceback=traceback.format_exc(),
+                        caller=req.pid,
+                        message="the call proceeds untouched",
+                    )
                     seccomp.answer(self.listener, req)
         except Exception:  # never take vgpu-launch down: held calls fail with ENOSYS now
-            self.log.error("ptrace-requests-stopped", traceback=traceback.format_exc(),
-                           message="ptrace requests of the tree fail with ENOSYS from now on")
+            self.log.error(
+                "ptrace-requests-stopped",
+                traceback=traceback.format_exc(),
+                message="ptrace requests of the tree fail with ENOSYS from now on",
+            )
 
     def _handle(self, req: seccomp.Request) -> None:
         kind = seccomp.HANDED_OVER.get(req.request)
@@ -101,12 +116,20 @@ class PtraceRequests:
         if target is None or (kind != "traceme" and target == caller):
             seccomp.answer(self.listener, req)  # gone, or its own thread group: the kernel's
             return
-        by = {"pid": caller, "tid": req.pid, "exe": _exe(caller),
-              "request": f"PTRACE_{kind.upper()}"}
+        by = {
+            "pid": caller,
+            "tid": req.pid,
+            "exe": _exe(caller),
+            "request": f"PTRACE_{kind.upper()}",
+        }
         if self.strict and not self.allowed:
             self.refused += 1
             self.log.error(
-                "release-refused", pid=target, exe=_exe(target), reason=f"ptrace-{kind}", by=by,
+                "release-refused",
+                pid=target,
+                exe=_exe(target),
+                reason=f"ptrace-{kind}",
+                by=by,
                 message="strict mode: a process of the tree asked to trace a process that "
                 "vgpu-launch traces; the call fails with EPERM (allow it with "
                 "--strict-allow-release or strict_allow_release = true)",

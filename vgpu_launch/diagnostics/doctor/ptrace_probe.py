@@ -128,8 +128,12 @@ def check_ptrace(checks: Checks, unit: Unit | None) -> None:
         found = probe.probe(pt.FOLLOW | pt.PTRACE_O_EXITKILL)
         if found.killed_by:
             where = " (in this shell; the unit's own sandbox is checked below)" if unit else ""
-            checks.add(FAIL, "ptrace", f"PTRACE_SEIZE: {found.reason}{where}",
-                       "vgpu-launch would exit 125 with this reason")
+            checks.add(
+                FAIL,
+                "ptrace",
+                f"PTRACE_SEIZE: {found.reason}{where}",
+                "vgpu-launch would exit 125 with this reason",
+            )
             return
     worked, what, facts = trace_child()
     yama = _yama()
