@@ -3,6 +3,7 @@ a seccomp filter kills whoever calls it, and naming the tracer that already has 
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -85,13 +86,13 @@ def test_names_the_tracer_that_has_cmd(programs: Programs) -> None:
     assert out == ""
     assert messages(err) == [
         f"vgpu-launch: cannot trace /bin/echo: CMD is already traced by pid {strace.pid} "
-        "(strace): vgpu-launch runs under a tracer that follows forks (strace -f, gdb); to run "
-        "it untraced use --no-follow"
+        "(strace): vgpu-launch runs under a tracer that follows forks (strace -f, gdb, a "
+        "vgpu-launch that cannot hand ptrace requests over); to run it untraced use --no-follow"
     ]
 
 
 def test_nested_in_itself(programs: Programs) -> None:
-    """vgpu-launch as CMD of vgpu-launch: the inner one says the outer one traces its child."""
+    """vgpu-launch as CMD of vgpu-launch: the outer one hands the inner one its child."""
     inner = launch_argv(programs.libtest, "/bin/echo", "ran")
     proc = subprocess.run(
         launch_argv(programs.libtest, *inner),
@@ -101,7 +102,27 @@ def test_nested_in_itself(programs: Programs) -> None:
         timeout=60,
         check=False,
     )
+    assert proc.returncode == 0 and proc.stdout == "ran\n", proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    (released,) = [e for e in events if e["event"] == "released"]
+    assert released["reason"] == "ptrace-seize", released
+    # the inner one traces /bin/echo, which has the preload
+    (echo,) = [e for e in events if e["event"] == "exec" and e["argv"][:1] == ["/bin/echo"]]
+    assert echo["preload_after"] == programs.libtest, echo
+
+
+def test_nested_under_strict_is_refused(programs: Programs) -> None:
+    """Under a strict outer vgpu-launch the inner one is refused, and told who holds its child."""
+    inner = launch_argv(programs.libtest, "/bin/echo", "ran")
+    proc = subprocess.run(
+        launch_argv(programs.libtest, *inner, options=["--strict"]),
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 125, proc.stderr
     [line] = messages(proc.stderr)
     assert line.startswith("vgpu-launch: cannot trace /bin/echo: CMD is already traced by pid ")
-    assert "vgpu-launch runs under a tracer that follows forks" in line
+    assert "of vgpu-launch" in line and "`vgpu-launch release PID`" in line, line
