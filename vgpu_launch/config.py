@@ -26,11 +26,6 @@ from .options import (
 )
 from .trace.policy import Policy
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -153,6 +148,11 @@ def _check(key: str, value: Any, where: str) -> Any:
 def read_file(path: str, *, allow_insecure: bool = False) -> dict[str, Any]:
     """``allow_insecure``: from the command line or the environment only; the file's own
     ``allow_insecure`` cannot vouch for the file (docs/security.md)."""
+    # here, not at the top: most runs read no file, and the parser costs a few ms of start-up
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
     try:
         with open(path, "rb") as f:
             security.check_open(

@@ -7,10 +7,8 @@ missing packages and the commands that install them, instead of a traceback. A l
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import os
-import platform
 import sys
 from dataclasses import dataclass
 
@@ -55,7 +53,8 @@ def missing(*, load: bool = False) -> list[Dependency]:
 
 
 def _python() -> str:
-    return f"Python {platform.python_version()} {sys.executable or '(path unknown)'}"
+    version = ".".join(map(str, sys.version_info[:3]))
+    return f"Python {version} {sys.executable or '(path unknown)'}"
 
 
 def missing_message(gone: list[Dependency]) -> str:
@@ -80,6 +79,9 @@ def require(prog: str = "") -> None:
 
 
 def _version(dep: Dependency) -> str:
+    # here, not at the top: importlib.metadata costs about 20 ms, and only --version needs it
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(dep.pip)
     except importlib.metadata.PackageNotFoundError:
