@@ -17,7 +17,6 @@ EPERM, which is what it got before release existed, and an error is logged.
 from __future__ import annotations
 
 import errno
-import os
 import select
 import threading
 import traceback
@@ -31,13 +30,6 @@ from .release import Job, Releaser
 # refuses it with EPERM, as the target is still traced). A target thread in an uninterruptible
 # sleep (disk, a vfork parent waiting for its child) stops only when it wakes.
 RELEASE_WAIT = 10.0
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
 
 
 class PtraceRequests:
@@ -119,7 +111,7 @@ class PtraceRequests:
         by = {
             "pid": caller,
             "tid": req.pid,
-            "exe": _exe(caller),
+            "exe": procfs.exe_or_empty(caller) or None,
             "request": f"PTRACE_{kind.upper()}",
         }
         if self.strict and not self.allowed:
@@ -127,7 +119,7 @@ class PtraceRequests:
             self.log.error(
                 "release-refused",
                 pid=target,
-                exe=_exe(target),
+                exe=procfs.exe_or_empty(target) or None,
                 reason=f"ptrace-{kind}",
                 by=by,
                 message="strict mode: a process of the tree asked to trace a process that "
