@@ -19,6 +19,16 @@ from support.sigrec import MARKER, finish, next_signal
 SI_KERNEL = 0x80
 
 
+def _stopped_for(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` is stopped ("t" or "T") and stays so for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if state(pid) not in ("t", "T"):
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def _stays(pid: int, states: tuple[str, ...], seconds: float = 0.5) -> str | None:
     """Check for ``seconds`` that ``pid`` stays in one of ``states``; return the last state.
     (A negative check needs some time: nothing must happen.)"""
@@ -123,8 +133,10 @@ def test_sigstop_to_a_grandchild_stays_until_sigcont(programs: Programs, tmp_pat
         gc = int(run.out.expect(r"^gc=(\d+)").group(1))
         wait_for("the grandchild to be ready", lambda: "ready" in _text(out))
         os.kill(gc, signal.SIGSTOP)
-        wait_for("the grandchild to stop", lambda: state(gc) in ("t", "T"))
-        # the kernel shows a stopped tracee parked in PTRACE_LISTEN as "t (tracing stop)"
+        # First a signal-delivery stop ("t"), a moment of running once the tracer passes the
+        # signal on, then the group-stop, parked in PTRACE_LISTEN ("t" again): wait until it
+        # has been stopped for a while, then check that it stays so.
+        wait_for("the grandchild to stop", lambda: _stopped_for(gc, 0.2))
         _stays(gc, ("t", "T"))
         assert state(run.pid) in ("S", "R")
         os.kill(gc, signal.SIGCONT)
