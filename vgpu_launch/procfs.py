@@ -232,17 +232,6 @@ def shared_pending(pid: int) -> frozenset[int]:
     return frozenset()
 
 
-def in_ptrace_stop(pid: int) -> bool:
-    """Whether some thread of ``pid`` sits in a ptrace stop (state ``t``), waiting for the
-    tracer: a signal it just took is then not yet known to the tracer."""
-    for tid in tasks(pid):
-        data = _read(f"/proc/{pid}/task/{tid}/stat")
-        found = None if data is None else _parse_stat(data)
-        if found is not None and found.state == "t":
-            return True
-    return False
-
-
 # ---------------------------------------------------------------------------------------------
 # what a process has mapped, and how it runs
 

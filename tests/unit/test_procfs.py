@@ -74,7 +74,7 @@ def test_environment_and_program(programs: Any) -> None:
         assert procfs.environ(pid) == {"A": "1", "B": "x=y"}
         assert procfs.exe(pid) == os.path.realpath(programs.probe)
         assert procfs.tracer_pid(pid) == os.getpid()
-        assert procfs.in_ptrace_stop(pid)
+        assert procfs.owed_stop(pid, signal.SIGUSR1, parked=())
         assert procfs.tasks(pid) == [pid]
         assert procfs.is_thread_of(pid, pid)
     assert procfs.environ(pid) is None and procfs.exe_or_empty(pid) == ""
@@ -97,15 +97,17 @@ def test_pending_signals() -> None:
 
 
 def test_ptrace_stop_is_seen() -> None:
-    """A thread parked in a ptrace stop (state t) is seen; a running one is not."""
+    """A thread in a ptrace stop (state t) may owe a signal, unless it is parked; a running
+    one owes none."""
     with _running(["/bin/sleep", "30"]) as proc:
-        assert not procfs.in_ptrace_stop(proc.pid)
+        assert not procfs.owed_stop(proc.pid, signal.SIGUSR1, parked=())
         pt.seize(proc.pid, 0)
         assert procfs.tracer_pid(proc.pid) == os.getpid()
         pt.ptrace(pt.PTRACE_INTERRUPT, proc.pid)
         _, status = os.waitpid(proc.pid, pt.WALL)
         assert status >> 16 == pt.PTRACE_EVENT_STOP
-        assert procfs.in_ptrace_stop(proc.pid)
+        assert procfs.owed_stop(proc.pid, signal.SIGUSR1, parked=())
+        assert not procfs.owed_stop(proc.pid, signal.SIGUSR1, parked={proc.pid})
 
 
 @pytest.mark.parametrize(
