@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .jobcontrol import STOP_SIGNALS, JobControl
-from .procfs import is_thread_of, owed_stop, shared_pending
+from .procfs import is_thread_of, owed_stop, shared_pending, stat
 from .siginfo import SI_QUEUE, SigInfo, SignalWaiter, getsiginfo, send
 
 # Never forwarded: SIGCHLD is about vgpu-launch's own children; SIGKILL/SIGSTOP can't be caught.
@@ -133,6 +133,9 @@ class Cmd:
 POLL = 0.005
 # How long a queued signal we passed on stays recognisable when CMD takes it.
 RELAYED_TTL = 2.0
+# How long the tracer looks again for a copy of ours on its way out of sigwaitinfo (see
+# GroupSignalLedger): the tail of one system call; a main thread busy elsewhere ends it.
+IN_TRANSIT = 0.005
 
 
 @dataclass
@@ -173,7 +176,10 @@ class GroupSignalLedger:
     is *pending* (our ``ShdPnd``). That is what makes the two copies one kill: a signal sent
     to CMD alone a moment before or after ours does not count. The kernel moves our copy from
     pending to the buffer between two looks, so the tracer looks at the buffer, the pending
-    set, and the buffer again.
+    set, and the buffer again. Between the two the copy is in neither: sigwaitinfo dequeues it
+    under the signal lock and copies it to the buffer only afterwards, on its way out, while
+    the main thread runs. So when the tracer sees no copy while the main thread is running, it
+    looks again (``IN_TRANSIT``) until the buffer shows one or the main thread waits again.
 
     Epochs. A standard signal has at most one copy pending and one being decided at a time, so
     the copies of one signal that the main thread decides on are numbered in order: copy
@@ -270,13 +276,31 @@ class GroupSignalLedger:
     def note(self, sig: int, info: SigInfo) -> bool:
         """CMD took ``sig`` (``info``: from another process): whether it is the twin of a
         copy of ours, now written down."""
-        waiter = self._waiter
-        with self._cond:
-            if info.code == SI_QUEUE:
+        if info.code == SI_QUEUE:
+            with self._cond:
                 for relayed in self._relayed:
                     if relayed[1:] == (sig, info.pid, info.value):
                         self._relayed.remove(relayed)  # one we passed on
                         return False
+        deadline = time.monotonic() + IN_TRANSIT
+        while True:
+            found = self._note(sig, info)
+            if found is not None:
+                return found
+            # No copy of ours in sight while the main thread runs: one may be on its way
+            # from our pending set to the buffer. Look again, outside the lock.
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0001)
+
+    def _main_running(self) -> bool:
+        found = stat(f"{self._pid}/task/{self._pid}")
+        return found is not None and found.state == "R"
+
+    def _note(self, sig: int, info: SigInfo) -> bool | None:
+        """One look (see note); None: nothing seen while the main thread runs."""
+        waiter = self._waiter
+        with self._cond:
             before = waiter.taken() if waiter is not None else (0, 0)
             pending = sig in shared_pending(self._pid)
             after = waiter.taken() if waiter is not None else (0, 0)
@@ -303,6 +327,8 @@ class GroupSignalLedger:
                 self._entries.append(_Entry(n, sig, info.pid, time.monotonic()))
                 self._cond.notify_all()
                 return True
+            if not copies and self._main_running():
+                return None
             return False
 
 
