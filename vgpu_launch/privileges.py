@@ -14,13 +14,12 @@ A program that would lose its privileges anyway is not reported: with ``no_new_p
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import stat
 from dataclasses import dataclass
 
 from . import procfs
+from .security import group_name, user_name
 
 CAP_SYS_PTRACE = 19
 # capability numbers from linux/capability.h, as capsh and getcap name them
@@ -145,20 +144,6 @@ def file_privileges(path: str) -> FilePrivileges | None:
     )
 
 
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
 def lost(pid: int, exe: str) -> list[str]:
     """What the program ``pid`` just executed (``exe``) should have been granted and was not:
     ``setuid root``, ``setgid shadow``, capability names. Empty when nothing was lost, or
@@ -173,9 +158,9 @@ def lost(pid: int, exe: str) -> list[str]:
         return []
     out = []
     if granted.setuid is not None and now.euid != granted.setuid:
-        out.append(f"setuid {_user(granted.setuid)}")
+        out.append(f"setuid {user_name(granted.setuid)}")
     if granted.setgid is not None and now.egid != granted.setgid:
-        out.append(f"setgid {_group(granted.setgid)}")
+        out.append(f"setgid {group_name(granted.setgid)}")
     missing = granted.caps & ~_cap_set(procfs.status_field(pid, "CapPrm"))
     out.extend(cap_name(c) for c in range(64) if missing >> c & 1)
     return out

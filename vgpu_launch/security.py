@@ -135,8 +135,8 @@ class Finding:
         mode = stat.S_IMODE(self.st.st_mode)
         where = ", a user outside this user namespace" if self.outside else ""
         return (
-            f"{self.kind} {self.path} (mode {mode:04o}, owner {_user(self.st.st_uid)}:"
-            f"{_group(self.st.st_gid)}{where}) {self.why}"
+            f"{self.kind} {self.path} (mode {mode:04o}, owner {user_name(self.st.st_uid)}:"
+            f"{group_name(self.st.st_gid)}{where}) {self.why}"
         )
 
     def fix(self, owners: str) -> str:
@@ -157,14 +157,16 @@ class Finding:
         return f"make the path owned by {owners} and not writable by others"
 
 
-def _user(uid: int) -> str:
+def user_name(uid: int) -> str:
+    """The name of ``uid``, or the number where it has none."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
 
 
-def _group(gid: int) -> str:
+def group_name(gid: int) -> str:
+    """The name of ``gid``, or the number where it has none."""
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
@@ -172,7 +174,7 @@ def _group(gid: int) -> str:
 
 
 def _trusted_names(trusted: Collection[int]) -> str:
-    return " or ".join(dict.fromkeys(_user(u) for u in sorted(trusted)))
+    return " or ".join(dict.fromkeys(user_name(u) for u in sorted(trusted)))
 
 
 @functools.cache
@@ -222,14 +224,14 @@ def writers(path: str, st: os.stat_result, trusted: Collection[int]) -> str | No
     else:
         group_writes = bool(mode & stat.S_IWGRP)
     if group_writes and _group_untrusted(st.st_gid, trusted):
-        return f"is writable by group {_group(st.st_gid)}, which has other members"
+        return f"is writable by group {group_name(st.st_gid)}, which has other members"
     for tag, perm, ident in acl:
         if not perm & mask & _ACL_WRITE:
             continue
         if tag == _ACL_USER and ident not in trusted:
-            return f"is writable by user {_user(ident)} (ACL)"
+            return f"is writable by user {user_name(ident)} (ACL)"
         if tag == _ACL_GROUP and _group_untrusted(ident, trusted):
-            return f"is writable by group {_group(ident)} (ACL)"
+            return f"is writable by group {group_name(ident)} (ACL)"
     return None
 
 
@@ -325,7 +327,7 @@ def _judge(
     ns = user_namespace()
     is_outside = st.st_uid not in trusted and ns.outside_owner(st.st_uid)
     if st.st_uid not in trusted and not is_outside:
-        why = f"is owned by {_user(st.st_uid)}, not {_trusted_names(trusted)}"
+        why = f"is owned by {user_name(st.st_uid)}, not {_trusted_names(trusted)}"
         ambiguous = ns.ambiguous_owner(st.st_uid)
         if ambiguous:
             why += (
@@ -404,7 +406,7 @@ def _message(path: str, what: str, found: Finding, source: str) -> str:
 def _who() -> str:
     """Whom code in the tree runs as: inside a user namespace, root is not the host's."""
     euid = os.geteuid()
-    name = "root" if euid == 0 else _user(euid)
+    name = "root" if euid == 0 else user_name(euid)
     ns = user_namespace()
     if ns.initial:
         return name

@@ -58,15 +58,7 @@ def service_user(unit: Unit | None) -> ServiceUser:
 
 
 def _owner(st: os.stat_result) -> str:
-    try:
-        user = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        user = str(st.st_uid)
-    try:
-        group = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        group = str(st.st_gid)
-    return f"{user}:{group}"
+    return f"{security.user_name(st.st_uid)}:{security.group_name(st.st_gid)}"
 
 
 def _chain(path: str) -> list[str]:
