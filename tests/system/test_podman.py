@@ -105,6 +105,8 @@ class Podman:
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             self.argv(*args),
+            # not the checkout's directory: a rootless user may not enter it (a mktemp -d clone)
+            cwd="/",
             capture_output=True,
             text=True,
             timeout=timeout,
