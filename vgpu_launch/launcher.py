@@ -125,6 +125,8 @@ class Launcher:
         self.seize_refusal: str | None = None  # why the tracer could not attach CMD
         self.cmd_reaped = False  # CMD's child, dead before it could be attached, was reaped
         self.started = time.monotonic()
+        # Set once the main thread has logged its start-up events: the end waits for them.
+        self.set_up = threading.Event()
         # verify.Verifier: proof that the library really got mapped (its own daemon thread)
         from .diagnostics.verify import Verifier
 
@@ -141,6 +143,7 @@ class Launcher:
             self._exec_untraced(path, env)
         jobs = JobControl(self.pid)
         events = ExecLog(self.cfg, self.log, self.verifier)
+        faults = _faults()
         forwarder = Forwarder(self.cmd, jobs, self.log, debug=self.cfg.log_level == "debug")
         tracer = Tracer(
             self.cfg.policy(),
@@ -151,7 +154,7 @@ class Launcher:
             on_cmd_stopped=jobs.cmd_stopped,
             on_signal=forwarder.cmd_took,
             watch_signals=GROUP_SIGNALS,
-            fault_at_exec=_fault_hook(),
+            fault_at_exec=faults.exec_at,
             releaser=self.handover.releaser,
         )
         forwarder.parked = tracer.parked
@@ -165,7 +168,11 @@ class Launcher:
             target=self._trace, args=(tracer, *pipes), name="tracer", daemon=True
         )
         thread.start()
-        self.handover.start()
+        try:
+            time.sleep(faults.start_delay)
+            self.handover.start()
+        finally:
+            self.set_up.set()
         self._supervise(forwarder)
         thread.join(timeout=1.0)
         self._finish(tracer)
@@ -270,6 +277,10 @@ class Launcher:
         if self.cmd.status is not None:
             # CMD has exited: this thread knows it first, and finishes. Handing the status to
             # the main thread would make vgpu-launch's exit depend on that thread being there.
+            # A CMD that ends at once can beat the main thread's start-up events (whether the
+            # tree's ptrace requests are handled, and why not): they come first, but a main
+            # thread that hangs cannot hold the exit.
+            self.set_up.wait(timeout=2.0)
             self._finish(tracer)
         # It could not attach CMD, or it failed: the main thread takes over.
         signal.pthread_kill(threading.main_thread().ident or 0, WAKE)
@@ -412,8 +423,8 @@ def exit_like(status: int) -> NoReturn:
     os._exit(128 + sig)
 
 
-def _fault_hook() -> int:
-    at, ignored = testhooks.fault_at_exec(os.environ)
+def _faults() -> testhooks.Faults:
+    faults, ignored = testhooks.faults(os.environ)
     if ignored:
         log.get().warning("test-hook-ignored", message=ignored)
-    return at
+    return faults

@@ -1,7 +1,12 @@
 """Fault injection for the test suite, which a deployment cannot switch on by accident.
 
-``VGPU_LAUNCH_TEST_FAULT=exec:N`` makes the tracer raise at the Nth exec (tests of what the tree
-does when the tracer dies). It is honoured only while vgpu-launch holds an open descriptor of
+``VGPU_LAUNCH_TEST_FAULT`` holds comma-separated faults:
+
+- ``exec:N``: the tracer raises at the Nth exec (what the tree does when the tracer dies);
+- ``slow-start:MS``: the main thread sleeps MS milliseconds before its start-up events (a
+  machine so busy that CMD ends before they are logged).
+
+The variable is honoured only while vgpu-launch holds an open descriptor of
 a memfd named ``vgpu-launch-test-hooks``, which the test suite creates and hands down: an
 environment copied into a unit file or a shell profile cannot carry it. Otherwise the variable
 is ignored and the start says so in a warning.
@@ -10,6 +15,7 @@ is ignored and the start says so in a warning.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from . import procfs
 
@@ -22,12 +28,29 @@ def enabled() -> bool:
     return f"/memfd:{MEMFD_NAME} (deleted)" in procfs.fd_targets()
 
 
-def fault_at_exec(environ: Mapping[str, str]) -> tuple[int, str | None]:
-    """(the exec at which the tracer must fail, 0: never; why the variable was ignored)."""
+@dataclass(frozen=True)
+class Faults:
+    exec_at: int = 0  # the tracer raises at this exec (0: never)
+    start_delay: float = 0.0  # seconds the main thread waits before its start-up events
+
+
+def faults(environ: Mapping[str, str]) -> tuple[Faults, str | None]:
+    """(the faults asked for, why the variable was ignored)."""
     spec = environ.get(FAULT_VAR, "")
     if not spec:
-        return 0, None
+        return Faults(), None
     if not enabled():
-        return 0, f"{FAULT_VAR} is set but ignored: it works only under vgpu-launch's test suite"
-    kind, _, n = spec.partition(":")
-    return (int(n) if kind == "exec" and n.isdigit() else 0), None
+        return (
+            Faults(),
+            f"{FAULT_VAR} is set but ignored: it works only under vgpu-launch's test suite",
+        )
+    exec_at, delay = 0, 0.0
+    for item in spec.split(","):
+        kind, _, n = item.partition(":")
+        if not n.isdigit():
+            continue
+        if kind == "exec":
+            exec_at = int(n)
+        elif kind == "slow-start":
+            delay = int(n) / 1000
+    return Faults(exec_at, delay), None

@@ -10,6 +10,7 @@ import signal
 import subprocess
 
 import pytest
+from support import launch
 from support.build import Programs
 from support.launch import ShellTree, clean_env, command, run
 from support.procs import tracer_pid, wait_for
@@ -203,3 +204,18 @@ def test_unprivileged_without_no_new_privs(programs: Programs, strace: str) -> N
     assert nnp.returncode == 0, nnp.describe()
     (ev,) = nnp.of("ptrace-requests")
     assert ev["handled"] is True
+
+
+def test_a_cmd_that_ends_at_once_still_gets_its_start_up_events(programs: Programs) -> None:
+    """A CMD that ends before the main thread has logged whether the tree's ptrace requests
+    are handled (a busy machine; here the test hook slows that thread): the event is in the
+    log all the same, before the end event."""
+    res = run(
+        [*preload(programs), "--", "/bin/true"],
+        env={"VGPU_LAUNCH_TEST_FAULT": "slow-start:500"},
+        pass_fds=[launch.test_hooks_fd()],
+    )
+    assert res.returncode == 0, res.describe()
+    names = [e["event"] for e in res.events]
+    assert "ptrace-requests" in names, res.describe()
+    assert names.index("ptrace-requests") < names.index("end"), names
