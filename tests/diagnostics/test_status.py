@@ -18,7 +18,7 @@ import pytest
 from support import systemctl
 from support.build import Programs
 from support.launch import LAUNCHER, clean_env
-from support.procs import children
+from support.procs import children, state, wait_for
 
 
 def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, Any, str]:
@@ -48,21 +48,24 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def _wait_tree(pid: int, n: int, exes: list[str] | None = None, timeout: float = 10) -> None:
-    """Until ``pid`` has ``n`` descendants (running ``exes`` where given)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_tree(pid: int, n: int, exes: list[str], timeout: float = 10) -> None:
+    """Until ``pid`` has ``n`` descendants, and every one that runs one of ``exes`` (sleepers)
+    is asleep in its ``usleep``: ld.so has finished with it."""
+
+    def up() -> bool:
         ds = _descendants(pid)
-        if len(ds) >= n:
-            running = set()
-            for d in ds:
-                with contextlib.suppress(OSError):
-                    running.add(os.readlink(f"/proc/{d}/exe"))
-            if not exes or all(e in running for e in exes):
-                time.sleep(0.1)  # let ld.so finish in the newest ones
-                return
-        time.sleep(0.02)
-    pytest.fail(f"the tree under {pid} did not come up: {_descendants(pid)}")
+        running: dict[int, str] = {}
+        for d in ds:
+            with contextlib.suppress(OSError):
+                running[d] = os.readlink(f"/proc/{d}/exe")
+        ours = [d for d, exe in running.items() if exe in exes]
+        return (
+            len(ds) >= n
+            and set(exes) <= set(running.values())
+            and all(state(d) == "S" for d in ours)
+        )
+
+    wait_for(f"the tree under {pid}", up, timeout, describe=lambda: str(_descendants(pid)))
 
 
 @contextlib.contextmanager
