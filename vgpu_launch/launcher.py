@@ -169,7 +169,8 @@ class Launcher:
         )
         thread.start()
         try:
-            time.sleep(faults.start_delay)
+            if faults.start_delay:
+                time.sleep(faults.start_delay)
             self.handover.start()
         finally:
             self.set_up.set()

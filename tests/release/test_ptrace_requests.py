@@ -212,7 +212,7 @@ def test_a_cmd_that_ends_at_once_still_gets_its_start_up_events(programs: Progra
     log all the same, before the end event."""
     res = run(
         [*preload(programs), "--", "/bin/true"],
-        env={"VGPU_LAUNCH_TEST_FAULT": "slow-start:500"},
+        env={"VGPU_LAUNCH_TEST_FAULT": "slow-start:200"},
         pass_fds=[launch.test_hooks_fd()],
     )
     assert res.returncode == 0, res.describe()
