@@ -12,9 +12,11 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from vgpu_launch.trace import ptracelib as pt
 
 T = TypeVar("T")
 
@@ -37,6 +39,33 @@ def wait_for(
             detail = f"\n{describe()}" if describe else ""
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def held_at_exec(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Iterator[int]:
+    """``argv`` started as this process's tracee and held at its exec event, the moment
+    vgpu-launch's tracer reads it: the new program is set up (arguments, environment, auxv,
+    mappings) and has run no instruction. Killed on leaving."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(w)
+            if os.read(r, 1) == b"g":
+                os.execve(argv[0], list(argv), os.environ if env is None else env)
+        finally:
+            os._exit(127)
+    os.close(r)
+    try:
+        pt.seize(pid, pt.PTRACE_O_TRACEEXEC)
+        os.write(w, b"g")
+        _, status = os.waitpid(pid, pt.WALL)
+        assert status >> 16 == pt.PTRACE_EVENT_EXEC, hex(status)
+        yield pid
+    finally:
+        os.close(w)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, pt.WALL)
 
 
 # ---- /proc ----------------------------------------------------------------------------------

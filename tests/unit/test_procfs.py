@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.procs import held_at_exec
 
 from vgpu_launch import procfs
 from vgpu_launch.trace import ptracelib as pt
@@ -27,37 +28,11 @@ def _running(argv: list[str], **kw: Any) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
-@contextlib.contextmanager
-def _at_exec_stop(argv: list[str], env: dict[str, str] | None = None) -> Iterator[int]:
-    """``argv`` started and held at its exec event, the moment the tracer reads it: the new
-    program is set up (arguments, environment, auxv, mappings) and has run no instruction."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(w)
-            if os.read(r, 1) == b"g":
-                os.execve(argv[0], argv, os.environ if env is None else env)
-        finally:
-            os._exit(127)
-    os.close(r)
-    try:
-        pt.seize(pid, pt.PTRACE_O_TRACEEXEC)
-        os.write(w, b"g")
-        _, status = os.waitpid(pid, pt.WALL)
-        assert status >> 16 == pt.PTRACE_EVENT_EXEC, hex(status)
-        yield pid
-    finally:
-        os.close(w)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, pt.WALL)
-
-
 def test_stat_of_a_program_with_parentheses_in_its_name(programs: Any, tmp_path: Path) -> None:
     """comm with spaces and ')' does not shift the fields: state and ppid are right."""
     odd = tmp_path / "a) R (b"
     odd.symlink_to(programs.probe)
-    with _at_exec_stop([str(odd), "x y"]) as pid:
+    with held_at_exec([str(odd), "x y"]) as pid:
         st = procfs.stat(pid)
         assert st is not None
         assert (st.comm, st.ppid) == ("a) R (b", os.getpid())
@@ -70,7 +45,7 @@ def test_stat_of_a_program_with_parentheses_in_its_name(programs: Any, tmp_path:
 
 def test_environment_and_program(programs: Any) -> None:
     """environ is the environment the program was started with; exe the file it runs."""
-    with _at_exec_stop([programs.probe], env={"A": "1", "B": "x=y"}) as pid:
+    with held_at_exec([programs.probe], env={"A": "1", "B": "x=y"}) as pid:
         assert procfs.environ(pid) == {"A": "1", "B": "x=y"}
         assert procfs.exe(pid) == os.path.realpath(programs.probe)
         assert procfs.tracer_pid(pid) == os.getpid()
@@ -118,7 +93,7 @@ def test_word_size_and_linkage_of_a_running_program(
     programs: Any, name: str, expected: tuple[int, bool]
 ) -> None:
     """exe_word reads the program's ELF header and PT_INTERP; the maps and auxv agree."""
-    with _at_exec_stop([programs[name]]) as pid:
+    with held_at_exec([programs[name]]) as pid:
         maps = procfs.read_maps(pid)
         assert maps is not None
         assert procfs.exe_word(pid, maps) == expected

@@ -4,39 +4,20 @@ checked against /proc/PID/mem."""
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 
 import pytest
+from support.procs import held_at_exec
 
 from vgpu_launch import arch
-from vgpu_launch.trace import ptracelib as pt
 from vgpu_launch.trace.injector import _PtraceMemory
 
 
 @pytest.fixture
 def at_exec_stop() -> Iterator[int]:
     """/bin/true, held at its exec event (our tracee)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(w)
-            if os.read(r, 1) == b"g":
-                os.execv("/bin/true", ["/bin/true"])
-        finally:
-            os._exit(127)
-    os.close(r)
-    try:
-        pt.seize(pid, pt.PTRACE_O_TRACEEXEC)
-        os.write(w, b"g")
-        _, status = os.waitpid(pid, pt.WALL)
-        assert status >> 16 == pt.PTRACE_EVENT_EXEC
+    with held_at_exec(["/bin/true"]) as pid:
         yield pid
-    finally:
-        os.close(w)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, pt.WALL)
 
 
 def test_reads_and_writes_match_proc_pid_mem(at_exec_stop: int) -> None:
