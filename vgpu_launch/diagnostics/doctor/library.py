@@ -86,26 +86,18 @@ def unreadable_by(path: str, user: ServiceUser) -> str | None:
     """The first component that keeps ``user`` from reading ``path`` (mode bits; ACLs are not
     looked at), or None."""
     real = os.path.realpath(path)
-    chain = _chain(real)
-    for p in reversed(chain[1:]):
+    # every directory from / down (search permission), then the file (read permission)
+    steps = [(d, 1, "searched") for d in reversed(_chain(real)[1:])] + [(real, 4, "read")]
+    for p, want, verb in steps:
         try:
             st = os.stat(p)
         except OSError as exc:
             return f"{p}: {exc.strerror}"
-        if not _may(st, user, 1):
+        if not _may(st, user, want):
             return (
                 f"{p} (mode {stat.S_IMODE(st.st_mode):04o}, owner {_owner(st)}) cannot be "
-                f"searched by {user.name}"
+                f"{verb} by {user.name}"
             )
-    try:
-        st = os.stat(real)
-    except OSError as exc:
-        return f"{real}: {exc.strerror}"
-    if not _may(st, user, 4):
-        return (
-            f"{real} (mode {stat.S_IMODE(st.st_mode):04o}, owner {_owner(st)}) cannot be "
-            f"read by {user.name}"
-        )
     return None
 
 
