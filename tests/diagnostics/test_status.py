@@ -68,6 +68,11 @@ def _wait_tree(pid: int, n: int, exes: list[str], timeout: float = 10) -> None:
     wait_for(f"the tree under {pid}", up, timeout, describe=lambda: str(_descendants(pid)))
 
 
+def _traced(programs: Programs, *cmd: str) -> list[str]:
+    """vgpu-launch's command line for CMD with the test library preloaded."""
+    return [str(LAUNCHER), "--log-format", "json", "--preload", programs.libshim, "--", *cmd]
+
+
 @contextlib.contextmanager
 def _running(argv: list[str], **kw: Any) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
@@ -132,17 +137,7 @@ def test_tree_under_vgpu_launch(programs: Programs, tmp_path: Path) -> None:
     """Every process has the library; the one started with `env -i` shows no LD_PRELOAD in
     /proc/PID/environ, and the note says why. A 32-bit program lacks the 64-bit library."""
     script = f"env -i {programs.sleeper} 6000 & {programs.sleeper} 6001 & wait"
-    argv = [
-        str(LAUNCHER),
-        "--log-format",
-        "json",
-        "--preload",
-        programs.libshim,
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]
+    argv = _traced(programs, "sh", "-c", script)
     with _running(argv, env=clean_env()) as launcher:
         _wait_tree(launcher.pid, 3, [programs.sleeper])
         rc, data, err = status(str(launcher.pid), "--preload", programs.libshim)
@@ -175,16 +170,7 @@ def test_tree_under_vgpu_launch(programs: Programs, tmp_path: Path) -> None:
 
 def test_32bit_program_in_tree(programs: Programs) -> None:
     """A 32-bit program under a 64-bit-only library is shown without it, and why."""
-    argv = [
-        str(LAUNCHER),
-        "--log-format",
-        "json",
-        "--preload",
-        programs.libshim,
-        "--",
-        programs.sleeper32,
-        "5000",
-    ]
+    argv = _traced(programs, programs.sleeper32, "5000")
     with _running(argv, env=clean_env()) as launcher:
         _wait_tree(launcher.pid, 1, [programs.sleeper32])
         rc, data, err = status(str(launcher.pid), "--preload", programs.libshim)
@@ -197,18 +183,7 @@ def test_32bit_program_in_tree(programs: Programs) -> None:
 
 def test_text_output(programs: Programs) -> None:
     """The text report: what is looked for, a table of processes, and the verdict."""
-    argv = [
-        str(LAUNCHER),
-        "--log-format",
-        "json",
-        "--preload",
-        programs.libshim,
-        "--",
-        "env",
-        "-i",
-        programs.sleeper,
-        "5000",
-    ]
+    argv = _traced(programs, "env", "-i", programs.sleeper, "5000")
     with _running(argv, env=clean_env()) as launcher:
         _wait_tree(launcher.pid, 1, [programs.sleeper])
         proc = subprocess.run(
@@ -288,17 +263,7 @@ def test_unit_cgroup_finds_escaped_process(programs: Programs, tmp_path: Path) -
         }
     )
     (tmp_path / "none.conf").write_text("")
-    argv = [
-        str(LAUNCHER),
-        "--log-format",
-        "json",
-        "--preload",
-        programs.libshim,
-        "--",
-        "sh",
-        "-c",
-        f"env -i {programs.sleeper} 6000 & wait",
-    ]
+    argv = _traced(programs, "sh", "-c", f"env -i {programs.sleeper} 6000 & wait")
     try:
         with (
             _running(argv, env=clean_env(), preexec_fn=enter) as launcher,
