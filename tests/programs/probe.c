@@ -16,29 +16,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "testprog.h"
+
 extern char **environ;
-
-static int marker_mapped(void)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    char line[4096];
-    int found = 0;
-
-    if (!f)
-        return 0;
-    while (!found && fgets(line, sizeof line, f)) {
-        char *nl = strchr(line, '\n');
-        char *slash;
-
-        if (nl)
-            *nl = '\0';
-        slash = strrchr(line, '/');
-        if (slash && strcmp(slash + 1, "libmarker.so") == 0)
-            found = 1;
-    }
-    fclose(f);
-    return found;
-}
 
 static const char *show(const char *name)
 {
@@ -49,7 +29,7 @@ static const char *show(const char *name)
 int main(int argc, char **argv)
 {
     printf("probe pid=%ld LD_PRELOAD=%s VGPU_TEST_DEVICES=%s marker=%d\n", (long)getpid(),
-           show("LD_PRELOAD"), show("VGPU_TEST_DEVICES"), marker_mapped());
+           show("LD_PRELOAD"), show("VGPU_TEST_DEVICES"), library_mapped("libmarker.so"));
     if (argc > 1 && strcmp(argv[1], "--env") == 0) {
         for (char **e = environ; *e; e++)
             printf("%s\n", *e);

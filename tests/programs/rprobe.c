@@ -20,24 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testprog.h"
+
 extern char **environ;
-
-static int marker_mapped(void)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    char line[4096];
-    int found = 0;
-
-    if (!f)
-        return 0;
-    while (!found && fgets(line, sizeof line, f)) {
-        char *slash = strrchr(line, '/');
-        if (slash && strncmp(slash + 1, "librobustmark", 13) == 0)
-            found = 1;
-    }
-    fclose(f);
-    return found;
-}
 
 int main(int argc, char **argv)
 {
@@ -65,7 +50,7 @@ int main(int argc, char **argv)
     }
     if (check) {
         const char *lp = getenv("LD_PRELOAD");
-        return lp && *lp && marker_mapped() ? code : 3;
+        return lp && *lp && library_mapped("librobustmark") ? code : 3;
     }
     if (env0) {
         for (char **e = environ; *e; e++)
@@ -75,6 +60,6 @@ int main(int argc, char **argv)
     const char *lp = getenv("LD_PRELOAD");
     printf("rprobe pid=%ld uid=%ld euid=%ld secure=%lu bits=%d marker=%d LD_PRELOAD=%s\n",
            (long)getpid(), (long)getuid(), (long)geteuid(), getauxval(AT_SECURE),
-           (int)(sizeof(void *) * 8), marker_mapped(), lp ? lp : "(unset)");
+           (int)(sizeof(void *) * 8), library_mapped("librobustmark"), lp ? lp : "(unset)");
     return fflush(stdout) == 0 ? code : 1;
 }

@@ -49,26 +49,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testprog.h"
+
 extern char **environ;
 
 static void die(const char *what)
 {
     fprintf(stderr, "rtool: %s: %s\n", what, strerror(errno));
     exit(100);
-}
-
-static void sleep_us(long us)
-{
-    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 /* ---- reap ---------------------------------------------------------------------------------- */

@@ -32,6 +32,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testprog.h"
+
 extern char **environ;
 
 #define SIG_COUNTED (SIGRTMIN + 1)
@@ -40,20 +42,6 @@ extern char **environ;
 static atomic_long received;
 static atomic_int report_seen;
 static int report_fd = -1;
-
-static void sleep_us(long us)
-{
-    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void on_counted(int sig)
 {
@@ -132,22 +120,6 @@ static void *runner_churn(void *arg)
     return arg;
 }
 
-static int marker_mapped(void)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    char line[4096];
-    int found = 0;
-    if (!f)
-        return 0;
-    while (!found && fgets(line, sizeof line, f)) {
-        char *slash = strrchr(line, '/');
-        if (slash && strncmp(slash + 1, "librobustmark", 13) == 0)
-            found = 1;
-    }
-    fclose(f);
-    return found;
-}
-
 static int runner(void)
 {
     handle(SIG_COUNTED, on_counted);
@@ -157,7 +129,7 @@ static int runner(void)
     pthread_create(&t, NULL, signal_thread, NULL);
     pthread_create(&t, NULL, runner_churn, NULL);
     const char *lp = getenv("LD_PRELOAD");
-    char ok = lp && *lp && marker_mapped() ? 'Y' : 'N';
+    char ok = lp && *lp && library_mapped("librobustmark") ? 'Y' : 'N';
     if (write(3, &ok, 1) != 1)
         return 3;
     for (;;)

@@ -285,7 +285,7 @@ def _make_public(root: Path) -> None:
 
 @functools.cache
 def build_programs() -> Programs:
-    sources = sorted(PROGRAMS_SRC.glob("*.c"))
+    sources = sorted([*PROGRAMS_SRC.glob("*.c"), *PROGRAMS_SRC.glob("*.h")])
     key = _hash_files(
         sources, repr(PROGRAMS) + repr(SHIM_LAYOUTS) + repr(CFLAGS) + _compiler_identity()
     )
