@@ -20,3 +20,21 @@ fi
 heading() { printf '\n==== %s ====\n' "$*"; }
 show() { printf '$ %s\n' "$*"; }
 indent() { sed 's/^/    /'; }
+
+# exec_decisions FILE: the exec and verify events of vgpu-launch's JSON log FILE, and its end.
+exec_decisions() {
+    echo "vgpu-launch's exec decisions:"
+    "$PYTHON" - "$1" <<'EOF' | indent
+import json, sys
+for line in open(sys.argv[1], errors="replace"):
+    if not line.startswith("{"):
+        continue
+    e = json.loads(line)
+    if e.get("event") in ("exec", "verify"):
+        keep = ("event", "pid", "ppid", "exe", "decision", "preload_before", "preload_after",
+                "env_set", "elapsed_us", "mapped", "result", "status")
+        print(json.dumps({k: e[k] for k in keep if k in e}))
+    elif e.get("event") == "end":
+        print(json.dumps({k: e.get(k) for k in ("event", "counts", "spawned", "cmd_exit")}))
+EOF
+}

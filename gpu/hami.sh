@@ -143,17 +143,7 @@ show bin/vgpu-launch --preload "$lib" --env CUDA_DEVICE_MEMORY_LIMIT="$limit" --
 grep -a '^\[parent\]' "$work/h2.err" | indent
 hami_lines "$work/h2.err" | indent
 last_json "$work/h2.out" | indent
-echo "vgpu-launch's exec decisions:"
-"$PYTHON" - "$work/h2.err" <<'EOF' | indent
-import json, sys
-for line in open(sys.argv[1], errors="replace"):
-    if not line.startswith("{"):
-        continue
-    e = json.loads(line)
-    if e.get("event") in ("exec", "verify"):
-        keep = ("event", "pid", "ppid", "exe", "decision", "env_set", "elapsed_us", "result")
-        print(json.dumps({k: e[k] for k in keep if k in e}))
-EOF
+exec_decisions "$work/h2.err"
 h2_total=$(field "$work/h2.out" 'w["mem_get_info_gib"]["total"]')
 h2_under=$(field "$work/h2.out" 'w["alloc"]["%g" % '"$under"']')
 h2_over=$(field "$work/h2.out" 'w["alloc"]["%g" % '"$over"']')

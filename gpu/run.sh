@@ -214,20 +214,7 @@ rm -f "$hold"
 wait "$lpid" || { echo "run.sh: (b) failed" >&2; cat "$work/b.err" >&2; exit 1; }
 shim_lines "$work/b.err" | indent
 cat "$work/b.out" | indent
-echo "vgpu-launch's exec decisions:"
-"$PYTHON" - "$work/b.err" <<'EOF' | indent
-import json, sys
-for line in open(sys.argv[1], errors="replace"):
-    if not line.startswith("{"):
-        continue
-    e = json.loads(line)
-    if e.get("event") in ("exec", "verify"):
-        keep = ("event", "pid", "ppid", "exe", "decision", "preload_before", "preload_after",
-                "env_set", "elapsed_us", "mapped", "result", "status")
-        print(json.dumps({k: e[k] for k in keep if k in e}))
-    elif e.get("event") == "end":
-        print(json.dumps({k: e.get(k) for k in ("event", "counts", "spawned", "cmd_exit")}))
-EOF
+exec_decisions "$work/b.err"
 b_count=$(json_field "$work/b.out" device_count)
 b_mapped=$(json_field "$work/b.out" shim_mapped)
 b_worker_lines=$(grep -a -c "^\[cuda-count-shim\] pid=$b_worker cuDeviceGetCount" "$work/b.err" || true)
