@@ -57,6 +57,11 @@ class Config:
             exclude=tuple(self.exclude),
         )
 
+    @property
+    def release_refused(self) -> bool:
+        """Strict mode, without strict_allow_release: no process may be given back."""
+        return self.strict and not self.strict_allow_release
+
     def summary(self) -> dict[str, Any]:
         # Names only: values are often credentials (API tokens); docs/security.md.
         return {

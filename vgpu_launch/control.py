@@ -94,14 +94,12 @@ class Server:
         releaser: Releaser,
         log: Any,
         *,
-        strict: bool,
-        allowed: bool,
+        refuse: bool,
         wait: float = RELEASE_WAIT,
     ) -> None:
         self.releaser = releaser
         self.log = log
-        self.strict = strict
-        self.allowed = allowed
+        self.refuse = refuse  # strict mode without strict_allow_release
         self.wait = wait
         self.uid = os.geteuid()
         self.name = address(os.getpid())
@@ -168,7 +166,7 @@ class Server:
                 },
             )
             return
-        if self.strict and not self.allowed:
+        if self.refuse:
             self.log.error(
                 "release-refused",
                 pids=pids,

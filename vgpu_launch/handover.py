@@ -77,8 +77,7 @@ class Handover:
                 listener,
                 self.releaser,
                 self.log,
-                strict=cfg.strict,
-                allowed=cfg.strict_allow_release,
+                refuse=cfg.release_refused,
             ).start()
             self.log.info("ptrace-requests", handled=True)
         elif reason:  # (neither: CMD's child ended before it got that far)
@@ -89,9 +88,7 @@ class Handover:
                 message="processes of the tree that ask to trace one another (strace -f, gdb, "
                 "LeakSanitizer) get EPERM; `vgpu-launch release PID` still works",
             )
-        error = control.Server(
-            self.releaser, self.log, strict=cfg.strict, allowed=cfg.strict_allow_release
-        ).start()
+        error = control.Server(self.releaser, self.log, refuse=cfg.release_refused).start()
         if error:
             self.log.warning(
                 "release-channel",

@@ -39,15 +39,13 @@ class PtraceRequests:
         releaser: Releaser,
         log: Any,
         *,
-        strict: bool,
-        allowed: bool,
+        refuse: bool,
         wait: float = RELEASE_WAIT,
     ) -> None:
         self.listener = listener
         self.releaser = releaser
         self.log = log
-        self.strict = strict
-        self.allowed = allowed
+        self.refuse = refuse  # strict mode without strict_allow_release
         self.wait = wait
         self.handled = 0
         self.refused = 0
@@ -114,7 +112,7 @@ class PtraceRequests:
             "exe": procfs.exe_or_empty(caller) or None,
             "request": f"PTRACE_{kind.upper()}",
         }
-        if self.strict and not self.allowed:
+        if self.refuse:
             self.refused += 1
             self.log.error(
                 "release-refused",
