@@ -168,6 +168,8 @@ class Launcher:
             target=self._trace, args=(tracer, *pipes), name="tracer", daemon=True
         )
         thread.start()
+        # The main thread waits for CMD's child to hand over the listener: the tracer must stay
+        # free to serve that child meanwhile (a stop before the hand-over would deadlock it).
         try:
             if faults.start_delay:
                 time.sleep(faults.start_delay)
