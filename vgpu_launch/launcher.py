@@ -155,6 +155,7 @@ class Launcher:
             on_signal=forwarder.cmd_took,
             watch_signals=GROUP_SIGNALS,
             fault_at_exec=faults.exec_at,
+            kill_from_exec=faults.kill_from_exec,
             releaser=self.handover.releaser,
         )
         forwarder.parked = tracer.parked

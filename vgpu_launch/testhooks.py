@@ -3,6 +3,8 @@
 ``VGPU_LAUNCH_TEST_FAULT`` holds comma-separated faults:
 
 - ``exec:N``: the tracer raises at the Nth exec (what the tree does when the tracer dies);
+- ``kill-exec:N``: from the Nth exec on, the tracer SIGKILLs each process it holds at its exec
+  event before injecting (a process killed there by another, made certain);
 - ``slow-start:MS``: the main thread sleeps MS milliseconds before its start-up events (a
   machine so busy that CMD ends before they are logged).
 
@@ -31,6 +33,7 @@ def enabled() -> bool:
 @dataclass(frozen=True)
 class Faults:
     exec_at: int = 0  # the tracer raises at this exec (0: never)
+    kill_from_exec: int = 0  # the tracer kills the process of this exec and of every later one
     start_delay: float = 0.0  # seconds the main thread waits before its start-up events
 
 
@@ -44,13 +47,15 @@ def faults(environ: Mapping[str, str]) -> tuple[Faults, str | None]:
             Faults(),
             f"{FAULT_VAR} is set but ignored: it works only under vgpu-launch's test suite",
         )
-    exec_at, delay = 0, 0.0
+    exec_at, kill_from, delay = 0, 0, 0.0
     for item in spec.split(","):
         kind, _, n = item.partition(":")
         if not n.isdigit():
             continue
         if kind == "exec":
             exec_at = int(n)
+        elif kind == "kill-exec":
+            kill_from = int(n)
         elif kind == "slow-start":
             delay = int(n) / 1000
-    return Faults(exec_at, delay), None
+    return Faults(exec_at, kill_from, delay), None

@@ -54,6 +54,7 @@ class Tracer:
         on_signal: Callable[[int, int], None] | None = None,
         watch_signals: frozenset[int] = frozenset(),
         fault_at_exec: int = 0,
+        kill_from_exec: int = 0,
         releaser: Releaser | None = None,
     ) -> None:
         self.policy = policy
@@ -67,7 +68,9 @@ class Tracer:
         # it is re-injected; the launcher tells signals CMD got itself from forwarded ones).
         self.on_signal = on_signal
         self.watch_signals = watch_signals if on_signal is not None else frozenset()
+        # The test suite's hooks (testhooks.py); never set in production.
         self.fault_at_exec = fault_at_exec
+        self.kill_from_exec = kill_from_exec
         # Without CAP_SYS_PTRACE, traced setuid/setgid and file-capability programs run
         # without their privileges: look at every exec for what it lost (two or three
         # system calls; none at all under root).
@@ -179,6 +182,8 @@ class Tracer:
         self.exec_count += 1
         seq = self.exec_count
         former = pt.geteventmsg(pid)
+        if self.kill_from_exec and seq >= self.kill_from_exec:  # killed while held here
+            os.kill(pid, signal.SIGKILL)
         if former != pid:
             # A non-leader thread exec'd: it now has the leader's id; its old id never
             # reports again.
