@@ -159,7 +159,11 @@ class Launcher:
             releaser=self.handover.releaser,
         )
         forwarder.parked = tracer.parked
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE})
+        # Blocked here, before any other thread exists, so in every thread. SIGCHLD too: its
+        # default action is to discard it, and any thread that did not block it would take a
+        # group-wide one (CMD's end) away from the main thread's sigwaitinfo after a tracer
+        # failure (untraced.py), which would then wait forever.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {WAKE, signal.SIGCHLD})
         prctl.set_child_subreaper(1)
         # Under a seccomp filter, calling ptrace may kill the caller (SIGSYS): CMD's child
         # makes that call first (probe.seize_self), and vgpu-launch only once it survived.

@@ -14,19 +14,18 @@ import signal
 
 from .forwarding import FORWARDED, WAKE, Cmd, Forwarder
 from .siginfo import SignalWaiter
-
-_WALL = 0x40000000
+from .trace.ptracelib import WALL
 
 
 def supervise(cmd: Cmd, forwarder: Forwarder) -> None:
     """Main thread: reap every child, forward signals, return once CMD's status is known."""
     forwarder.ledger.attach(None)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    # SIGCHLD is blocked in every thread since the start (launcher.py): none can take it.
     waiter = SignalWaiter(FORWARDED | {WAKE, signal.SIGCHLD})
     while True:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG | _WALL)
+                pid, status = os.waitpid(-1, os.WNOHANG | WALL)
             except ChildProcessError:
                 pid = 0
             if pid == 0:

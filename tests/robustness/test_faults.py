@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import launch, procs
@@ -533,6 +534,38 @@ def test_after_a_tracer_failure_the_end_event_reports_no_tracees(
     run = _fault_run(programs, pub)
     assert run.end["tracees_left"] in (0, None), run.end
     assert run.end.get("tracer_failed") is True, run.end
+
+
+def _sigchld_blocked(task: str) -> bool:
+    blocked = procs.status_field(task, "SigBlk")
+    return blocked is not None and bool(int(blocked, 16) & procs.mask_of(signal.SIGCHLD))
+
+
+@pytest.mark.parametrize("tracer", ["alive", "failed"])
+def test_no_thread_can_take_cmds_sigchld(programs: Programs, tracer: str) -> None:
+    """Every thread of vgpu-launch blocks SIGCHLD (the main thread waits for it after a
+    tracer failure): a thread that did not would discard CMD's group-wide SIGCHLD, its
+    default action, and after a tracer failure vgpu-launch would wait forever for CMD's end."""
+    script = f"{programs.rprobe}; env -i {programs.rprobe}; exec sleep 30"
+    extra: dict[str, Any] = {}
+    if tracer == "failed":  # exec 3 is sleep's: the tracer fails there, the tree runs on
+        extra = {"env": {"VGPU_LAUNCH_TEST_FAULT": "exec:3"}, "pass_fds": [launch.test_hooks_fd()]}
+    with launch.Tree([*preload(programs), "--", "sh", "-c", script], **extra) as tree:
+        # every thread there will be: the log's writer, the verifier, the request threads
+        procs.wait_for("a verify event", lambda: tree.log().of("verify"), 20)
+        if tracer == "failed":
+            procs.wait_for("the tracer's failure", lambda: tree.log().of("tracer-failed"), 20)
+        main = str(tree.launcher)
+        tasks = [f"{main}/task/{t}" for t in os.listdir(f"/proc/{main}/task")]
+        assert len(tasks) >= 4, tasks
+        open_to_it = [t for t in tasks if not _sigchld_blocked(t)]
+        # after a failure the main thread sits in sigwaitinfo for SIGCHLD: the kernel shows
+        # the signals a thread waits for as unblocked meanwhile
+        allowed = [f"{main}/task/{main}"] if tracer == "failed" else []
+        assert open_to_it == allowed, open_to_it
+        os.kill(tree.launcher, signal.SIGTERM)  # forwarded: sleep ends, and so does the tree
+        run = tree.wait(30)
+    assert run.returncode == -signal.SIGTERM, run.describe()  # as CMD ended
 
 
 # ---- vgpu-launch itself SIGKILLed -------------------------------------------------------------
