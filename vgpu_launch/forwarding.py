@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .jobcontrol import STOP_SIGNALS, JobControl
-from .procfs import is_thread_of, owed_stop, shared_pending, stat
-from .siginfo import SI_QUEUE, SigInfo, SignalWaiter, getsiginfo, send
+from .procfs import is_thread_of, on_cpu, owed_stop, shared_pending, stat
+from .siginfo import SI_QUEUE, SI_USER, SigInfo, SignalWaiter, getsiginfo, send
 
 # Never forwarded: SIGCHLD is about vgpu-launch's own children; SIGKILL/SIGSTOP can't be caught.
 NOT_FORWARDED = frozenset({signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP})
@@ -136,6 +136,9 @@ RELAYED_TTL = 2.0
 # How long the tracer looks again for a copy of ours on its way out of sigwaitinfo (see
 # GroupSignalLedger): the tail of one system call; a main thread busy elsewhere ends it.
 IN_TRANSIT = 0.005
+# How long the tracer looks again for a copy of ours while the process that sent CMD's copy is
+# still on a CPU: it may be in the middle of kill(-PGID), between CMD and vgpu-launch.
+KILL_IN_FLIGHT = 0.05
 
 
 @dataclass
@@ -180,6 +183,10 @@ class GroupSignalLedger:
     under the signal lock and copies it to the buffer only afterwards, on its way out, while
     the main thread runs. So when the tracer sees no copy while the main thread is running, it
     looks again (``IN_TRANSIT``) until the buffer shows one or the main thread waits again.
+    Nor is our copy there yet while the sender is still in kill(-PGID): the kernel signals the
+    group's members one after the other, newest first, so CMD before vgpu-launch, and a sender
+    preempted in between lets CMD take its copy first. So while the sender of a ``kill`` is on
+    a CPU (state R), the tracer looks again too (``KILL_IN_FLIGHT``).
 
     Epochs. A standard signal has at most one copy pending and one being decided at a time, so
     the copies of one signal that the main thread decides on are numbered in order: copy
@@ -282,14 +289,16 @@ class GroupSignalLedger:
                     if relayed[1:] == (sig, info.pid, info.value):
                         self._relayed.remove(relayed)  # one we passed on
                         return False
-        deadline = time.monotonic() + IN_TRANSIT
+        start = time.monotonic()
         while True:
+            # Looked at before the copies, so that a "no" means the copy was there to be seen.
+            now = time.monotonic()
+            in_transit = now < start + IN_TRANSIT and self._main_running()
+            in_flight = info.code == SI_USER and now < start + KILL_IN_FLIGHT and on_cpu(info.pid)
             found = self._note(sig, info)
             if found is not None:
                 return found
-            # No copy of ours in sight while the main thread runs: one may be on its way
-            # from our pending set to the buffer. Look again, outside the lock.
-            if time.monotonic() > deadline:
+            if not (in_transit or in_flight):
                 return False
             time.sleep(0.0001)
 
@@ -298,7 +307,7 @@ class GroupSignalLedger:
         return found is not None and found.state == "R"
 
     def _note(self, sig: int, info: SigInfo) -> bool | None:
-        """One look (see note); None: nothing seen while the main thread runs."""
+        """One look (see note); None: no copy of ours in sight."""
         waiter = self._waiter
         with self._cond:
             before = waiter.taken() if waiter is not None else (0, 0)
@@ -327,9 +336,7 @@ class GroupSignalLedger:
                 self._entries.append(_Entry(n, sig, info.pid, time.monotonic()))
                 self._cond.notify_all()
                 return True
-            if not copies and self._main_running():
-                return None
-            return False
+            return None if not copies else False
 
 
 # -- the main thread's decision ------------------------------------------------------------------
@@ -401,8 +408,8 @@ class Forwarder:
             if sig == signal.SIGCONT:
                 self.jobs.cmd_continued()
             info = getsiginfo(tid)
-            if info.code > 0 or info.pid == self.pid:
-                return  # the kernel's, or one we forwarded with kill
+            if info.code > 0 or info.pid in (self.pid, cmd):
+                return  # the kernel's, one we forwarded with kill, or CMD's own (never forwarded)
             group_kill = self.ledger.note(sig, info)
             if self.debug:
                 self.log.debug(

@@ -146,6 +146,18 @@ def tasks(pid: int) -> list[int]:
         return []
 
 
+def on_cpu(pid: int) -> bool:
+    """Whether a thread of ``pid`` is running or waits only for a CPU (state R): it may be in
+    the middle of a system call that has not finished its work yet."""
+    if pid <= 0:
+        return False
+    for tid in tasks(pid):
+        found = stat(f"{pid}/task/{tid}")
+        if found is not None and found.state == "R":
+            return True
+    return False
+
+
 def fd_targets(pid: int | str = "self") -> list[str]:
     """What each open descriptor of ``pid`` refers to (paths, "pipe:[N]", "/memfd:NAME ...")."""
     out: list[str] = []

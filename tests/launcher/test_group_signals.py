@@ -14,6 +14,7 @@ import ctypes
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,3 +140,29 @@ def test_group_signal_stress(programs: Programs, tmp_path: Path, threads: int) -
         extra = finish(run) if not wrong else []
     assert wrong == [], f"{len(wrong)} wrong in {ROUNDS} rounds"
     assert extra == []
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCONT],
+    ids=lambda s: signal.Signals(s).name,
+)
+def test_group_kill_whose_sender_stalls_between_members_arrives_once(
+    programs: Programs, tmp_path: Path, sig: int
+) -> None:
+    """A group kill whose sender is held up after CMD's copy, before vgpu-launch's, arrives once."""
+    # The kernel signals a group newest member first: CMD, then vgpu-launch. A sender that is
+    # preempted in between (an interrupt, a vCPU the hypervisor took away) lets CMD take its
+    # copy, and the tracer see it, before vgpu-launch's copy exists.
+    with started(launch_argv(programs.libtest, programs.sigrec), tmp_path) as run:
+        cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
+        got, senders = [], []
+        for _ in range(5):
+            argv = [programs.splitkill, str(sig), "5000", str(cmd), str(run.pid)]
+            with subprocess.Popen(argv) as sender:
+                assert sender.wait() == 0
+            senders.append(sender.pid)
+            got.append(next_signal(run))
+        extra = finish(run)
+    assert [(g["sig"], g["pid"]) for g in got] == [(sig, pid) for pid in senders]
+    assert extra == []  # none forwarded on top of CMD's own copy

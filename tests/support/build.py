@@ -84,6 +84,7 @@ PROGRAMS: dict[str, tuple[str, str, str, list[str]]] = {
     "showsig": ("showsig", "cc", "showsig.c", []),
     "die": ("die", "cc", "die.c", []),
     "orphans": ("orphans", "cc", "orphans.c", []),
+    "splitkill": ("splitkill", "cc", "splitkill.c", []),
     "libtest": ("libtest.so", "cc", "libtest.c", SO),
     # a seccomp filter on ptrace alone, killing or refusing (tests/launcher/test_ptrace_refused.py)
     "seccomp_ptrace": ("seccomp_ptrace", "cc", "seccomp_ptrace.c", []),
