@@ -550,18 +550,24 @@ def test_no_thread_can_take_cmds_sigchld(programs: Programs, tracer: str) -> Non
     extra: dict[str, Any] = {}
     if tracer == "failed":  # exec 3 is sleep's: the tracer fails there, the tree runs on
         extra = {"env": {"VGPU_LAUNCH_TEST_FAULT": "exec:3"}, "pass_fds": [launch.test_hooks_fd()]}
-    with launch.Tree([*preload(programs), "--", "sh", "-c", script], **extra) as tree:
+    # debug: a program that exits before its check is a verify event too
+    argv = ["--log-level", "debug", *preload(programs), "--", "sh", "-c", script]
+    with launch.Tree(argv, **extra) as tree:
         # every thread there will be: the log's writer, the verifier, the request threads
         procs.wait_for("a verify event", lambda: tree.log().of("verify"), 20)
+        main = str(tree.launcher)
+        allowed: list[str] = []
         if tracer == "failed":
             procs.wait_for("the tracer's failure", lambda: tree.log().of("tracer-failed"), 20)
-        main = str(tree.launcher)
+            # the main thread then waits for SIGCHLD in sigwaitinfo, and the kernel shows the
+            # signals a thread waits for as unblocked meanwhile
+            allowed = [f"{main}/task/{main}"]
+            procs.wait_for(
+                "the main thread to wait for SIGCHLD", lambda: not _sigchld_blocked(allowed[0]), 20
+            )
         tasks = [f"{main}/task/{t}" for t in os.listdir(f"/proc/{main}/task")]
         assert len(tasks) >= 4, tasks
         open_to_it = [t for t in tasks if not _sigchld_blocked(t)]
-        # after a failure the main thread sits in sigwaitinfo for SIGCHLD: the kernel shows
-        # the signals a thread waits for as unblocked meanwhile
-        allowed = [f"{main}/task/{main}"] if tracer == "failed" else []
         assert open_to_it == allowed, open_to_it
         os.kill(tree.launcher, signal.SIGTERM)  # forwarded: sleep ends, and so does the tree
         run = tree.wait(30)
