@@ -122,11 +122,13 @@ class Launcher:
         self.pid = os.getpid()
         self.cmd = Cmd()
         self.tracer_error: BaseException | None = None
+        self.tracer_tid = 0  # the tracer thread's kernel thread id, once started
         self.seize_refusal: str | None = None  # why the tracer could not attach CMD
         self.cmd_reaped = False  # CMD's child, dead before it could be attached, was reaped
         self.started = time.monotonic()
         # Set once the main thread has logged its start-up events: the end waits for them.
         self.set_up = threading.Event()
+        self.faults = testhooks.Faults()
         # verify.Verifier: proof that the library really got mapped (its own daemon thread)
         from .diagnostics.verify import Verifier
 
@@ -143,7 +145,7 @@ class Launcher:
             self._exec_untraced(path, env)
         jobs = JobControl(self.pid)
         events = ExecLog(self.cfg, self.log, self.verifier)
-        faults = _faults()
+        faults = self.faults = _faults()
         forwarder = Forwarder(self.cmd, jobs, self.log, debug=self.cfg.log_level == "debug")
         tracer = Tracer(
             self.cfg.policy(),
@@ -173,6 +175,7 @@ class Launcher:
             target=self._trace, args=(tracer, *pipes), name="tracer", daemon=True
         )
         thread.start()
+        self.tracer_tid = thread.native_id or 0
         # The main thread waits for CMD's child to hand over the listener: the tracer must stay
         # free to serve that child meanwhile (a stop before the hand-over would deadlock it).
         try:
@@ -292,6 +295,8 @@ class Launcher:
             self._finish(tracer)
         # It could not attach CMD, or it failed: the main thread takes over.
         signal.pthread_kill(threading.main_thread().ident or 0, WAKE)
+        if self.faults.exit_delay:
+            time.sleep(self.faults.exit_delay)
 
     def _serve(self, tracer: Tracer, ready_w: int, alive_r: int) -> int | None:
         """Attach CMD and let it start; serve until it exits: its wait status (None: it could
@@ -354,7 +359,7 @@ class Launcher:
                 if cmd.status is not None:
                     return
                 if self.tracer_error is not None:
-                    untraced.supervise(cmd, forwarder)
+                    untraced.supervise(cmd, forwarder, self.tracer_tid)
                     return
                 continue
             try:

@@ -536,6 +536,28 @@ def test_after_a_tracer_failure_the_end_event_reports_no_tracees(
     assert run.end.get("tracer_failed") is True, run.end
 
 
+def test_a_stop_of_cmd_before_the_failed_tracer_thread_ends_is_not_its_exit(
+    programs: Programs,
+) -> None:
+    """After a tracer failure, a signal CMD takes while the tracer thread is still ending
+    reaches CMD, and vgpu-launch exits like CMD, not when CMD stops for the signal."""
+    # exec 2 is sleep's: the tracer fails there and its thread takes 2 s to end; until then
+    # the kernel reports CMD's stops (here, taking SIGUSR1) to vgpu-launch's main thread too,
+    # and one that thread collected would lose its signal.
+    script = "trap 'exit 3' USR1; sleep 0.5; exit 4"
+    with launch.Tree(
+        [*preload(programs), "--", "sh", "-c", script],
+        env={"VGPU_LAUNCH_TEST_FAULT": "exec:2,slow-exit:2000"},
+        pass_fds=[launch.test_hooks_fd()],
+    ) as tree:
+        tree.wait_event("tracer-failed")
+        (cmd,) = [e["pid"] for e in tree.log().of("exec") if e["exe"].endswith("sh")]
+        os.kill(cmd, signal.SIGUSR1)
+        run = tree.wait(30)
+    assert run.returncode == 3, run.describe()  # the trap's exit: CMD got SIGUSR1
+    assert run.end["cmd_exit"] == 3, run.end
+
+
 def _sigchld_blocked(task: str) -> bool:
     blocked = procs.status_field(task, "SigBlk")
     return blocked is not None and bool(int(blocked, 16) & procs.mask_of(signal.SIGCHLD))
