@@ -186,7 +186,8 @@ class GroupSignalLedger:
     Nor is our copy there yet while the sender is still in kill(-PGID): the kernel signals the
     group's members one after the other, newest first, so CMD before vgpu-launch, and a sender
     preempted in between lets CMD take its copy first. So while the sender of a ``kill`` is on
-    a CPU (state R), the tracer looks again too (``KILL_IN_FLIGHT``).
+    a CPU (state R), the tracer looks again too (``KILL_IN_FLIGHT``), and the time our copy
+    may spend in transit counts from the last moment the sender was seen running.
 
     Epochs. A standard signal has at most one copy pending and one being decided at a time, so
     the copies of one signal that the main thread decides on are numbered in order: copy
@@ -289,12 +290,14 @@ class GroupSignalLedger:
                     if relayed[1:] == (sig, info.pid, info.value):
                         self._relayed.remove(relayed)  # one we passed on
                         return False
-        start = time.monotonic()
+        start = transit_from = time.monotonic()
         while True:
             # Looked at before the copies, so that a "no" means the copy was there to be seen.
             now = time.monotonic()
-            in_transit = now < start + IN_TRANSIT and self._main_running()
             in_flight = info.code == SI_USER and now < start + KILL_IN_FLIGHT and on_cpu(info.pid)
+            if in_flight:
+                transit_from = now  # our copy is not sent yet: its way to the buffer is ahead
+            in_transit = now < transit_from + IN_TRANSIT and self._main_running()
             found = self._note(sig, info)
             if found is not None:
                 return found

@@ -10,10 +10,13 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from vgpu_launch import forwarding
 from vgpu_launch.forwarding import GroupSignalLedger, shared_pending
 from vgpu_launch.siginfo import SI_USER, SigInfo
 
@@ -151,3 +154,32 @@ def test_forget_drops_notes_for_discarded_copies(us: int) -> None:
     ledger.settle(signal.SIGTSTP, A)
     buf.holds = (signal.SIGCONT, A)
     assert not ledger.take(signal.SIGCONT, A)
+
+
+def test_a_copy_still_on_its_way_after_its_sender_finished_is_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender ran past the time a copy may spend in transit, then sent ours: the copy,
+    taken by our main thread but not yet in its buffer, is still waited for."""
+    # Wide margins: a copy may spend 0.5 s in transit, the sender runs 1 s, and ours reaches
+    # the buffer 0.1 s after the sender stopped running.
+    monkeypatch.setattr(forwarding, "IN_TRANSIT", 0.5)
+    monkeypatch.setattr(forwarding, "KILL_IN_FLIGHT", 10.0)
+    spin = ["sh", "-c", "while :; do :; done"]
+    with subprocess.Popen(spin) as main, subprocess.Popen(spin) as sender:
+        try:
+            ledger, buf = ledger_for(main.pid)  # "our" main thread: running (state R)
+
+            def copy_arrives() -> None:
+                time.sleep(1.0)
+                os.kill(sender.pid, signal.SIGSTOP)  # done with its kill: no longer on a CPU
+                time.sleep(0.1)
+                buf.holds = (SIG, sender.pid)  # our copy, from the same sender, in the buffer
+
+            arrival = threading.Thread(target=copy_arrives)
+            arrival.start()
+            assert ledger.note(SIG, took(sender.pid))
+            arrival.join()
+        finally:
+            main.kill()
+            sender.kill()
