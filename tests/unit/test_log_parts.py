@@ -64,6 +64,13 @@ def test_json_keeps_control_characters_exactly_but_never_raw() -> None:
     assert json.loads(line)["exe"] == f"/x{CONTROL}y"
 
 
+def test_json_escapes_del_in_an_otherwise_ascii_line() -> None:
+    """DEL is ASCII but a control character: a line with no other one still escapes it."""
+    line, _ = _json({"argv": ["a=\x7f"]})
+    assert b"\x7f" not in line and b"\\u007f" in line
+    assert json.loads(line)["argv"] == ["a=\x7f"]
+
+
 def test_the_console_shows_control_characters_as_escapes() -> None:
     """An escape sequence in a program's name cannot reach the terminal raw."""
     console = _console({"exe": "/tmp/\x1b]0;owned\x07\x1b[31mred\x9b2J", "argv": ["\x1b[2J"]})

@@ -59,7 +59,8 @@ def text(s: str) -> str:
 
 def _dumps(value: Any) -> str:
     line = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-    return line if line.isascii() else _JSON_FIX.sub(_json_fix, line)
+    # DEL is ASCII: an ASCII line needs the fix only when it holds one.
+    return line if line.isascii() and "\x7f" not in line else _JSON_FIX.sub(_json_fix, line)
 
 
 # -- whole events ---------------------------------------------------------------------------
