@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .jobcontrol import STOP_SIGNALS, JobControl
-from .procfs import is_thread_of, on_cpu, owed_stop, shared_pending, stat
+from .procfs import cpu_use, is_thread_of, owed_stop, shared_pending
 from .siginfo import SI_QUEUE, SI_USER, SigInfo, SignalWaiter, getsiginfo, send
 
 # Never forwarded: SIGCHLD is about vgpu-launch's own children; SIGKILL/SIGSTOP can't be caught.
@@ -133,12 +133,38 @@ class Cmd:
 POLL = 0.005
 # How long a queued signal we passed on stays recognisable when CMD takes it.
 RELAYED_TTL = 2.0
-# How long the tracer looks again for a copy of ours on its way out of sigwaitinfo (see
-# GroupSignalLedger): the tail of one system call; a main thread busy elsewhere ends it.
+# How much CPU time (in seconds) the main thread may use while the tracer looks again for a
+# copy of ours on its way out of sigwaitinfo (see GroupSignalLedger): the tail of one system
+# call; a main thread busy elsewhere uses it up.
 IN_TRANSIT = 0.005
-# How long the tracer looks again for a copy of ours while the process that sent CMD's copy is
-# still on a CPU: it may be in the middle of kill(-PGID), between CMD and vgpu-launch.
+# How much CPU time the sender of CMD's copy may use, still running, while the tracer looks
+# again for ours: it may be in the middle of kill(-PGID), between CMD and vgpu-launch, which
+# takes microseconds of CPU. CPU time, not wall time: a sender or a tracer that a busy host
+# keeps off the CPU uses none, and the look goes on.
 KILL_IN_FLIGHT = 0.05
+# However the CPU times go, the tracer holds CMD's thread this long at most.
+NOTE_LIMIT = 2.0
+
+
+class _CpuClock:
+    """The CPU time a process (or one of its threads) has used since a start, in seconds, and
+    whether it is on a CPU (state R) at the last look; wall time where the kernel keeps no
+    CPU time."""
+
+    def __init__(self, pid: int, tid: int | None = None) -> None:
+        self._pid, self._tid = pid, tid
+        self.running = False
+        self.restart()
+
+    def restart(self) -> None:
+        self.running, self._cpu = cpu_use(self._pid, self._tid)
+        self._wall = time.monotonic()
+
+    def used(self) -> float:
+        self.running, cpu = cpu_use(self._pid, self._tid)
+        if cpu is None or self._cpu is None:
+            return time.monotonic() - self._wall
+        return (cpu - self._cpu) / 1e9
 
 
 @dataclass
@@ -187,7 +213,9 @@ class GroupSignalLedger:
     group's members one after the other, newest first, so CMD before vgpu-launch, and a sender
     preempted in between lets CMD take its copy first. So while the sender of a ``kill`` is on
     a CPU (state R), the tracer looks again too (``KILL_IN_FLIGHT``), and the time our copy
-    may spend in transit counts from the last moment the sender was seen running.
+    may spend in transit counts from the last moment the sender was seen running. Both limits
+    are CPU time, so that a host too busy to run the sender, the main thread or the tracer
+    itself does not end a look early; ``NOTE_LIMIT`` bounds it in wall time.
 
     Epochs. A standard signal has at most one copy pending and one being decided at a time, so
     the copies of one signal that the main thread decides on are numbered in order: copy
@@ -290,24 +318,21 @@ class GroupSignalLedger:
                     if relayed[1:] == (sig, info.pid, info.value):
                         self._relayed.remove(relayed)  # one we passed on
                         return False
-        start = transit_from = time.monotonic()
+        give_up = time.monotonic() + NOTE_LIMIT
+        sender = _CpuClock(info.pid) if info.code == SI_USER else None
+        main = _CpuClock(self._pid, self._pid)
         while True:
             # Looked at before the copies, so that a "no" means the copy was there to be seen.
-            now = time.monotonic()
-            in_flight = info.code == SI_USER and now < start + KILL_IN_FLIGHT and on_cpu(info.pid)
+            in_flight = sender is not None and sender.used() < KILL_IN_FLIGHT and sender.running
             if in_flight:
-                transit_from = now  # our copy is not sent yet: its way to the buffer is ahead
-            in_transit = now < transit_from + IN_TRANSIT and self._main_running()
+                main.restart()  # our copy is not sent yet: its way to the buffer is ahead
+            in_transit = main.used() < IN_TRANSIT and main.running
             found = self._note(sig, info)
             if found is not None:
                 return found
-            if not (in_transit or in_flight):
+            if not (in_transit or in_flight) or time.monotonic() > give_up:
                 return False
             time.sleep(0.0001)
-
-    def _main_running(self) -> bool:
-        found = stat(f"{self._pid}/task/{self._pid}")
-        return found is not None and found.state == "R"
 
     def _note(self, sig: int, info: SigInfo) -> bool | None:
         """One look (see note); None: no copy of ours in sight."""

@@ -146,16 +146,21 @@ def tasks(pid: int) -> list[int]:
         return []
 
 
-def on_cpu(pid: int) -> bool:
-    """Whether a thread of ``pid`` is running or waits only for a CPU (state R): it may be in
-    the middle of a system call that has not finished its work yet."""
+def cpu_use(pid: int, tid: int | None = None) -> tuple[bool, int | None]:
+    """Whether a thread of ``pid`` (or thread ``tid`` alone) is running or waits only for a
+    CPU (state R), and the CPU time those threads have had, in ns (``schedstat``; None where
+    the kernel does not keep it). A thread in state R may be in the middle of a system call
+    that has not finished its work yet; one that waits for a CPU uses none."""
     if pid <= 0:
-        return False
-    for tid in tasks(pid):
-        found = stat(f"{pid}/task/{tid}")
-        if found is not None and found.state == "R":
-            return True
-    return False
+        return False, None
+    running, total = False, 0
+    for t in tasks(pid) if tid is None else [tid]:
+        found = stat(f"{pid}/task/{t}")
+        running = running or (found is not None and found.state == "R")
+        data = _read(f"/proc/{pid}/task/{t}/schedstat")
+        with contextlib.suppress(ValueError, IndexError):
+            total += int((data or b"").split()[0])
+    return running, total or None  # all 0: schedstat is off
 
 
 def fd_targets(pid: int | str = "self") -> list[str]:

@@ -166,3 +166,33 @@ def test_group_kill_whose_sender_stalls_between_members_arrives_once(
         extra = finish(run)
     assert [(g["sig"], g["pid"]) for g in got] == [(sig, pid) for pid in senders]
     assert extra == []  # none forwarded on top of CMD's own copy
+
+
+def test_group_kill_whose_sender_is_starved_between_members_arrives_once(
+    programs: Programs, tmp_path: Path
+) -> None:
+    """A group kill whose sender waits long for a CPU between CMD and vgpu-launch arrives once."""
+    # The sender shares one CPU, at nice 19, with a busy loop: after its first kill it waits
+    # a long while (many times vgpu-launch's limits in CPU time) before it runs again.
+    cpu = max(os.sched_getaffinity(0))
+
+    def starved() -> None:
+        os.sched_setaffinity(0, {cpu})
+        os.nice(19)
+
+    with contextlib.ExitStack() as stack:
+        hog = stack.enter_context(subprocess.Popen(["sh", "-c", "while :; do :; done"]))
+        stack.callback(hog.kill)
+        os.sched_setaffinity(hog.pid, {cpu})
+        run = stack.enter_context(started(launch_argv(programs.libtest, programs.sigrec), tmp_path))
+        cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
+        got, senders = [], []
+        for _ in range(5):
+            argv = [programs.splitkill, str(signal.SIGUSR1), "5000", str(cmd), str(run.pid)]
+            with subprocess.Popen(argv, preexec_fn=starved) as sender:
+                assert sender.wait() == 0
+            senders.append(sender.pid)
+            got.append(next_signal(run))
+        extra = finish(run)
+    assert [(g["sig"], g["pid"]) for g in got] == [(signal.SIGUSR1, pid) for pid in senders]
+    assert extra == []  # none forwarded on top of CMD's own copy
