@@ -84,6 +84,15 @@ def stopped_threads(pid: int) -> list[int]:
     return found
 
 
+def decisions(run: Started) -> str:
+    """vgpu-launch's debug lines on each signal: what CMD took, and what became of ours."""
+    return "\n".join(
+        line
+        for line in run.stderr().splitlines()
+        if '"event":"signal"' in line or '"event":"cmd-took"' in line
+    )
+
+
 def group_kill_while_held(run: Started, cmd: int, tracer: int, sig: int, hold: float) -> None:
     """Kill the group while the tracer thread is held: once CMD waits for the tracer (it took
     its copy and sits in its signal-delivery-stop; or, for SIGCONT, in the stop the kernel
@@ -154,7 +163,8 @@ def test_group_kill_whose_sender_stalls_between_members_arrives_once(
     # The kernel signals a group newest member first: CMD, then vgpu-launch. A sender that is
     # preempted in between (an interrupt, a vCPU the hypervisor took away) lets CMD take its
     # copy, and the tracer see it, before vgpu-launch's copy exists.
-    with started(launch_argv(programs.libtest, programs.sigrec), tmp_path) as run:
+    debug = ["--log-level", "debug"]  # a failure shows each decision
+    with started(launch_argv(programs.libtest, programs.sigrec, options=debug), tmp_path) as run:
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         got, senders = [], []
         for _ in range(5):
@@ -164,8 +174,9 @@ def test_group_kill_whose_sender_stalls_between_members_arrives_once(
             senders.append(sender.pid)
             got.append(next_signal(run))
         extra = finish(run)
-    assert [(g["sig"], g["pid"]) for g in got] == [(sig, pid) for pid in senders]
-    assert extra == []  # none forwarded on top of CMD's own copy
+        why = decisions(run)
+    assert [(g["sig"], g["pid"]) for g in got] == [(sig, pid) for pid in senders], why
+    assert extra == [], why  # none forwarded on top of CMD's own copy
 
 
 def test_group_kill_whose_sender_is_starved_between_members_arrives_once(
@@ -184,7 +195,10 @@ def test_group_kill_whose_sender_is_starved_between_members_arrives_once(
         hog = stack.enter_context(subprocess.Popen(["sh", "-c", "while :; do :; done"]))
         stack.callback(hog.kill)
         os.sched_setaffinity(hog.pid, {cpu})
-        run = stack.enter_context(started(launch_argv(programs.libtest, programs.sigrec), tmp_path))
+        debug = ["--log-level", "debug"]  # a failure shows each decision
+        run = stack.enter_context(
+            started(launch_argv(programs.libtest, programs.sigrec, options=debug), tmp_path)
+        )
         cmd = int(run.out.expect(r"^ready pid=(\d+)").group(1))
         got, senders = [], []
         for _ in range(5):
@@ -194,5 +208,6 @@ def test_group_kill_whose_sender_is_starved_between_members_arrives_once(
             senders.append(sender.pid)
             got.append(next_signal(run))
         extra = finish(run)
-    assert [(g["sig"], g["pid"]) for g in got] == [(signal.SIGUSR1, pid) for pid in senders]
-    assert extra == []  # none forwarded on top of CMD's own copy
+        why = decisions(run)
+    assert [(g["sig"], g["pid"]) for g in got] == [(signal.SIGUSR1, pid) for pid in senders], why
+    assert extra == [], why  # none forwarded on top of CMD's own copy
